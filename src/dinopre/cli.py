@@ -1,0 +1,286 @@
+"""The `dinopre` command: thin Typer commands that build a config and call one core function.
+
+Heavy modules (torch, PIL, the engine) are imported inside command bodies so that `dinopre --help` and shell
+completion stay instant. Errors the user can fix print one sentence and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from dinopre import __version__
+from dinopre.errors import TrainingStopped, UserError
+
+app = typer.Typer(
+    name="dinopre",
+    help="Pretrain small Vision Transformers with DINO self-supervision on face and hand crops, and export the "
+    "teacher backbone for the sign-language translation pipeline.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DATA, MODEL, OPTIM, METHOD, RUN = "Data", "Model", "Optimization", "Method", "Output and hardware"
+
+
+class Preset(str, Enum):
+    face = "face"
+    hands = "hands"
+
+
+class Algorithm(str, Enum):
+    dino = "dino"
+    ibot = "ibot"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one error sentence on stderr and exit."""
+    typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dinopre {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Pretrain small Vision Transformers with DINO on face and hand crops."""
+
+
+TRAIN_EPILOG = (
+    "Examples:\n\n"
+    "  dinopre train face --demo --output-dir work_dirs/demo_face\n\n"
+    "  dinopre train face --train-dir data/rois/face --epochs 100 --batch-size 64 "
+    "--export-backbone work_dirs/dino_face/backbone.pt\n\n"
+    "  dinopre train hands --train-dir data/rois/left --train-dir data/rois/right --config hands.toml\n\n"
+    "If the loss stays flat at ln(out-dim) the teacher has collapsed to uniform: lower --teacher-temp (e.g. 0.02) "
+    "or --out-dim, or raise --learning-rate. If it drops to ~0 within an epoch (one-hot collapse), raise "
+    "--teacher-momentum-base towards 0.999 or lower --learning-rate."
+)
+
+
+@app.command(epilog=TRAIN_EPILOG)
+def train(
+    preset: Annotated[Preset, typer.Argument(help="Defaults for the kind of crops: [b]face[/] or [b]hands[/] "
+                                             "(hands turns horizontal flips off: handedness matters).",
+                                             case_sensitive=False)],
+    train_dir: Annotated[list[Path] | None, typer.Option(
+        "--train-dir", help="Folder of images, searched recursively (.png .jpg .jpeg .bmp .tif .tiff). Repeat for "
+        "several folders.", rich_help_panel=DATA, show_default=False)] = None,
+    demo: Annotated[bool, typer.Option(
+        "--demo", help="Train a tiny model on built-in synthetic crops (under a minute on a laptop CPU).",
+        rich_help_panel=DATA)] = False,
+    num_local_crops: Annotated[int | None, typer.Option(
+        help="Small views per image seen by the student only; more helps quality, costs time.",
+        rich_help_panel=DATA, show_default=False)] = None,
+    local_crop_size: Annotated[int | None, typer.Option(
+        help="Side of the local views in pixels (a multiple of --patch-size).",
+        rich_help_panel=DATA, show_default=False)] = None,
+    global_crop_scale: Annotated[tuple[float, float] | None, typer.Option(
+        metavar="MIN MAX", help="Share of the image area a global view covers (e.g. 0.4 1.0).",
+        rich_help_panel=DATA, show_default=False)] = None,
+    local_crop_scale: Annotated[tuple[float, float] | None, typer.Option(
+        metavar="MIN MAX", help="Share of the image area a local view covers (e.g. 0.05 0.4).",
+        rich_help_panel=DATA, show_default=False)] = None,
+    flip_prob: Annotated[float | None, typer.Option(
+        help="Probability of a horizontal flip per view (0 keeps left and right apart).",
+        rich_help_panel=DATA, show_default=False)] = None,
+    num_workers: Annotated[int | None, typer.Option(
+        help="Data-loading processes [default: CPUs - 1, at most 8]. Raise it if data wait is high.",
+        rich_help_panel=DATA, show_default=False)] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help="Side of the global views and of the exported backbone's input, in pixels.",
+        rich_help_panel=MODEL, show_default=False)] = None,
+    patch_size: Annotated[int | None, typer.Option(help="ViT patch side in pixels.", rich_help_panel=MODEL,
+                                                   show_default=False)] = None,
+    vit_embed_dim: Annotated[int | None, typer.Option(help="Token width (384 = ViT-S).", rich_help_panel=MODEL,
+                                                      show_default=False)] = None,
+    vit_depth: Annotated[int | None, typer.Option(help="Transformer blocks.", rich_help_panel=MODEL,
+                                                  show_default=False)] = None,
+    vit_num_heads: Annotated[int | None, typer.Option(help="Attention heads.", rich_help_panel=MODEL,
+                                                      show_default=False)] = None,
+    vit_mlp_ratio: Annotated[float | None, typer.Option(help="MLP width as a multiple of the token width.",
+                                                        rich_help_panel=MODEL, show_default=False)] = None,
+    drop_path_rate: Annotated[float | None, typer.Option(help="Stochastic depth of the student's last block.",
+                                                         rich_help_panel=MODEL, show_default=False)] = None,
+    out_dim: Annotated[int | None, typer.Option(
+        help="Prototypes K of the head. Smaller (4096-16384) learns faster on small data.",
+        rich_help_panel=MODEL, show_default=False)] = None,
+    head_hidden_dim: Annotated[int | None, typer.Option(help="Hidden width of the projection head MLP.",
+                                                        rich_help_panel=MODEL, show_default=False)] = None,
+    norm_last_layer: Annotated[bool | None, typer.Option(
+        "--norm-last-layer/--no-norm-last-layer",
+        help="Freeze the prototype norms (stable; turn off only for ViT-S if training is slow to improve).",
+        rich_help_panel=MODEL, show_default=False)] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the data.", rich_help_panel=OPTIM,
+                                               show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step (each gives 2 + local views).",
+                                                   rich_help_panel=OPTIM, show_default=False)] = None,
+    learning_rate: Annotated[float | None, typer.Option(
+        help="Peak lr after warmup [default: 5e-4 x batch / 256]. Raise it if the loss stalls early.",
+        rich_help_panel=OPTIM, show_default=False)] = None,
+    min_lr: Annotated[float | None, typer.Option(help="lr at the end of the cosine decay.", rich_help_panel=OPTIM,
+                                                 show_default=False)] = None,
+    warmup_epochs: Annotated[int | None, typer.Option(help="Epochs of linear lr warmup from 0.",
+                                                      rich_help_panel=OPTIM, show_default=False)] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay at the start (cosine to the end value).",
+                                                       rich_help_panel=OPTIM, show_default=False)] = None,
+    weight_decay_end: Annotated[float | None, typer.Option(help="Weight decay at the end.",
+                                                           rich_help_panel=OPTIM, show_default=False)] = None,
+    clip_grad_norm: Annotated[float | None, typer.Option(
+        help="Clip each parameter's gradient norm to this (0 disables). Lower it if the loss spikes.",
+        rich_help_panel=OPTIM, show_default=False)] = None,
+    freeze_last_layer_epochs: Annotated[int | None, typer.Option(
+        help="Epochs during which the prototype layer is frozen (stabilises the start).",
+        rich_help_panel=OPTIM, show_default=False)] = None,
+    algorithm: Annotated[Algorithm | None, typer.Option(help="Self-supervision method.", rich_help_panel=METHOD,
+                                                        show_default=False)] = None,
+    student_temp: Annotated[float | None, typer.Option(help="Student softmax temperature.",
+                                                       rich_help_panel=METHOD, show_default=False)] = None,
+    teacher_temp: Annotated[float | None, typer.Option(
+        help="Teacher temperature after warmup; above 0.07 is unstable, lower it if the loss does not decrease.",
+        rich_help_panel=METHOD, show_default=False)] = None,
+    warmup_teacher_temp: Annotated[float | None, typer.Option(help="Teacher temperature at the start.",
+                                                              rich_help_panel=METHOD, show_default=False)] = None,
+    warmup_teacher_temp_epochs: Annotated[int | None, typer.Option(
+        help="Epochs of linear teacher temperature warmup.", rich_help_panel=METHOD, show_default=False)] = None,
+    center_momentum: Annotated[float | None, typer.Option(help="EMA momentum of the teacher center.",
+                                                          rich_help_panel=METHOD, show_default=False)] = None,
+    teacher_momentum_base: Annotated[float | None, typer.Option(
+        help="Teacher EMA momentum at the start (cosine to the final value); raise it (0.999) for small batches.",
+        rich_help_panel=METHOD, show_default=False)] = None,
+    teacher_momentum_final: Annotated[float | None, typer.Option(help="Teacher EMA momentum at the end.",
+                                                                 rich_help_panel=METHOD, show_default=False)] = None,
+    output_dir: Annotated[Path | None, typer.Option(
+        help="Run directory for checkpoints and logs [default: work_dirs/dino_PRESET].", rich_help_panel=RUN,
+        show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="TOML or JSON file of settings (flag names with underscores, flat or in [model] [data] "
+        "[optim] [method] [run] tables). Flags given here win over the file.", rich_help_panel=RUN,
+        show_default=False)] = None,
+    export_backbone: Annotated[Path | None, typer.Option(
+        help="Write the teacher backbone here at the end, in the format load_dinov2_backbone reads.",
+        rich_help_panel=RUN, show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start over in an output folder that already holds a run.", rich_help_panel=RUN)] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed; the same seed and data give the same run.",
+                                             rich_help_panel=RUN, show_default=False)] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX [default: auto].",
+                                               rich_help_panel=RUN, show_default=False)] = None,
+    precision: Annotated[Precision | None, typer.Option(
+        help="auto = bf16 autocast on CUDA, fp32 on CPU. Use fp32 if you see NaN losses.",
+        rich_help_panel=RUN, show_default=False)] = None,
+    log_interval: Annotated[int | None, typer.Option(help="Steps between log lines and metrics records.",
+                                                     rich_help_panel=RUN, show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.",
+                                        rich_help_panel=RUN)] = False,
+) -> None:
+    """Train a backbone with DINO on folders of crops (or on built-in demo data with --demo)."""
+    cli_settings = {
+        key: value.value if isinstance(value, Enum) else value
+        for key, value in locals().items()
+        if key in _CONFIG_FLAGS and value is not None
+    }
+    _run_training(preset.value, demo, config, cli_settings, overwrite=overwrite, quiet=quiet)
+
+
+_CONFIG_FLAGS = frozenset(
+    "train_dir num_local_crops local_crop_size global_crop_scale local_crop_scale flip_prob num_workers image_size "
+    "patch_size vit_embed_dim vit_depth vit_num_heads vit_mlp_ratio drop_path_rate out_dim head_hidden_dim "
+    "norm_last_layer epochs batch_size learning_rate min_lr warmup_epochs weight_decay weight_decay_end "
+    "clip_grad_norm freeze_last_layer_epochs algorithm student_temp teacher_temp warmup_teacher_temp "
+    "warmup_teacher_temp_epochs center_momentum teacher_momentum_base teacher_momentum_final output_dir "
+    "export_backbone seed device precision log_interval".split()
+)
+
+
+def _run_training(preset: str, demo: bool, config_file: Path | None, cli_settings: dict[str, Any], *,
+                  overwrite: bool, quiet: bool) -> None:
+    """Resolve the configuration, pick a reporter for the terminal and call `engine.fit`."""
+    from dinopre.config import build_config, read_config_file
+
+    try:
+        file_settings = read_config_file(config_file) if config_file is not None else None
+        resolved = build_config(preset, demo=demo, file_settings=file_settings, cli_settings=cli_settings)
+        from dinopre.engine import fit  # torch is imported only now: --help and bad flags stay instant
+
+        reporter = _make_reporter(quiet)
+        try:
+            fit(resolved, reporter, overwrite=overwrite)
+        finally:
+            reporter.close()
+    except UserError as exc:
+        fail(str(exc))
+    except TrainingStopped as exc:
+        fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        fail("Interrupted; checkpoint_last.pt in the run directory holds the last finished epoch.", code=130)
+
+
+def _make_reporter(quiet: bool) -> Any:
+    from dinopre.progress import NullReporter, PlainReporter, RichReporter
+
+    if quiet:
+        return NullReporter()
+    return RichReporter() if sys.stdout.isatty() else PlainReporter()
+
+
+def _later(feature: str) -> NoReturn:
+    fail(f"`dinopre {feature}` is not available in this version yet; it arrives in a later release.")
+
+
+@app.command()
+def resume(
+    target: Annotated[Path, typer.Argument(help="Run directory or checkpoint to continue.")],
+) -> None:
+    """Continue a run exactly where it stopped (arrives in a later release)."""
+    _later("resume")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint.")],
+    output: Annotated[Path, typer.Argument(help="Backbone file to write.")],
+) -> None:
+    """Export a checkpoint's backbone (arrives in a later release; use train --export-backbone meanwhile)."""
+    _later("export")
+
+
+@app.command("inspect-checkpoint")
+def inspect_checkpoint(
+    path: Annotated[Path, typer.Argument(help="Checkpoint or backbone file.")],
+) -> None:
+    """Describe a checkpoint or backbone file (arrives in a later release)."""
+    _later("inspect-checkpoint")
+
+
+@app.command("verify-backbone")
+def verify_backbone(
+    backbone: Annotated[Path, typer.Argument(help="Exported backbone file.")],
+) -> None:
+    """Check an exported backbone loads and runs (arrives in a later release)."""
+    _later("verify-backbone")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="dinopre")

@@ -1,0 +1,442 @@
+"""Typed, frozen run configuration: presets, config files, command-line overrides and validation.
+
+The flow is one way (style principle 2): dataclass defaults (the DINO reference recipe) -> preset (`face`,
+`hands`) -> `--demo` -> `--config FILE` (TOML or JSON) -> command-line flags -> `validate()`. The result is a
+`PretrainConfig` that never changes afterwards; it is printed at start, saved as `params.json` and embedded in
+every checkpoint as a plain dict.
+
+Field names are the seed tool's flag names with underscores (`--vit-embed-dim` -> `vit_embed_dim`) and are unique
+across sections, so a config file may be flat or use the section tables `[model]`, `[data]`, `[optim]`,
+`[method]`, `[run]`. This module imports no torch, so `dinopre --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dinopre.errors import ConfigError
+
+PRESETS_NAMES = ("face", "hands")
+ALGORITHMS = ("dino", "ibot")
+DEVICES_HELP = "auto, cpu, cuda or cuda:INDEX"
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and projection head. Defaults are ViT-S/16 with the DINO head (dino vision_transformer.py)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    vit_embed_dim: int = 384
+    vit_depth: int = 12
+    vit_num_heads: int = 6
+    vit_mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1
+    out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training images and the multi-crop augmentation (dino main_dino.py DataAugmentationDINO)."""
+
+    train_dir: tuple[str, ...] = ()
+    demo: bool = False
+    demo_images: int = 512
+    num_local_crops: int = 8
+    local_crop_size: int = 96
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    num_workers: int | None = None
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its per-step schedules (dino main_dino.py defaults)."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    learning_rate: float | None = None
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad_norm: float = 3.0
+    freeze_last_layer_epochs: int = 1
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Self-distillation settings: temperatures, centering and the teacher EMA."""
+
+    algorithm: str = "dino"
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    teacher_momentum_base: float = 0.996
+    teacher_momentum_final: float = 1.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how the run executes. Changing these never changes what is learned, except `seed`."""
+
+    output_dir: str = "work_dirs/dino"
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    log_interval: int = 10
+    export_backbone: str | None = None
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The whole, resolved configuration of one run."""
+
+    preset: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """The lr reached at the end of warmup (`learning_rate`, or DINO's 5e-4 x batch / 256 when unset)."""
+        if self.optim.learning_rate is not None:
+            return self.optim.learning_rate
+        return 5e-4 * self.optim.batch_size / 256
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "method": MethodConfig,
+    "run": RunConfig,
+}
+FIELD_SECTION: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+# What each preset changes from the DINO reference defaults, and why. Both keep ViT-S/16, the model the
+# translation pipeline loads as `slt_vitsmall_patch16`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "face": {
+        # Face ROIs are 64-256 px; 112 px globals give a 7x7 token grid and 48 px locals 3x3, which keeps the
+        # student's 8 views cheap while covering eyes, mouth and brows in every global view.
+        "image_size": 112,
+        "local_crop_size": 48,
+        "num_local_crops": 6,
+        # Few thousand crops per signer: 8192 prototypes converge much faster than 65536 on small custom data
+        # (dino#279, dino#246) and is the iBOT ViT-S recipe's size.
+        "out_dim": 8192,
+        "output_dir": "work_dirs/dino_face",
+    },
+    "hands": {
+        "image_size": 112,
+        "local_crop_size": 48,
+        "num_local_crops": 6,
+        "out_dim": 8192,
+        # Left and right hands are separate streams and handedness is part of a sign: a mirrored right hand looks
+        # like a left hand, so flipping would teach the backbone to ignore it.
+        "flip_prob": 0.0,
+        # The hand fills a loose ROI and the fingers carry the handshape: crops below half the ROI cut them away.
+        "global_crop_scale": (0.5, 1.0),
+        "local_crop_scale": (0.1, 0.5),
+        "output_dir": "work_dirs/dino_hands",
+    },
+}
+
+# `--demo`: a tiny model on built-in synthetic crops that finishes in well under a minute on two CPU cores.
+DEMO_OVERRIDES: dict[str, Any] = {
+    "image_size": 32,
+    "patch_size": 8,
+    "local_crop_size": 16,
+    "num_local_crops": 4,
+    "vit_embed_dim": 64,
+    "vit_depth": 3,
+    "vit_num_heads": 4,
+    "drop_path_rate": 0.0,
+    "out_dim": 512,
+    "head_hidden_dim": 256,
+    "head_bottleneck_dim": 64,
+    "demo_images": 512,
+    "epochs": 6,
+    "batch_size": 32,
+    "learning_rate": 2e-3,
+    "warmup_epochs": 1,
+    "teacher_momentum_base": 0.99,
+    "log_interval": 4,
+}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Convert a value read from a file or the command line to the type of the field's default."""
+    if isinstance(default, tuple) or name in ("train_dir",):
+        if isinstance(value, (str, Path)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"Setting '{name}' must be a list, got {value!r}.")
+        return tuple(str(v) if name == "train_dir" else v for v in value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ConfigError(f"Setting '{name}' must be true or false, got {value!r}.")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    """Refuse a value whose type cannot be what the field holds (e.g. a string for an integer)."""
+    if value is None or default is None:
+        return
+    expected: type | tuple[type, ...] = type(default)
+    if isinstance(default, float):
+        expected = (float, int)
+    if isinstance(default, tuple):
+        expected = tuple
+    if not isinstance(value, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
+        raise ConfigError(f"Setting '{name}' must be of type {type(default).__name__}, got {value!r}.")
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(FIELD_SECTION), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"Unknown setting '{key}' in {source}.{hint}")
+
+
+def flatten_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Turn a flat or sectioned mapping (as read from TOML/JSON or a checkpoint) into {field: value}.
+
+    Args:
+        raw: the mapping; section tables (`model`, `data`, ...) and flat keys may be mixed.
+        source: where it came from, for error messages.
+
+    Returns:
+        A flat mapping of field names to values; `preset` is kept as is.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = key.replace("-", "_")
+        if key in SECTIONS and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                sub_key = sub_key.replace("-", "_")
+                if FIELD_SECTION.get(sub_key) != key:
+                    raise _unknown_key_error(f"{key}.{sub_key}", source)
+                flat[sub_key] = sub_value
+        elif key in FIELD_SECTION or key == "preset":
+            flat[key] = value
+        else:
+            raise _unknown_key_error(key, source)
+    return flat
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON config file into a flat {field: value} mapping.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not TOML/JSON, or names unknown settings.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist; pass the path of a .toml or .json file.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(text)
+        elif path.suffix.lower() == ".toml":
+            raw = tomllib.loads(text)
+        else:
+            raise ConfigError(f"Config file '{path}' must end in .toml or .json.")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"Config file '{path}' is not valid {path.suffix[1:].upper()}: {exc}.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file '{path}' must hold a table of settings, not {type(raw).__name__}.")
+    return flatten_settings(raw, f"config file '{path}'")
+
+
+def build_config(
+    preset: str,
+    *,
+    demo: bool = False,
+    file_settings: dict[str, Any] | None = None,
+    cli_settings: dict[str, Any] | None = None,
+) -> PretrainConfig:
+    """Resolve a configuration: defaults < preset < demo < config file < command line, then validate.
+
+    Args:
+        preset: `face` or `hands`.
+        demo: apply the `--demo` settings (tiny model, synthetic data).
+        file_settings: flat settings read from `--config`.
+        cli_settings: flat settings given on the command line (only flags the user set).
+
+    Returns:
+        The validated, frozen configuration.
+
+    Raises:
+        ConfigError: an unknown preset or setting, a value of the wrong type, or an invalid combination.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"Unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}.")
+    settings: dict[str, Any] = dict(PRESETS[preset])
+    if demo:
+        settings.update(DEMO_OVERRIDES)
+        settings["demo"] = True
+        settings["output_dir"] = f"work_dirs/demo_{preset}"
+    for layer in (file_settings or {}, cli_settings or {}):
+        if layer.get("preset", preset) != preset:
+            raise ConfigError(f"The config file is for preset '{layer['preset']}' but preset '{preset}' was asked.")
+        settings.update({k: v for k, v in layer.items() if k != "preset"})
+    config = _assemble(preset, settings)
+    validate(config)
+    return config
+
+
+def _assemble(preset: str, settings: dict[str, Any]) -> PretrainConfig:
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in settings.items():
+        if key not in FIELD_SECTION:
+            raise _unknown_key_error(key, "the settings")
+        section = FIELD_SECTION[key]
+        default = SECTIONS[section].__dataclass_fields__[key].default
+        value = _coerce(key, value, default)
+        _check_type(key, value, default)
+        sections[section][key] = value
+    return PretrainConfig(preset=preset, **{name: SECTIONS[name](**values) for name, values in sections.items()})
+
+
+def config_to_dict(config: PretrainConfig) -> dict[str, Any]:
+    """The configuration as nested plain values (tuples become lists), safe for JSON and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    out: dict[str, Any] = {"preset": config.preset}
+    for name in SECTIONS:
+        section = getattr(config, name)
+        out[name] = {f.name: plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
+    return out
+
+
+def config_from_dict(raw: dict[str, Any]) -> PretrainConfig:
+    """Rebuild a configuration saved by `config_to_dict` (e.g. from a checkpoint), validating it again."""
+    flat = flatten_settings(raw, "the saved configuration")
+    preset = flat.pop("preset", None)
+    if preset not in PRESETS:
+        raise ConfigError(f"The saved configuration names an unknown preset {preset!r}.")
+    config = _assemble(preset, flat)
+    validate(config)
+    return config
+
+
+def validate(config: PretrainConfig) -> None:
+    """Check every setting and their combinations; raise one clear sentence for the first problem found.
+
+    Raises:
+        ConfigError: the first invalid setting, with what to do about it.
+    """
+    for check in (_validate_model, _validate_data, _validate_optim, _validate_method, _validate_run):
+        check(config)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _validate_model(config: PretrainConfig) -> None:
+    m = config.model
+    for name in ("image_size", "patch_size", "vit_embed_dim", "vit_depth", "vit_num_heads", "out_dim",
+                 "head_hidden_dim", "head_bottleneck_dim"):
+        _require(getattr(m, name) >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {getattr(m, name)}.")
+    _require(m.image_size % m.patch_size == 0,
+             f"--patch-size {m.patch_size} does not divide --image-size {m.image_size}; "
+             f"choose sizes so that the image is a whole number of patches (e.g. --image-size "
+             f"{max(1, round(m.image_size / m.patch_size)) * m.patch_size}).")
+    _require(m.vit_embed_dim % m.vit_num_heads == 0,
+             f"--vit-embed-dim {m.vit_embed_dim} is not divisible by --vit-num-heads {m.vit_num_heads}; "
+             "each attention head needs an equal share of the embedding.")
+    _require(m.vit_mlp_ratio > 0, f"--vit-mlp-ratio must be positive, got {m.vit_mlp_ratio}.")
+    _require(0.0 <= m.drop_path_rate < 1.0, f"--drop-path-rate must be in [0, 1), got {m.drop_path_rate}.")
+
+
+def _validate_scale(flag: str, scale: tuple[float, ...]) -> None:
+    _require(len(scale) == 2, f"{flag} takes two numbers MIN MAX, got {list(scale)}.")
+    low, high = scale
+    _require(low <= high, f"{flag} has MIN {low} greater than MAX {high}; give the smaller share of the image first.")
+    _require(0.0 < low and high <= 1.0, f"{flag} values are shares of the image area and must lie in (0, 1], "
+                                        f"got {low} {high}.")
+
+
+def _validate_data(config: PretrainConfig) -> None:
+    d, p = config.data, config.model.patch_size
+    _require(bool(d.train_dir) or d.demo,
+             "No training data: pass --train-dir DIR (repeat it for several folders) or --demo for built-in data.")
+    _require(d.num_local_crops >= 0, f"--num-local-crops must be 0 or more, got {d.num_local_crops}.")
+    _require(d.local_crop_size >= 1 and d.local_crop_size % p == 0,
+             f"--patch-size {p} does not divide --local-crop-size {d.local_crop_size}; "
+             f"use a multiple of {p} (e.g. {max(1, round(d.local_crop_size / p)) * p}).")
+    _validate_scale("--global-crop-scale", d.global_crop_scale)
+    _validate_scale("--local-crop-scale", d.local_crop_scale)
+    for name in ("flip_prob", "jitter_prob", "grayscale_prob"):
+        value = getattr(d, name)
+        _require(0.0 <= value <= 1.0, f"--{name.replace('_', '-')} is a probability in [0, 1], got {value}.")
+    for name in ("brightness", "contrast", "saturation"):
+        _require(getattr(d, name) >= 0, f"--{name} must be 0 or more, got {getattr(d, name)}.")
+    _require(0.0 <= d.hue <= 0.5, f"--hue must be in [0, 0.5], got {d.hue}.")
+    _require(d.num_workers is None or d.num_workers >= 0, f"--num-workers must be 0 or more, got {d.num_workers}.")
+    _require(d.demo_images >= 1, f"demo_images must be positive, got {d.demo_images}.")
+
+
+def _validate_optim(config: PretrainConfig) -> None:
+    o = config.optim
+    _require(o.epochs >= 1, f"--epochs must be a positive integer, got {o.epochs}.")
+    _require(o.batch_size >= 1, f"--batch-size must be a positive integer, got {o.batch_size}.")
+    _require(o.learning_rate is None or o.learning_rate > 0,
+             f"--learning-rate must be positive, got {o.learning_rate}.")
+    _require(o.min_lr >= 0, f"--min-lr must be 0 or more, got {o.min_lr}.")
+    _require(o.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {o.warmup_epochs}.")
+    _require(o.weight_decay >= 0 and o.weight_decay_end >= 0, "--weight-decay and --weight-decay-end must be 0 or more.")
+    _require(o.clip_grad_norm >= 0, f"--clip-grad-norm must be 0 (off) or positive, got {o.clip_grad_norm}.")
+    _require(o.freeze_last_layer_epochs >= 0,
+             f"--freeze-last-layer-epochs must be 0 or more, got {o.freeze_last_layer_epochs}.")
+
+
+def _validate_method(config: PretrainConfig) -> None:
+    m = config.method
+    _require(m.algorithm in ALGORITHMS, f"--algorithm must be one of {', '.join(ALGORITHMS)}, got '{m.algorithm}'.")
+    _require(m.algorithm == "dino",
+             "--algorithm ibot is not available in this version of dinopre yet; use --algorithm dino.")
+    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        _require(getattr(m, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(m, name)}.")
+    _require(m.warmup_teacher_temp_epochs >= 0, "--warmup-teacher-temp-epochs must be 0 or more.")
+    for name in ("center_momentum", "teacher_momentum_base", "teacher_momentum_final"):
+        value = getattr(m, name)
+        _require(0.0 <= value <= 1.0, f"--{name.replace('_', '-')} must be in [0, 1], got {value}.")
+
+
+def _validate_run(config: PretrainConfig) -> None:
+    r = config.run
+    _require(r.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got '{r.precision}'.")
+    device = r.device
+    valid_device = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    _require(valid_device, f"--device must be {DEVICES_HELP}, got '{device}'.")
+    _require(r.log_interval >= 1, f"--log-interval must be a positive number of steps, got {r.log_interval}.")

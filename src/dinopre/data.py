@@ -1,0 +1,218 @@
+"""Training data: image folder scanning, decoding, the seeded multi-crop dataset, the resumable sampler, the loader.
+
+Determinism (design.md section 4): the data order of epoch e is a permutation drawn from a generator seeded by
+(seed, e), and every random draw of sample i in epoch e comes from a generator seeded by (seed, e, i). The sampler
+yields (epoch, index) keys, so workers need no epoch state: one loader with persistent workers serves the whole
+run (the reference code respawns its workers every epoch and loses seconds each time; design.md section 5).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from dinopre.augment import MultiCropAugmentation
+from dinopre.errors import DataError
+
+SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_ORDER_STREAM = 1  # separates the data-order generator from per-sample generators that share (seed, epoch)
+
+
+def scan_image_files(roots: tuple[str, ...] | list[str]) -> list[Path]:
+    """Every supported image under the given folders, recursively, in a deterministic order.
+
+    Files are sorted by path within each root; roots keep the order given. Symbolic links to folders are not
+    followed, so link loops cannot hang the scan.
+
+    Raises:
+        DataError: a root is missing or not a folder, or no supported image exists under the roots.
+    """
+    files: list[Path] = []
+    for root in roots:
+        root_path = Path(root).expanduser()
+        if not root_path.exists():
+            raise DataError(f"Training folder '{root}' does not exist; check the --train-dir path.")
+        if not root_path.is_dir():
+            raise DataError(f"--train-dir '{root}' is not a folder; pass a folder of images.")
+        found = [
+            Path(dirpath) / name
+            for dirpath, _, names in os.walk(root_path)
+            for name in names
+            if name.lower().endswith(SUPPORTED_EXTENSIONS)
+        ]
+        files.extend(sorted(found))
+    if not files:
+        listed = ", ".join(f"'{r}'" for r in roots)
+        raise DataError(
+            f"No images found under {listed}; supported extensions are {' '.join(SUPPORTED_EXTENSIONS)} (any case)."
+        )
+    return files
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file to RGB, applying its EXIF orientation."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+
+
+class ImageSource(Protocol):
+    """Where images come from: a folder of files or the built-in synthetic set."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Image.Image: ...
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """Images decoded from files."""
+
+    files: tuple[Path, ...]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Image.Image:
+        return load_image(self.files[index])
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    """The `--demo` images: deterministic synthetic face-like or hand-like crops generated on demand."""
+
+    kind: str
+    count: int
+    size: int = 64
+
+    def __len__(self) -> int:
+        return self.count
+
+    def load(self, index: int) -> Image.Image:
+        from dinopre.demo import synthetic_image
+
+        return synthetic_image(self.kind, index, self.size)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of every random draw of sample `index` in `epoch`."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def epoch_permutation(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The data order of an epoch."""
+    return np.random.default_rng([seed, epoch, num_samples, _ORDER_STREAM]).permutation(num_samples)
+
+
+@dataclass
+class CropBatch:
+    """One batch of multi-crop views, crop-major: rows [view0 x B, view1 x B, ...].
+
+    Attributes:
+        global_crops: (G*B, 3, H, W) normalised global views.
+        local_crops: (L*B, 3, h, w) normalised local views, or None without local crops.
+        indices: (B,) dataset indices of the images.
+    """
+
+    global_crops: torch.Tensor
+    local_crops: torch.Tensor | None
+    indices: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.indices.shape[0]
+
+    def pin_memory(self) -> CropBatch:
+        """Called by the DataLoader's pinning thread when pin_memory is on."""
+        local = self.local_crops.pin_memory() if self.local_crops is not None else None
+        return CropBatch(self.global_crops.pin_memory(), local, self.indices.pin_memory())
+
+    def to(self, device: torch.device) -> CropBatch:
+        """Copy to a device without blocking the host."""
+        local = self.local_crops.to(device, non_blocking=True) if self.local_crops is not None else None
+        return CropBatch(self.global_crops.to(device, non_blocking=True), local, self.indices.to(device))
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Images -> (global views, local views, index), keyed by (epoch, index) for seeded, resumable draws."""
+
+    def __init__(self, source: ImageSource, augmentation: MultiCropAugmentation, seed: int) -> None:
+        self.source, self.augmentation, self.seed = source, augmentation, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        epoch, index = key
+        image = self.source.load(index)
+        global_views, local_views = self.augmentation(image, sample_rng(self.seed, epoch, index))
+        return global_views, local_views, index
+
+
+def collate_crops(samples: list[tuple[list[torch.Tensor], list[torch.Tensor], int]]) -> CropBatch:
+    """Stack samples crop-major so each resolution is one contiguous block of rows."""
+    num_global, num_local = len(samples[0][0]), len(samples[0][1])
+    global_crops = torch.stack([s[0][v] for v in range(num_global) for s in samples])  # (G*B, 3, H, W)
+    local_crops = torch.stack([s[1][v] for v in range(num_local) for s in samples]) if num_local else None
+    return CropBatch(global_crops, local_crops, torch.tensor([s[2] for s in samples]))
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of (epoch, index) keys for epochs [start_epoch, end_epoch), starting at step `start_step`.
+
+    Each epoch visits a fresh permutation and drops the last incomplete batch (as dino's loader), so every
+    epoch has `num_samples // batch_size` steps. Resuming mid-epoch skips consumed batches without loading them.
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int, start_epoch: int, end_epoch: int, start_step: int = 0
+    ) -> None:
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.start_epoch, self.end_epoch, self.start_step = start_epoch, end_epoch, start_step
+        self.steps_per_epoch = num_samples // batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch in range(self.start_epoch, self.end_epoch):
+            order = epoch_permutation(self.seed, epoch, self.num_samples)
+            first = self.start_step if epoch == self.start_epoch else 0
+            for step in range(first, self.steps_per_epoch):
+                chunk = order[step * self.batch_size : (step + 1) * self.batch_size]
+                yield [(epoch, int(i)) for i in chunk]
+
+    def __len__(self) -> int:
+        return (self.end_epoch - self.start_epoch) * self.steps_per_epoch - self.start_step
+
+
+def check_dataset_size(num_samples: int, batch_size: int) -> int:
+    """Steps per epoch; refuses a dataset smaller than one batch.
+
+    Raises:
+        DataError: fewer images than `batch_size`.
+    """
+    if num_samples < batch_size:
+        raise DataError(
+            f"The dataset has {num_samples} images, fewer than --batch-size {batch_size}; "
+            f"lower --batch-size to at most {num_samples} or add images."
+        )
+    return num_samples // batch_size
+
+
+def build_loader(
+    dataset: MultiCropDataset, sampler: EpochBatchSampler, num_workers: int, pin_memory: bool
+) -> torch.utils.data.DataLoader:
+    """One DataLoader for the whole run: workers stay alive across epochs and prefetch ahead."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_crops,
+        pin_memory=pin_memory,
+        persistent_workers=False,  # one iterator spans every epoch, so workers live for the whole run anyway
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -1,0 +1,24 @@
+"""Errors a user can fix. The CLI turns them into one sentence and exit code 2, never a traceback."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (flags, config file, data, output folder) that they can fix.
+
+    The message is a complete sentence that says what is wrong and what to do.
+    """
+
+
+class ConfigError(UserError):
+    """An invalid setting: a bad value, an unknown key, or settings that contradict each other."""
+
+
+class DataError(UserError):
+    """The training data cannot be used: a missing or empty folder, no supported images."""
+
+
+class RunDirError(UserError):
+    """The output folder cannot be used as asked (it holds a run already, or it is not writable)."""
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept. The message says why."""

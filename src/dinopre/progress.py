@@ -1,0 +1,176 @@
+"""Terminal output of a run; the only module that imports rich (style principle 9).
+
+- `RichReporter`: a live display (epoch and step bars, images/s, ETA, loss parts, lr, wd, teacher momentum and
+  temperature, data-wait share) for an interactive terminal.
+- `PlainReporter`: one plain line per log step and per epoch, for logs (CI, nohup, SLURM).
+- `NullReporter`: `--quiet`.
+All print the resolved configuration at start (except quiet) and a final summary with what to run next.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dinopre.config import config_to_dict
+from dinopre.engine import EpochEnded, RunFinished, RunStarted, StepLogged
+
+_SHOWN = (
+    ("loss", "loss", "{:.4f}"),
+    ("lr", "lr", "{:.2e}"),
+    ("weight_decay", "wd", "{:.3f}"),
+    ("momentum", "momentum", "{:.5f}"),
+    ("teacher_temp", "t-temp", "{:.3f}"),
+    ("teacher_entropy", "t-entropy", "{:.2f}"),
+    ("prototypes_used", "protos", "{:.0%}"),
+    ("images_per_sec", "img/s", "{:.0f}"),
+    ("data_wait", "data wait", "{:.0%}"),
+)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """`loss 5.1234 · lr 1.00e-04 · ...` for the metrics that are present."""
+    parts = [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in _SHOWN if key in metrics]
+    return " · ".join(parts)
+
+
+def config_table(event: RunStarted) -> Table:
+    """The resolved configuration, one row per section, plus the data and hardware."""
+    table = Table(title=f"dinopre train {event.config.preset}", show_header=False, box=None, padding=(0, 1))
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column(overflow="fold")
+    settings = config_to_dict(event.config)
+    for section in ("model", "data", "optim", "method", "run"):
+        values = " ".join(f"{k}={_plain(v)}" for k, v in settings[section].items())
+        table.add_row(section, values)
+    table.add_row("lr", f"peak {event.config.peak_learning_rate:.3g} (after {event.config.optim.warmup_epochs} "
+                        "warmup epochs)")
+    table.add_row("images", event.data_description)
+    table.add_row("steps", f"{event.steps_per_epoch} per epoch, {event.total_steps} in all")
+    table.add_row("hardware", f"{event.device}, {event.precision}, {event.num_workers} data workers")
+    params = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in event.parameters.items())
+    table.add_row("parameters", params)
+    table.add_row("run dir", str(event.run_dir))
+    return table
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def summary_panel(event: RunFinished) -> Panel:
+    """What the run produced and what to run next."""
+    lines = [
+        f"run directory   {event.run_dir}",
+        f"best loss       {event.best_loss:.4f} (epoch {event.best_epoch + 1})",
+        f"checkpoints     {event.last_checkpoint.name}, {event.best_checkpoint.name}",
+        f"time            {event.seconds:.1f} s",
+    ]
+    if event.export_path is not None:
+        lines.append(f"backbone        {event.export_path}")
+        lines.append(f'load it with    load_dinov2_backbone("file::{event.export_path}:slt_vitsmall_patch16")')
+    else:
+        lines.append(f"export with     dinopre train ... --export-backbone {event.run_dir}/backbone.pt "
+                     "(or `dinopre export` once available)")
+    lines.append(f"continue with   dinopre resume {event.run_dir} --epochs N")
+    return Panel("\n".join(lines), title="done", border_style="green", expand=False)
+
+
+def loss_warning(loss: float, out_dim: int) -> str | None:
+    """A hint when the epoch loss sits at ln K, the value of a uniform (collapsed) teacher (dinov2#407)."""
+    if abs(loss - math.log(out_dim)) < 0.01:
+        return (f"The loss is ln K = {math.log(out_dim):.3f}: the teacher is uniform (collapse). Lower "
+                "--teacher-temp or --out-dim, or raise --learning-rate; see Troubleshooting in the README.")
+    return None
+
+
+class NullReporter:
+    """Prints nothing (`--quiet`)."""
+
+    def emit(self, event: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class PlainReporter:
+    """Plain periodic lines, suitable for log files."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.out_dim = 0
+
+    def emit(self, event: object) -> None:
+        if isinstance(event, RunStarted):
+            self.out_dim = event.config.model.out_dim
+            self.console.print(config_table(event))
+        elif isinstance(event, StepLogged):
+            self.console.print(f"epoch {event.epoch + 1}/{event.epochs} step {event.step_in_epoch}/"
+                               f"{event.steps_per_epoch} (global {event.global_step}/{event.total_steps}) "
+                               f"{format_metrics(event.metrics)}")
+        elif isinstance(event, EpochEnded):
+            self._epoch_line(event)
+        elif isinstance(event, RunFinished):
+            self.console.print(summary_panel(event))
+
+    def _epoch_line(self, event: EpochEnded) -> None:
+        best = " (best)" if event.is_best else ""
+        self.console.print(f"epoch {event.epoch + 1}/{event.epochs} done: loss {event.loss:.4f}{best}, "
+                           f"{event.seconds:.1f} s, {event.images_per_sec:.0f} img/s")
+        warning = loss_warning(event.loss, self.out_dim)
+        if warning:
+            self.console.print(f"[yellow]warning:[/] {warning}")
+
+    def close(self) -> None:
+        pass
+
+
+class RichReporter(PlainReporter):
+    """Live progress bars and metrics for an interactive terminal."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        super().__init__(console or Console())
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
+        )
+        self.metrics_line = TextColumn("")
+        self.live: Live | None = None
+        self.epoch_task = self.step_task = None
+        self.metrics_text = "waiting for the first log step..."
+
+    def _render(self) -> Group:
+        return Group(self.progress, self.metrics_text)
+
+    def emit(self, event: object) -> None:
+        if isinstance(event, RunStarted):
+            super().emit(event)
+            self.epoch_task = self.progress.add_task("epochs", total=event.config.optim.epochs)
+            self.step_task = self.progress.add_task("steps ", total=event.steps_per_epoch)
+            self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+            self.live.start()
+        elif isinstance(event, StepLogged):
+            self.progress.update(self.step_task, completed=event.step_in_epoch)
+            self.metrics_text = format_metrics(event.metrics)
+            self.live.update(self._render())
+        elif isinstance(event, EpochEnded):
+            self.progress.update(self.epoch_task, completed=event.epoch + 1)
+            self.progress.reset(self.step_task)
+            self._epoch_line(event)
+        elif isinstance(event, RunFinished):
+            self.close()
+            self.console.print(summary_panel(event))
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None

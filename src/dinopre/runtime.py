@@ -1,0 +1,118 @@
+"""Where and how tensors run: device, precision, seeding, thread settings and cross-process reductions.
+
+Nothing here runs at import time (style principle: no side effects on import); `engine.fit` calls `setup()`.
+Collectives are no-ops in a single process, so every piece of maths runs in a CPU test (unlike dino's
+`DINOLoss.update_center`, which calls `all_reduce` unconditionally; dino_ibot.md section 5, problem 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dinopre.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The resolved execution settings of a run."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full fp32
+
+    @property
+    def precision_name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16"}[self.amp_dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the trunk, chosen once (nanoGPT's `ctx`): a no-op context in fp32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn `auto|cpu|cuda|cuda:i` into a device, refusing CUDA when there is none.
+
+    Raises:
+        ConfigError: CUDA was asked for but is not available, or the index does not exist.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} was asked but this machine has no usable CUDA GPU; use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (no loss scaler needed; dino#58 fp16 NaNs), fp32 on CPU unless asked."""
+    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("This GPU does not support bf16; use --precision fp32.")
+    return torch.bfloat16
+
+
+def setup(device_name: str, precision: str, seed: int) -> Runtime:
+    """Resolve device and precision, seed the global generators and set backend flags for speed."""
+    device = resolve_device(device_name)
+    amp_dtype = resolve_precision(precision, device)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        # On a small machine, PyTorch's default intra-op thread count can exceed the cores we actually have
+        # (containers report the host's CPUs); oversubscription makes every op slower.
+        torch.set_num_threads(max(1, available_cpus()))
+    return Runtime(device=device, amp_dtype=amp_dtype)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (respects affinity masks of containers and SLURM)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_num_workers() -> int:
+    """DataLoader workers that keep the trainer fed without starving it: one core stays with the main process."""
+    return max(1, min(8, available_cpus() - 1))
+
+
+def world_size() -> int:
+    """Number of training processes (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average a tensor across processes in place; returns it unchanged in a single process."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= world_size()
+    return tensor
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The global torch generator states (drop path draws come from them), as tensors for a checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore the generator states saved by `rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,213 @@
+"""Vision Transformer backbone (ViT, Dosovitskiy et al. 2021) as used by DINO and iBOT.
+
+This module stands alone (it imports nothing from dinopre) so that an exported backbone can be rebuilt from it or
+a copy of it. It follows the DINO / timm layout (pre-norm blocks, fused qkv Linear, learned CLS token and position
+embedding) with two choices made for the consumer of our exports (design.md section 2):
+- LayerNorm eps is 1e-5, PyTorch's default, which the translation pipeline's ViT uses; DINO's 1e-6 would make the
+  exported features differ slightly.
+- The fused qkv weight keeps rows ordered q|k|v, the layout of `nn.MultiheadAttention.in_proj_weight`.
+Attention runs through `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU). iBOT's learned
+mask token replaces masked patch embeddings before position embeddings are added (iBOT models/vision_transformer.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class BackboneOutput:
+    """Named outputs of `VisionTransformer.forward_features`.
+
+    Attributes:
+        cls: (B, D) final-normed CLS token.
+        patch_tokens: (B, N, D) final-normed patch tokens.
+    """
+
+    cls: torch.Tensor
+    patch_tokens: torch.Tensor
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens with one strided convolution."""
+
+    def __init__(self, patch_size: int, in_channels: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and SDPA."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    """Two Linear layers with exact GELU between them."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample (Huang et al. 2016): drop the residual branch of whole samples.
+
+    Args:
+        x: (B, ...) residual branch output.
+        rate: probability of dropping a sample's branch.
+        training: no-op outside training.
+    """
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(keep)
+    return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path_rate: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone returning the CLS embedding; accepts any input size that is a multiple of the patch size.
+
+    Args:
+        image_size: the size the position embedding is learned for (the global crop size).
+        patch_size: side of a square patch in pixels.
+        in_channels: input channels.
+        embed_dim: token width D.
+        depth: number of blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width as a multiple of D.
+        drop_path_rate: stochastic depth rate of the last block, linearly increasing from 0 at the first (DINO).
+        use_mask_token: add iBOT's learned mask token (student only).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 224,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        use_mask_token: bool = False,
+    ) -> None:
+        super().__init__()
+        self.image_size, self.patch_size, self.embed_dim = image_size, patch_size, embed_dim
+        self.grid_size = image_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size**2, embed_dim))
+        # dino vision_transformer.py: stochastic depth rate grows linearly over depth.
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rate) for rate in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-5)
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if use_mask_token else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # DINO / timm init: trunc-normal(0.02) for Linear weights, position embedding and CLS token.
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def interpolate_pos_embed(self, height: int, width: int) -> torch.Tensor:
+        """Position embedding for a (height x width) token grid; bicubic resampling of the learned grid.
+
+        Resizing to an explicit target size avoids the float scale-factor off-by-one that dino#8 patched.
+
+        Returns:
+            (1, 1 + height*width, D) position embedding.
+        """
+        if height == self.grid_size and width == self.grid_size:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        grid = patch_pos.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
+        patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)  # (1, h*w, D)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch-embed, apply the mask token, prepend CLS and add position embeddings.
+
+        Args:
+            x: (B, C, H, W) images.
+            masks: optional (B, N) bool, True where the patch is replaced by the mask token.
+
+        Returns:
+            (B, 1 + N, D) tokens.
+        """
+        B, _, H, W = x.shape
+        tokens = self.patch_embed(x)  # (B, N, D)
+        if masks is not None:
+            if self.mask_token is None:
+                raise ValueError("This backbone has no mask token; build it with use_mask_token=True.")
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)  # (B, 1 + N, D)
+        return tokens + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> BackboneOutput:
+        """Run the backbone and return the normed CLS and patch tokens."""
+        tokens = self.prepare_tokens(x, masks)
+        for block in self.blocks:
+            tokens = block(tokens)
+        tokens = self.norm(tokens)
+        return BackboneOutput(cls=tokens[:, 0], patch_tokens=tokens[:, 1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, D) CLS embeddings."""
+        return self.forward_features(x).cls
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of a module."""
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,52 @@
+"""Shared fixtures: an isolated terminal, tiny configurations and folders of synthetic images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Typer/rich read these when first imported: fix width and colour before any test imports the app.
+os.environ.setdefault("TERMINAL_WIDTH", "120")
+os.environ["_TYPER_FORCE_DISABLE_TERMINAL"] = "1"
+os.environ["NO_COLOR"] = "1"
+os.environ["COLUMNS"] = "120"
+
+# A model small enough that a training step takes milliseconds on a CPU.
+TINY: dict[str, Any] = {
+    "image_size": 32,
+    "patch_size": 8,
+    "local_crop_size": 16,
+    "num_local_crops": 2,
+    "vit_embed_dim": 32,
+    "vit_depth": 2,
+    "vit_num_heads": 2,
+    "drop_path_rate": 0.1,
+    "out_dim": 64,
+    "head_hidden_dim": 64,
+    "head_bottleneck_dim": 16,
+    "batch_size": 8,
+    "epochs": 2,
+    "warmup_epochs": 1,
+    "num_workers": 0,
+    "log_interval": 2,
+}
+
+
+@pytest.fixture
+def tiny_settings(tmp_path: Path) -> dict[str, Any]:
+    """Command-line style settings for a tiny run writing into a temporary folder."""
+    return {**TINY, "output_dir": str(tmp_path / "run")}
+
+
+@pytest.fixture(scope="session")
+def face_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 48 synthetic face-like JPEG crops in two subfolders (tests recursive scanning)."""
+    from dinopre.demo import write_synthetic_folder
+
+    root = tmp_path_factory.mktemp("faces")
+    write_synthetic_folder(root / "signer_a", "face", 24, size=48)
+    write_synthetic_folder(root / "signer_b", "face", 24, size=48, start=24, image_format="png")
+    return root

@@ -1,0 +1,126 @@
+"""The engine end to end on tiny models: the run directory, determinism, refusals, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dinopre.checkpoint import sha256_file
+from dinopre.config import build_config
+from dinopre.engine import EpochEnded, RunFinished, RunStarted, StepLogged, fit
+from dinopre.errors import RunDirError, TrainingStopped
+from dinopre.losses import DINOLoss
+
+
+class Recorder:
+    """A reporter that keeps every event."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def emit(self, event: object) -> None:
+        self.events.append(event)
+
+
+def _config(settings: dict[str, Any], folder: Path, **extra: Any):
+    return build_config("face", cli_settings={**settings, "train_dir": [str(folder)], **extra})
+
+
+def test_a_run_leaves_the_full_run_directory(tiny_settings: dict, face_folder: Path) -> None:
+    config = _config(tiny_settings, face_folder, export_backbone=str(Path(tiny_settings["output_dir"]) / "bb.pt"))
+    recorder = Recorder()
+    result = fit(config, recorder)
+    run_dir = Path(tiny_settings["output_dir"])
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"checkpoint_last.pt", "checkpoint_best.pt", "params.json", "metrics.jsonl", "artifacts.json",
+            "bb.pt", "bb.json"} <= names
+    assert not [n for n in names if n.startswith(".")]  # no temporary files left behind
+
+    state = torch.load(run_dir / "checkpoint_last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["global_step"] == 2 * (48 // 8)
+    assert {"student", "teacher", "optimizer", "loss", "rng", "config", "best_loss"} <= set(state)
+    assert state["loss"]["center"].shape == (1, 64)
+    assert state["config"]["optim"]["epochs"] == 2
+
+    params = json.loads((run_dir / "params.json").read_text())
+    assert params["config"]["model"]["vit_embed_dim"] == 32 and params["environment"]["device"] == "cpu"
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    steps = [r for r in records if r["type"] == "step"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert [r["loss"] for r in epochs] == pytest.approx(result.epoch_losses)
+    assert len(steps) == 6 and {"loss", "lr", "weight_decay", "momentum", "teacher_temp", "teacher_entropy",
+                                "images_per_sec", "data_wait"} <= set(steps[0])
+
+    artifacts = json.loads((run_dir / "artifacts.json").read_text())
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", "bb.pt", "bb.json"):
+        assert artifacts[name]["sha256"] == sha256_file(run_dir / name)
+
+    kinds = [type(e) for e in recorder.events]
+    assert kinds[0] is RunStarted and kinds[-1] is RunFinished
+    assert kinds.count(EpochEnded) == 2 and kinds.count(StepLogged) == 6
+
+
+def test_best_checkpoint_is_the_lowest_epoch_loss(tiny_settings: dict, face_folder: Path) -> None:
+    result = fit(_config(tiny_settings, face_folder, epochs=3), Recorder())
+    best = torch.load(Path(tiny_settings["output_dir"]) / "checkpoint_best.pt", weights_only=True)
+    assert best["epoch"] == result.best_epoch + 1
+    assert best["best_loss"] == min(result.epoch_losses)
+
+
+def _teacher(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint_last.pt", weights_only=True)["teacher"]
+
+
+def test_same_seed_same_run_and_other_seed_another(tiny_settings: dict, face_folder: Path, tmp_path: Path) -> None:
+    runs = {}
+    for name, seed, workers in (("a", 0, 0), ("b", 0, 1), ("c", 1, 0)):
+        out = tmp_path / name
+        runs[name] = (fit(_config(tiny_settings, face_folder, seed=seed, num_workers=workers, output_dir=str(out)),
+                          Recorder()).epoch_losses, _teacher(out))
+    (loss_a, teacher_a), (loss_b, teacher_b), (loss_c, teacher_c) = runs["a"], runs["b"], runs["c"]
+    assert loss_a == loss_b  # bit for bit, whether data is loaded in the main process or a worker
+    assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
+    assert loss_a != loss_c
+    assert not torch.equal(teacher_a["backbone.pos_embed"], teacher_c["backbone.pos_embed"])
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(tiny_settings: dict, face_folder: Path) -> None:
+    config = _config(tiny_settings, face_folder, epochs=1)
+    fit(config, Recorder())
+    with pytest.raises(RunDirError, match="dinopre resume .* --overwrite"):
+        fit(config, Recorder())
+    fit(config, Recorder(), overwrite=True)
+    records = (Path(tiny_settings["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(r)["type"] == "epoch" for r in records) == 1  # the old log was started afresh
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tiny_settings: dict, face_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = DINOLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] > 6 else loss  # epoch 2 diverges
+
+    monkeypatch.setattr(DINOLoss, "forward", poisoned)
+    with pytest.raises(TrainingStopped, match=r"non-finite at step \d+ \(epoch 2\): loss nan"):
+        fit(_config(tiny_settings, face_folder), Recorder())
+    state = torch.load(Path(tiny_settings["output_dir"]) / "checkpoint_last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["teacher"].values())
+
+
+def test_too_few_images_for_a_batch(tiny_settings: dict, face_folder: Path) -> None:
+    from dinopre.errors import DataError
+
+    with pytest.raises(DataError, match="fewer than --batch-size 64"):
+        fit(_config(tiny_settings, face_folder, batch_size=64), Recorder())

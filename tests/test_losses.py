@@ -1,0 +1,222 @@
+"""Tests of the DINO loss and the collapse diagnostics (dinopre.losses) against dino main_dino.py `DINOLoss`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinopre.losses import DINOLoss, teacher_diagnostics
+
+K = 64
+B = 5
+GLOBAL_VIEWS = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids OpenMP wake-up latency on a loaded 2-core machine (restored after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def reference_dino_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    num_student_views: int,
+    teacher_temp: float,
+    student_temp: float = 0.1,
+) -> torch.Tensor:
+    """dino main_dino.py `DINOLoss.forward` written out as its double loop, in float64."""
+    student_out = (student_logits.double() / student_temp).chunk(num_student_views)
+    teacher_out = F.softmax((teacher_logits.double() - center.double()) / teacher_temp, dim=-1).chunk(GLOBAL_VIEWS)
+    total, n_pairs = torch.zeros((), dtype=torch.float64), 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue  # the student and the teacher saw the same view
+            loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+            total = total + loss.mean()
+            n_pairs += 1
+    return total / n_pairs
+
+
+def random_logits(num_local: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop-major student logits ((2 + L)*B, K) and teacher logits (2*B, K) with a realistic spread."""
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn((GLOBAL_VIEWS + num_local) * B, K, generator=generator)
+    teacher = 3 * torch.randn(GLOBAL_VIEWS * B, K, generator=generator)
+    return student, teacher
+
+
+def loss_with_center(center: torch.Tensor, **kwargs: float) -> DINOLoss:
+    """A DINOLoss whose center is already set (as after some steps)."""
+    loss = DINOLoss(K, **kwargs)
+    loss.center.copy_(center)
+    return loss
+
+
+@pytest.fixture
+def center() -> torch.Tensor:
+    return torch.linspace(-1.0, 2.0, K).reshape(1, K)
+
+
+# ----------------------------------------------------------------------------------- the formula
+
+
+@pytest.mark.parametrize("num_local", [0, 1, 4])
+def test_loss_equals_reference_double_loop(num_local: int, center: torch.Tensor) -> None:
+    """The one-pass sum over pairs equals dino's double loop (total / n_pairs) for 2 globals + 0, 1, 4 locals."""
+    student, teacher = random_logits(num_local, seed=num_local)
+    views = GLOBAL_VIEWS + num_local
+    loss = loss_with_center(center)(student, teacher, num_student_views=views, teacher_temp=0.04)
+    expected = reference_dino_loss(student, teacher, center, views, teacher_temp=0.04)
+    assert loss.shape == ()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_pairs_exclude_only_same_view() -> None:
+    """With identical logits in every view, each pair contributes the same term: the loss is that term."""
+    row = torch.randn(B, K, generator=torch.Generator().manual_seed(3))
+    student, teacher = row.repeat(GLOBAL_VIEWS + 3, 1), row.repeat(GLOBAL_VIEWS, 1)
+    loss = DINOLoss(K)(student, teacher, num_student_views=GLOBAL_VIEWS + 3, teacher_temp=0.07)
+    one_pair = -(F.softmax(row.double() / 0.07, -1) * F.log_softmax(row.double() / 0.1, -1)).sum(-1).mean()
+    assert loss.item() == pytest.approx(one_pair.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("teacher_temp", [0.02, 0.04, 0.07])
+def test_teacher_temperature_is_the_argument(teacher_temp: float, center: torch.Tensor) -> None:
+    """The teacher temperature of the call is the one in the formula; changing it changes the loss."""
+    student, teacher = random_logits(2, seed=11)
+    loss = loss_with_center(center)(student, teacher, num_student_views=4, teacher_temp=teacher_temp)
+    expected = reference_dino_loss(student, teacher, center, 4, teacher_temp=teacher_temp)
+    other = reference_dino_loss(student, teacher, center, 4, teacher_temp=teacher_temp * 2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(loss.item() - other.item()) > 1e-3
+
+
+def test_student_temperature_is_the_argument(center: torch.Tensor) -> None:
+    """`student_temp` replaces dino's 0.1 in log_softmax(s / tau_s)."""
+    student, teacher = random_logits(2, seed=12)
+    loss = loss_with_center(center, student_temp=0.25)(student, teacher, num_student_views=4, teacher_temp=0.04)
+    expected = reference_dino_loss(student, teacher, center, 4, teacher_temp=0.04, student_temp=0.25)
+    default = reference_dino_loss(student, teacher, center, 4, teacher_temp=0.04)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(loss.item() - default.item()) > 1e-3
+
+
+def test_uniform_teacher_and_student_give_ln_k() -> None:
+    """Constant logits everywhere: cross-entropy of two uniform distributions is ln K."""
+    student, teacher = torch.full((4 * B, K), 0.3), torch.full((2 * B, K), -1.2)
+    loss = DINOLoss(K)(student, teacher, num_student_views=4, teacher_temp=0.04)
+    assert loss.item() == pytest.approx(math.log(K), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------- the center
+
+
+def test_loss_uses_old_center_then_updates_it(center: torch.Tensor) -> None:
+    """The loss is computed with the center before the update; afterwards center = 0.9 old + 0.1 mean(teacher)."""
+    student, teacher = random_logits(3, seed=5)
+    module = loss_with_center(center)
+    loss = module(student, teacher, num_student_views=5, teacher_temp=0.04)
+    with_old = reference_dino_loss(student, teacher, center, 5, teacher_temp=0.04)
+    expected_center = 0.9 * center.double() + 0.1 * teacher.double().mean(0, keepdim=True)
+    with_new = reference_dino_loss(student, teacher, expected_center, 5, teacher_temp=0.04)
+    assert loss.item() == pytest.approx(with_old.item(), rel=1e-5)
+    assert abs(loss.item() - with_new.item()) > 1e-4
+    torch.testing.assert_close(module.center.double(), expected_center, rtol=0, atol=1e-6)
+
+
+def test_center_momentum_is_the_argument(center: torch.Tensor) -> None:
+    """center <- m c + (1 - m) mean(teacher logits) with the configured m."""
+    _, teacher = random_logits(0, seed=6)
+    module = loss_with_center(center, center_momentum=0.5)
+    module.update_center(teacher)
+    expected = 0.5 * center + 0.5 * teacher.mean(0, keepdim=True)
+    torch.testing.assert_close(module.center, expected, rtol=0, atol=1e-6)
+
+
+def test_update_center_false_leaves_center(center: torch.Tensor) -> None:
+    """`update_center=False` computes the same loss and does not touch the center."""
+    student, teacher = random_logits(1, seed=7)
+    module = loss_with_center(center)
+    loss = module(student, teacher, num_student_views=3, teacher_temp=0.04, update_center=False)
+    assert torch.equal(module.center, center)
+    assert loss.item() == pytest.approx(reference_dino_loss(student, teacher, center, 3, 0.04).item(), rel=1e-5)
+
+
+def test_center_is_saved_state() -> None:
+    """The center is a (1, K) zero-initialised buffer, so checkpoints carry it."""
+    module = DINOLoss(K)
+    assert "center" in module.state_dict() and module.state_dict()["center"].shape == (1, K)
+    assert torch.count_nonzero(module.center) == 0 and list(module.parameters()) == []
+
+
+# ----------------------------------------------------------------------------------- precision and gradients
+
+
+def test_loss_is_fp32_for_bf16_inputs(center: torch.Tensor) -> None:
+    """bf16 logits (autocast) give an fp32 loss equal to the reference on the same (upcast) values."""
+    student, teacher = (t.bfloat16() for t in random_logits(2, seed=8))
+    module = loss_with_center(center)
+    loss = module(student, teacher, num_student_views=4, teacher_temp=0.04)
+    assert loss.dtype == torch.float32 and module.center.dtype == torch.float32
+    expected = reference_dino_loss(student.float(), teacher.float(), center, 4, teacher_temp=0.04)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_gradient_reaches_student_only_and_matches_reference(center: torch.Tensor) -> None:
+    """d loss / d student equals the reference's gradient; teacher logits get no gradient (stop-gradient)."""
+    student, teacher = random_logits(2, seed=9)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    loss_with_center(center)(student, teacher, num_student_views=4, teacher_temp=0.04).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+    ref_student = student.detach().double().requires_grad_(True)
+    reference_dino_loss(ref_student, teacher.detach(), center, 4, teacher_temp=0.04).backward()
+    torch.testing.assert_close(student.grad.double(), ref_student.grad, rtol=1e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------- diagnostics
+
+
+def test_diagnostics_uniform_teacher_has_entropy_ln_k() -> None:
+    """Constant teacher logits (uniform collapse): entropy is ln K."""
+    out = teacher_diagnostics(torch.full((8, K), 2.0), torch.zeros(1, K), teacher_temp=0.04)
+    assert out["teacher_entropy"].item() == pytest.approx(math.log(K), rel=1e-6)
+
+
+def test_diagnostics_one_dominant_prototype_uses_one_over_rows() -> None:
+    """Every row picks the same prototype (one-hot collapse): prototypes_used = 1 / rows, entropy ~ 0."""
+    logits = torch.randn(10, K, generator=torch.Generator().manual_seed(0))
+    logits[:, 17] += 100.0
+    out = teacher_diagnostics(logits, torch.zeros(1, K), teacher_temp=0.04)
+    assert out["prototypes_used"].item() == pytest.approx(1 / 10)
+    assert out["teacher_entropy"].item() < 1e-6
+
+
+def test_diagnostics_distinct_winners_and_center_is_subtracted() -> None:
+    """Each row winning a different prototype gives 1.0; the center is subtracted before the argmax."""
+    logits = torch.zeros(8, K)
+    logits[torch.arange(8), torch.arange(8)] = 5.0
+    assert teacher_diagnostics(logits, torch.zeros(1, K), 0.04)["prototypes_used"].item() == pytest.approx(1.0)
+    center = torch.zeros(1, K)
+    center[0, 40] = -10.0  # subtracting it makes prototype 40 win in every row
+    assert teacher_diagnostics(logits, center, 0.04)["prototypes_used"].item() == pytest.approx(1 / 8)
+
+
+def test_diagnostics_entropy_formula(center: torch.Tensor) -> None:
+    """Entropy is the mean over rows of -sum p ln p with p = softmax((t - c) / tau)."""
+    _, teacher = random_logits(0, seed=10)
+    p = F.softmax((teacher.double() - center.double()) / 0.07, dim=-1)
+    expected = -(p * p.clamp_min(1e-300).log()).sum(-1).mean()
+    out = teacher_diagnostics(teacher, center, 0.07)
+    assert out["teacher_entropy"].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
