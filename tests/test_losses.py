@@ -194,23 +194,23 @@ def test_diagnostics_uniform_teacher_has_entropy_ln_k() -> None:
     assert out["teacher_entropy"].item() == pytest.approx(math.log(K), rel=1e-6)
 
 
-def test_diagnostics_one_dominant_prototype_uses_one_over_rows() -> None:
-    """Every row picks the same prototype (one-hot collapse): prototypes_used = 1 / rows, entropy ~ 0."""
+def test_diagnostics_one_dominant_prototype_counts_one() -> None:
+    """Every row picks the same prototype (one-hot collapse): prototypes_used = 1, entropy ~ 0."""
     logits = torch.randn(10, K, generator=torch.Generator().manual_seed(0))
     logits[:, 17] += 100.0
     out = teacher_diagnostics(logits, torch.zeros(1, K), teacher_temp=0.04)
-    assert out["prototypes_used"].item() == pytest.approx(1 / 10)
+    assert out["prototypes_used"].item() == 1
     assert out["teacher_entropy"].item() < 1e-6
 
 
 def test_diagnostics_distinct_winners_and_center_is_subtracted() -> None:
-    """Each row winning a different prototype gives 1.0; the center is subtracted before the argmax."""
+    """Each of 8 rows winning a different prototype counts 8; the center is subtracted before the argmax."""
     logits = torch.zeros(8, K)
     logits[torch.arange(8), torch.arange(8)] = 5.0
-    assert teacher_diagnostics(logits, torch.zeros(1, K), 0.04)["prototypes_used"].item() == pytest.approx(1.0)
+    assert teacher_diagnostics(logits, torch.zeros(1, K), 0.04)["prototypes_used"].item() == 8
     center = torch.zeros(1, K)
     center[0, 40] = -10.0  # subtracting it makes prototype 40 win in every row
-    assert teacher_diagnostics(logits, center, 0.04)["prototypes_used"].item() == pytest.approx(1 / 8)
+    assert teacher_diagnostics(logits, center, 0.04)["prototypes_used"].item() == 1
 
 
 def test_diagnostics_entropy_formula(center: torch.Tensor) -> None:

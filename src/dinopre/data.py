@@ -8,6 +8,7 @@ run (the reference code respawns its workers every epoch and loses seconds each 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +96,15 @@ class SyntheticSource:
         return self.count
 
     def load(self, index: int) -> Image.Image:
-        from dinopre.demo import synthetic_image
+        return _cached_synthetic_image(self.kind, index, self.size)
 
-        return synthetic_image(self.kind, index, self.size)
+
+@functools.lru_cache(maxsize=8192)
+def _cached_synthetic_image(kind: str, index: int, size: int) -> Image.Image:
+    # Drawing a crop costs more than augmenting it; each worker keeps the few MB of demo images it has drawn.
+    from dinopre.demo import synthetic_image
+
+    return synthetic_image(kind, index, size)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -133,12 +133,13 @@ def build_augmentation(config: PretrainConfig) -> MultiCropAugmentation:
         flip_prob=d.flip_prob,
         jitter=ColorJitterSettings(d.brightness, d.contrast, d.saturation, d.hue, d.jitter_prob),
         grayscale_prob=d.grayscale_prob,
+        blur_sigma=d.blur_sigma,
     )
 
 
 def build_source(config: PretrainConfig) -> tuple[ImageSource, str]:
     """The images of a run and a one-line description of them."""
-    if config.data.demo:
+    if config.data.demo and not config.data.train_dir:
         source = SyntheticSource(config.preset, config.data.demo_images)
         return source, f"{len(source)} built-in synthetic {config.preset} crops (--demo)"
     files = scan_image_files(config.data.train_dir)

@@ -78,9 +78,9 @@ def teacher_diagnostics(teacher_logits: torch.Tensor, center: torch.Tensor, teac
 
     Returns:
         `teacher_entropy`: mean entropy of the centered, sharpened teacher distribution (ln K = uniform collapse);
-        `prototypes_used`: share of distinct argmax prototypes among the teacher rows (1/rows = one-hot collapse).
+        `prototypes_used`: how many distinct prototypes win the argmax over the teacher rows (1 = one-hot collapse).
     """
     p = F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
     winners = torch.zeros(p.shape[-1], device=p.device).index_fill_(0, p.argmax(-1), 1.0)
-    return {"teacher_entropy": entropy, "prototypes_used": winners.sum() / p.shape[0]}
+    return {"teacher_entropy": entropy, "prototypes_used": winners.sum()}

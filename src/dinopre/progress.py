@@ -28,7 +28,7 @@ _SHOWN = (
     ("momentum", "momentum", "{:.5f}"),
     ("teacher_temp", "t-temp", "{:.3f}"),
     ("teacher_entropy", "t-entropy", "{:.2f}"),
-    ("prototypes_used", "protos", "{:.0%}"),
+    ("prototypes_used", "protos", "{:.0f}"),
     ("images_per_sec", "img/s", "{:.0f}"),
     ("data_wait", "data wait", "{:.0%}"),
 )
@@ -78,17 +78,19 @@ def summary_panel(event: RunFinished) -> Panel:
         lines.append(f"backbone        {event.export_path}")
         lines.append(f'load it with    load_dinov2_backbone("file::{event.export_path}:slt_vitsmall_patch16")')
     else:
-        lines.append(f"export with     dinopre train ... --export-backbone {event.run_dir}/backbone.pt "
-                     "(or `dinopre export` once available)")
+        lines.append("backbone        not exported (add --export-backbone PATH to write it at the end)")
     lines.append(f"continue with   dinopre resume {event.run_dir} --epochs N")
     return Panel("\n".join(lines), title="done", border_style="green", expand=False)
 
 
-def loss_warning(loss: float, out_dim: int) -> str | None:
-    """A hint when the epoch loss sits at ln K, the value of a uniform (collapsed) teacher (dinov2#407)."""
+def collapse_warning(loss: float, out_dim: int, prototypes_used: float | None) -> str | None:
+    """A hint when an epoch ends in one of DINO's two collapses (dino_ibot.md section 5, problem 1)."""
     if abs(loss - math.log(out_dim)) < 0.01:
         return (f"The loss is ln K = {math.log(out_dim):.3f}: the teacher is uniform (collapse). Lower "
                 "--teacher-temp or --out-dim, or raise --learning-rate; see Troubleshooting in the README.")
+    if prototypes_used == 1:
+        return ("Every image picks the same prototype (one-hot collapse). Raise --teacher-momentum-base, lower "
+                "--learning-rate or keep --norm-last-layer on; see Troubleshooting in the README.")
     return None
 
 
@@ -108,12 +110,14 @@ class PlainReporter:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.out_dim = 0
+        self.last_prototypes_used: float | None = None
 
     def emit(self, event: object) -> None:
         if isinstance(event, RunStarted):
             self.out_dim = event.config.model.out_dim
             self.console.print(config_table(event))
         elif isinstance(event, StepLogged):
+            self.last_prototypes_used = event.metrics.get("prototypes_used")
             self.console.print(f"epoch {event.epoch + 1}/{event.epochs} step {event.step_in_epoch}/"
                                f"{event.steps_per_epoch} (global {event.global_step}/{event.total_steps}) "
                                f"{format_metrics(event.metrics)}")
@@ -126,7 +130,7 @@ class PlainReporter:
         best = " (best)" if event.is_best else ""
         self.console.print(f"epoch {event.epoch + 1}/{event.epochs} done: loss {event.loss:.4f}{best}, "
                            f"{event.seconds:.1f} s, {event.images_per_sec:.0f} img/s")
-        warning = loss_warning(event.loss, self.out_dim)
+        warning = collapse_warning(event.loss, self.out_dim, self.last_prototypes_used)
         if warning:
             self.console.print(f"[yellow]warning:[/] {warning}")
 
@@ -143,7 +147,6 @@ class RichReporter(PlainReporter):
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
         )
-        self.metrics_line = TextColumn("")
         self.live: Live | None = None
         self.epoch_task = self.step_task = None
         self.metrics_text = "waiting for the first log step..."
@@ -159,6 +162,7 @@ class RichReporter(PlainReporter):
             self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
             self.live.start()
         elif isinstance(event, StepLogged):
+            self.last_prototypes_used = event.metrics.get("prototypes_used")
             self.progress.update(self.step_task, completed=event.step_in_epoch)
             self.metrics_text = format_metrics(event.metrics)
             self.live.update(self._render())
