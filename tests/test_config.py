@@ -128,6 +128,21 @@ def test_unknown_preset_is_refused() -> None:
         build_config("body", cli_settings={"train_dir": ["d"]})
 
 
-def test_ibot_is_refused_until_it_exists() -> None:
-    with pytest.raises(ConfigError, match="use --algorithm dino"):
-        build_config("face", cli_settings={"train_dir": ["d"], "algorithm": "ibot"})
+def test_ibot_settings_are_validated() -> None:
+    config = build_config("face", cli_settings={"train_dir": ["d"], "algorithm": "ibot"})
+    assert config.method.patch_mask_ratio == (0.1, 0.5) and config.method.mask_probability == 0.5
+    assert config.model.shared_head and config.resolved_patch_out_dim == config.model.out_dim
+    separate = build_config("face", cli_settings={"train_dir": ["d"], "algorithm": "ibot", "shared_head": False,
+                                                   "patch_out_dim": 1024})
+    assert separate.resolved_patch_out_dim == 1024
+    bad = [
+        ({"patch_out_dim": 1024}, "pass --no-shared-head"),
+        ({"patch_mask_ratio": (0.6, 0.2)}, "--patch-mask-ratio takes MIN MAX"),
+        ({"patch_mask_ratio": (0.1, 1.0)}, "--patch-mask-ratio takes MIN MAX"),
+        ({"mask_probability": 1.5}, "--mask-probability must be in [0, 1]"),
+        ({"mask_shape": "circle"}, "--mask-shape must be block or rand"),
+        ({"teacher_patch_temp": 0.0}, "--teacher-patch-temp must be positive"),
+    ]
+    for settings, message in bad:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            build_config("face", cli_settings={"train_dir": ["d"], "algorithm": "ibot", **settings})

@@ -22,6 +22,7 @@ from dinopre.data import (
     scan_image_files,
 )
 from dinopre.errors import DataError
+from dinopre.masking import MaskSampler
 
 
 def _augmentation(num_local: int = 2) -> MultiCropAugmentation:
@@ -100,13 +101,14 @@ def test_sampler_resumes_mid_epoch_with_the_same_keys() -> None:
 
 def test_dataset_is_a_pure_function_of_seed_epoch_and_index() -> None:
     dataset = MultiCropDataset(SyntheticSource("face", 8), _augmentation(), seed=0)
-    g1, l1, index = dataset[(0, 3)]
-    g2, l2, _ = dataset[(0, 3)]
+    g1, l1, index, masks = dataset[(0, 3)]
+    g2, l2, _, _ = dataset[(0, 3)]
+    assert masks is None  # DINO draws no masks
     assert index == 3 and len(g1) == 2 and len(l1) == 2
     assert all(torch.equal(a, b) for a, b in zip(g1 + l1, g2 + l2))
-    other_epoch, _, _ = dataset[(1, 3)]
+    other_epoch, _, _, _ = dataset[(1, 3)]
     assert not torch.equal(g1[0], other_epoch[0])
-    other_seed, _, _ = MultiCropDataset(SyntheticSource("face", 8), _augmentation(), seed=1)[(0, 3)]
+    other_seed, _, _, _ = MultiCropDataset(SyntheticSource("face", 8), _augmentation(), seed=1)[(0, 3)]
     assert not torch.equal(g1[0], other_seed[0])
 
 
@@ -131,3 +133,18 @@ def test_dataset_smaller_than_a_batch_is_refused() -> None:
     assert check_dataset_size(10, 4) == 2
     with pytest.raises(DataError, match="lower --batch-size to at most 3"):
         check_dataset_size(3, 8)
+
+
+def test_ibot_masks_come_with_the_global_views_crop_major() -> None:
+    sampler = MaskSampler(grid=4, probability=1.0, ratio_range=(0.3, 0.5), shape="rand")
+    dataset = MultiCropDataset(SyntheticSource("face", 8), _augmentation(), seed=0, mask_sampler=sampler)
+    samples = [dataset[(0, i)] for i in (1, 6)]
+    assert len(samples[0][3]) == 2 and samples[0][3][0].shape == (16,)
+    plain_views = MultiCropDataset(SyntheticSource("face", 8), _augmentation(), seed=0)[(0, 1)][0]
+    assert all(torch.equal(a, b) for a, b in zip(samples[0][0], plain_views))  # masks are drawn after the views
+    batch = collate_crops(samples)
+    assert batch.masks.shape == (4, 16) and batch.masks.dtype == torch.bool
+    assert np.array_equal(batch.masks[1].numpy(), samples[1][3][0])  # view 0 of the second image
+    assert np.array_equal(batch.masks[2].numpy(), samples[0][3][1])  # view 1 of the first image
+    moved = batch.to(torch.device("cpu"))
+    assert torch.equal(moved.masks, batch.masks)

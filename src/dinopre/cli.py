@@ -18,8 +18,8 @@ from dinopre.errors import TrainingStopped, UserError
 
 app = typer.Typer(
     name="dinopre",
-    help="Pretrain small Vision Transformers with DINO self-supervision on face and hand crops, and export the "
-    "teacher backbone for the sign-language translation pipeline.",
+    help="Pretrain small Vision Transformers with DINO or iBOT self-supervision on face and hand crops, and export "
+    "the teacher backbone for the sign-language translation pipeline.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
@@ -37,6 +37,11 @@ class Preset(str, Enum):
 class Algorithm(str, Enum):
     dino = "dino"
     ibot = "ibot"
+
+
+class MaskShape(str, Enum):
+    block = "block"
+    rand = "rand"
 
 
 class Precision(str, Enum):
@@ -63,7 +68,7 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Pretrain small Vision Transformers with DINO on face and hand crops."""
+    """Pretrain small Vision Transformers with DINO or iBOT on face and hand crops."""
 
 
 TRAIN_EPILOG = (
@@ -132,6 +137,13 @@ def train(
         "--norm-last-layer/--no-norm-last-layer",
         help="Freeze the prototype norms (stable; turn off only for ViT-S if training is slow to improve).",
         rich_help_panel=MODEL, show_default=False)] = None,
+    shared_head: Annotated[bool | None, typer.Option(
+        "--shared-head/--no-shared-head",
+        help="iBOT: one head for CLS and patch tokens (the iBOT ViT-S recipe) or a separate patch head.",
+        rich_help_panel=MODEL, show_default=False)] = None,
+    patch_out_dim: Annotated[int | None, typer.Option(
+        help="iBOT: prototypes of a separate patch head [default: --out-dim].", rich_help_panel=MODEL,
+        show_default=False)] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the data.", rich_help_panel=OPTIM,
                                                show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step (each gives 2 + local views).",
@@ -171,6 +183,22 @@ def train(
         rich_help_panel=METHOD, show_default=False)] = None,
     teacher_momentum_final: Annotated[float | None, typer.Option(help="Teacher EMA momentum at the end.",
                                                                  rich_help_panel=METHOD, show_default=False)] = None,
+    patch_mask_ratio: Annotated[tuple[float, float] | None, typer.Option(
+        metavar="MIN MAX", help="iBOT: share of a masked view's patches that are masked, drawn per view in "
+        "[MIN, MAX] (e.g. 0.1 0.5; the same number twice for a fixed share).", rich_help_panel=METHOD,
+        show_default=False)] = None,
+    mask_probability: Annotated[float | None, typer.Option(
+        help="iBOT: share of global views that are masked at all (0.5: half stay whole).", rich_help_panel=METHOD,
+        show_default=False)] = None,
+    mask_shape: Annotated[MaskShape | None, typer.Option(
+        help="iBOT: block (BEiT-style rectangles) or rand (scattered patches).", rich_help_panel=METHOD,
+        show_default=False)] = None,
+    patch_loss_weight: Annotated[float | None, typer.Option(
+        help="iBOT: weight of the masked-patch loss against the CLS loss (1 = equal).", rich_help_panel=METHOD,
+        show_default=False)] = None,
+    teacher_patch_temp: Annotated[float | None, typer.Option(
+        help="iBOT: teacher temperature of the patch loss after its warmup.", rich_help_panel=METHOD,
+        show_default=False)] = None,
     output_dir: Annotated[Path | None, typer.Option(
         help="Run directory for checkpoints and logs [default: work_dirs/dino_PRESET].", rich_help_panel=RUN,
         show_default=False)] = None,
@@ -195,7 +223,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.",
                                         rich_help_panel=RUN)] = False,
 ) -> None:
-    """Train a backbone with DINO on folders of crops (or on built-in demo data with --demo)."""
+    """Train a backbone with DINO or iBOT on folders of crops (or on built-in demo data with --demo)."""
     cli_settings = {
         key: value.value if isinstance(value, Enum) else value
         for key, value in locals().items()
@@ -207,7 +235,8 @@ def train(
 _CONFIG_FLAGS = frozenset(
     "train_dir num_local_crops local_crop_size global_crop_scale local_crop_scale flip_prob num_workers image_size "
     "patch_size vit_embed_dim vit_depth vit_num_heads vit_mlp_ratio drop_path_rate out_dim head_hidden_dim "
-    "norm_last_layer epochs batch_size learning_rate min_lr warmup_epochs weight_decay weight_decay_end "
+    "norm_last_layer shared_head patch_out_dim patch_mask_ratio mask_probability mask_shape patch_loss_weight "
+    "teacher_patch_temp epochs batch_size learning_rate min_lr warmup_epochs weight_decay weight_decay_end "
     "clip_grad_norm freeze_last_layer_epochs algorithm student_temp teacher_temp warmup_teacher_temp "
     "warmup_teacher_temp_epochs center_momentum teacher_momentum_base teacher_momentum_final output_dir "
     "export_backbone seed device precision log_interval".split()

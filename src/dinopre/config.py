@@ -42,6 +42,8 @@ class ModelConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     norm_last_layer: bool = True
+    shared_head: bool = True
+    patch_out_dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,15 @@ class MethodConfig:
     center_momentum: float = 0.9
     teacher_momentum_base: float = 0.996
     teacher_momentum_final: float = 1.0
+    # iBOT only (bytedance/ibot ViT-S recipe)
+    patch_loss_weight: float = 1.0
+    cls_loss_weight: float = 1.0
+    patch_mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = 0.5
+    mask_shape: str = "block"
+    teacher_patch_temp: float = 0.07
+    warmup_teacher_patch_temp: float = 0.04
+    warmup_teacher_patch_temp_epochs: int = 30
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,11 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def resolved_patch_out_dim(self) -> int:
+        """Prototypes of the iBOT patch head: `out_dim` when the head is shared."""
+        return self.model.patch_out_dim or self.model.out_dim
 
     @property
     def peak_learning_rate(self) -> float:
@@ -437,14 +453,31 @@ def _validate_optim(config: PretrainConfig) -> None:
 def _validate_method(config: PretrainConfig) -> None:
     m = config.method
     _require(m.algorithm in ALGORITHMS, f"--algorithm must be one of {', '.join(ALGORITHMS)}, got '{m.algorithm}'.")
-    _require(m.algorithm == "dino",
-             "--algorithm ibot is not available in this version of dinopre yet; use --algorithm dino.")
     for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
         _require(getattr(m, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(m, name)}.")
     _require(m.warmup_teacher_temp_epochs >= 0, "--warmup-teacher-temp-epochs must be 0 or more.")
-    for name in ("center_momentum", "teacher_momentum_base", "teacher_momentum_final"):
+    for name in ("center_momentum", "teacher_momentum_base", "teacher_momentum_final", "mask_probability"):
         value = getattr(m, name)
         _require(0.0 <= value <= 1.0, f"--{name.replace('_', '-')} must be in [0, 1], got {value}.")
+    _validate_ibot(config)
+
+
+def _validate_ibot(config: PretrainConfig) -> None:
+    m, model = config.method, config.model
+    low, high = m.patch_mask_ratio if len(m.patch_mask_ratio) == 2 else (-1.0, -1.0)
+    _require(0.0 <= low <= high < 1.0,
+             f"--patch-mask-ratio takes MIN MAX with 0 <= MIN <= MAX < 1 (shares of the patches masked), "
+             f"got {list(m.patch_mask_ratio)}.")
+    _require(m.mask_shape in ("block", "rand"), f"--mask-shape must be block or rand, got '{m.mask_shape}'.")
+    for name in ("teacher_patch_temp", "warmup_teacher_patch_temp"):
+        _require(getattr(m, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(m, name)}.")
+    _require(m.warmup_teacher_patch_temp_epochs >= 0, "--warmup-teacher-patch-temp-epochs must be 0 or more.")
+    _require(m.patch_loss_weight >= 0 and m.cls_loss_weight >= 0, "Loss weights must be 0 or more.")
+    _require(model.patch_out_dim is None or model.patch_out_dim >= 1,
+             f"--patch-out-dim must be a positive integer, got {model.patch_out_dim}.")
+    _require(not (model.shared_head and model.patch_out_dim not in (None, model.out_dim)),
+             f"--patch-out-dim {model.patch_out_dim} differs from --out-dim {model.out_dim} but the patch and CLS "
+             "heads are shared; pass --no-shared-head for a separate patch head, or drop --patch-out-dim.")
 
 
 def _validate_run(config: PretrainConfig) -> None:

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 from dinopre.augment import MultiCropAugmentation
 from dinopre.errors import DataError
+from dinopre.masking import MaskSampler
 
 SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _ORDER_STREAM = 1  # separates the data-order generator from per-sample generators that share (seed, epoch)
@@ -125,49 +126,69 @@ class CropBatch:
         global_crops: (G*B, 3, H, W) normalised global views.
         local_crops: (L*B, 3, h, w) normalised local views, or None without local crops.
         indices: (B,) dataset indices of the images.
+        masks: (G*B, N) bool iBOT patch masks of the global views (True = masked), or None for DINO.
     """
 
     global_crops: torch.Tensor
     local_crops: torch.Tensor | None
     indices: torch.Tensor
+    masks: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.indices.shape[0]
 
+    def _map(self, fn) -> CropBatch:
+        return CropBatch(*(None if t is None else fn(t) for t in
+                           (self.global_crops, self.local_crops, self.indices, self.masks)))
+
     def pin_memory(self) -> CropBatch:
         """Called by the DataLoader's pinning thread when pin_memory is on."""
-        local = self.local_crops.pin_memory() if self.local_crops is not None else None
-        return CropBatch(self.global_crops.pin_memory(), local, self.indices.pin_memory())
+        return self._map(lambda t: t.pin_memory())
 
     def to(self, device: torch.device) -> CropBatch:
         """Copy to a device without blocking the host."""
-        local = self.local_crops.to(device, non_blocking=True) if self.local_crops is not None else None
-        return CropBatch(self.global_crops.to(device, non_blocking=True), local, self.indices.to(device))
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+
+Sample = tuple[list[torch.Tensor], list[torch.Tensor], int, list[np.ndarray] | None]
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Images -> (global views, local views, index), keyed by (epoch, index) for seeded, resumable draws."""
+    """Images -> (global views, local views, index, global-view masks), keyed by (epoch, index).
 
-    def __init__(self, source: ImageSource, augmentation: MultiCropAugmentation, seed: int) -> None:
-        self.source, self.augmentation, self.seed = source, augmentation, seed
+    Args:
+        source: where images come from.
+        augmentation: the multi-crop augmentation.
+        seed: the run's seed.
+        mask_sampler: iBOT mask generator for the global views; None for DINO (no draws are made).
+    """
+
+    def __init__(self, source: ImageSource, augmentation: MultiCropAugmentation, seed: int,
+                 mask_sampler: MaskSampler | None = None) -> None:
+        self.source, self.augmentation, self.seed, self.mask_sampler = source, augmentation, seed, mask_sampler
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
         epoch, index = key
         image = self.source.load(index)
-        global_views, local_views = self.augmentation(image, sample_rng(self.seed, epoch, index))
-        return global_views, local_views, index
+        rng = sample_rng(self.seed, epoch, index)
+        global_views, local_views = self.augmentation(image, rng)
+        masks = [self.mask_sampler(rng) for _ in global_views] if self.mask_sampler is not None else None
+        return global_views, local_views, index, masks
 
 
-def collate_crops(samples: list[tuple[list[torch.Tensor], list[torch.Tensor], int]]) -> CropBatch:
+def collate_crops(samples: list[Sample]) -> CropBatch:
     """Stack samples crop-major so each resolution is one contiguous block of rows."""
     num_global, num_local = len(samples[0][0]), len(samples[0][1])
     global_crops = torch.stack([s[0][v] for v in range(num_global) for s in samples])  # (G*B, 3, H, W)
     local_crops = torch.stack([s[1][v] for v in range(num_local) for s in samples]) if num_local else None
-    return CropBatch(global_crops, local_crops, torch.tensor([s[2] for s in samples]))
+    masks = None
+    if samples[0][3] is not None:
+        masks = torch.from_numpy(np.stack([s[3][v] for v in range(num_global) for s in samples]))  # (G*B, N)
+    return CropBatch(global_crops, local_crops, torch.tensor([s[2] for s in samples]), masks)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

@@ -43,6 +43,7 @@ from dinopre.data import (
     scan_image_files,
 )
 from dinopre.errors import RunDirError, TrainingStopped
+from dinopre.masking import MaskSampler
 from dinopre.method import StudentTeacher, build_method
 from dinopre.optim import apply_schedules, build_optimizer, cancel_gradients, clip_gradients_per_tensor
 from dinopre.runtime import Runtime, default_num_workers, rng_state, setup
@@ -88,6 +89,7 @@ class EpochEnded:
     is_best: bool
     seconds: float
     images_per_sec: float
+    parts: dict[str, float]  # epoch means of the loss and its parts
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class FitResult:
     best_epoch: int
     epoch_losses: list[float]
     export_path: Path | None = None
+    epoch_parts: list[dict[str, float]] = field(default_factory=list)
 
 
 # ============ building the run ============
@@ -135,6 +138,15 @@ def build_augmentation(config: PretrainConfig) -> MultiCropAugmentation:
         grayscale_prob=d.grayscale_prob,
         blur_sigma=d.blur_sigma,
     )
+
+
+def build_mask_sampler(config: PretrainConfig) -> MaskSampler | None:
+    """iBOT's mask generator for the global views; None for DINO."""
+    m = config.method
+    if m.algorithm != "ibot":
+        return None
+    return MaskSampler(config.model.image_size // config.model.patch_size, m.mask_probability,
+                       m.patch_mask_ratio, m.mask_shape)
 
 
 def build_source(config: PretrainConfig) -> tuple[ImageSource, str]:
@@ -208,7 +220,7 @@ def train_step(
     apply_schedules(optimizer, values["lr"], values["weight_decay"])
     # forward and losses (trunk in autocast, loss maths in fp32)
     with runtime.autocast():
-        losses = method(batch, values["teacher_temp"], diagnostics=diagnostics)
+        losses = method(batch, values["teacher_temp"], values.get("teacher_patch_temp"), diagnostics=diagnostics)
     # backward, clip, step (dino order: clip, then cancel the last layer's gradients)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
@@ -238,6 +250,7 @@ class _Run:
     steps_per_epoch: int
     reporter: Reporter
     epoch_losses: list[float] = field(default_factory=list)
+    epoch_parts: list[dict[str, float]] = field(default_factory=list)
     best_loss: float = math.inf
     best_epoch: int = -1
     global_step: int = 0
@@ -274,17 +287,16 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False) 
     reporter.emit(RunStarted(
         config, run_dir, len(source), description, steps_per_epoch, steps_per_epoch * config.optim.epochs,
         str(runtime.device), runtime.precision_name, num_workers,
-        {"student backbone": count_parameters(method.student["backbone"]),
-         "student head": count_parameters(method.student["head"])},
+        {f"student {name.replace('_', ' ')}": count_parameters(module) for name, module in method.student.items()},
     ))
-    dataset = MultiCropDataset(source, build_augmentation(config), config.run.seed)
+    dataset = MultiCropDataset(source, build_augmentation(config), config.run.seed, build_mask_sampler(config))
     sampler = EpochBatchSampler(len(source), config.optim.batch_size, config.run.seed, 0, config.optim.epochs)
     loader = build_loader(dataset, sampler, num_workers, pin_memory=runtime.device.type == "cuda")
     _loop(run, iter(loader))
     export_path = _export(run) if config.run.export_backbone else None
     reporter.emit(RunFinished(run_dir, run.best_loss, run.best_epoch, run_dir / CHECKPOINT_LAST,
                               run_dir / CHECKPOINT_BEST, export_path, time.perf_counter() - started))
-    return FitResult(run_dir, run.best_loss, run.best_epoch, run.epoch_losses, export_path)
+    return FitResult(run_dir, run.best_loss, run.best_epoch, run.epoch_losses, export_path, run.epoch_parts)
 
 
 def _loop(run: _Run, batches: Any) -> None:
@@ -292,7 +304,7 @@ def _loop(run: _Run, batches: Any) -> None:
     method = run.method.train()
     for epoch in range(config.optim.epochs):
         epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=run.runtime.device)
+        loss_sums = {name: torch.zeros((), device=run.runtime.device) for name in method.loss_names}
         window = _LogWindow()
         for step_in_epoch in range(run.steps_per_epoch):
             wait_start = time.perf_counter()
@@ -304,14 +316,16 @@ def _loop(run: _Run, batches: Any) -> None:
                                 clip_grad_norm=config.optim.clip_grad_norm,
                                 freeze_last_layer=epoch < config.optim.freeze_last_layer_epochs,
                                 diagnostics=log_now)
-            loss_sum += losses["loss"]
+            for name, total in loss_sums.items():
+                total += losses[name]
             run.global_step += 1
             window.images += batch.batch_size
             if log_now:
                 _log_step(run, epoch, step_in_epoch + 1, losses, values, window)
                 window = _LogWindow()
         seconds = time.perf_counter() - epoch_start
-        _end_epoch(run, epoch, float(loss_sum) / run.steps_per_epoch, seconds)
+        means = {name: float(total) / run.steps_per_epoch for name, total in loss_sums.items()}
+        _end_epoch(run, epoch, means, seconds)
 
 
 @dataclass
@@ -347,11 +361,13 @@ def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def _end_epoch(run: _Run, epoch: int, loss: float, seconds: float) -> None:
+def _end_epoch(run: _Run, epoch: int, means: dict[str, float], seconds: float) -> None:
+    loss = means["loss"]
     if not math.isfinite(loss):
         raise TrainingStopped(f"The mean loss of epoch {epoch + 1} is non-finite ({loss}); the last good checkpoint "
                               f"in '{run.run_dir}' is kept. Lower --learning-rate or use --precision fp32.")
     run.epoch_losses.append(loss)
+    run.epoch_parts.append(means)
     is_best = loss < run.best_loss
     if is_best:
         run.best_loss, run.best_epoch = loss, epoch
@@ -363,9 +379,9 @@ def _end_epoch(run: _Run, epoch: int, loss: float, seconds: float) -> None:
         _copy_atomic(last, best)
         _record_artifact(run, best, "checkpoint", epoch + 1)
     images_per_sec = run.steps_per_epoch * run.config.optim.batch_size / max(seconds, 1e-9)
-    _append_metrics(run.run_dir, {"type": "epoch", "epoch": epoch + 1, "loss": loss, "best": is_best,
+    _append_metrics(run.run_dir, {"type": "epoch", "epoch": epoch + 1, **means, "best": is_best,
                                   "seconds": seconds, "images_per_sec": images_per_sec})
-    run.reporter.emit(EpochEnded(epoch, run.config.optim.epochs, loss, is_best, seconds, images_per_sec))
+    run.reporter.emit(EpochEnded(epoch, run.config.optim.epochs, loss, is_best, seconds, images_per_sec, means))
 
 
 def _training_state(run: _Run, epochs_done: int) -> dict[str, Any]:
@@ -380,7 +396,7 @@ def _training_state(run: _Run, epochs_done: int) -> dict[str, Any]:
         "global_step": run.global_step,
         "student": method.student.state_dict(),
         "teacher": method.teacher.state_dict(),
-        "loss": {"center": method.dino_loss.center.detach().clone()},
+        "loss": method.loss_state(),
         "optimizer": run.optimizer.state_dict(),
         "rng": rng_state(),
         "best_loss": run.best_loss,

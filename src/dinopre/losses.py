@@ -3,6 +3,12 @@
 DINO (Caron et al. 2021, dino main_dino.py `DINOLoss`): for teacher global view q and student view v != q,
     loss = mean over pairs and batch of  - sum_k softmax((t_q - c) / tau_t)[k] * log_softmax(s_v / tau_s)[k]
 and afterwards the center c <- m c + (1 - m) mean(teacher logits) (so each step uses the previous center).
+
+iBOT masked-patch loss (Zhou et al. 2022, ibot main_ibot.py `iBOTLoss`, patch part): for each global view, the
+teacher's patch distributions on the unmasked view are the targets of the student's patch predictions on the
+masked version of the same view, at masked positions only; per image the cross-entropy is averaged over its masked
+patches, then averaged over all global images (unmasked images count as 0). The patch center is updated from the
+mean over all of the teacher's patch tokens.
 """
 
 from __future__ import annotations
@@ -69,6 +75,61 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """center <- m * center + (1 - m) * mean of this step's teacher logits (over all processes)."""
         batch_center = all_reduce_mean(teacher_logits.float().mean(dim=0, keepdim=True))  # (1, K)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+class IBOTPatchLoss(nn.Module):
+    """Masked-patch self-distillation loss with its own center.
+
+    Args:
+        out_dim: prototypes of the patch head.
+        student_temp: student softmax temperature (0.1).
+        center_momentum: EMA momentum of the patch center (0.9).
+    """
+
+    def __init__(self, out_dim: int, *, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(
+        self,
+        student_masked_logits: torch.Tensor,
+        teacher_patch_logits: torch.Tensor,
+        masks: torch.Tensor,
+        *,
+        teacher_temp: float,
+        update_center: bool = True,
+    ) -> torch.Tensor:
+        """Cross-entropy between teacher and student patch distributions at the masked positions.
+
+        Args:
+            student_masked_logits: (M, K) student logits of the masked tokens, in `masks[masks]` order.
+            teacher_patch_logits: (G*B, N, K) teacher logits of every patch of the unmasked global views.
+            masks: (G*B, N) bool, True where the student's patch was masked; M = masks.sum().
+            teacher_temp: teacher patch temperature of this step.
+            update_center: update the patch center afterwards.
+
+        Returns:
+            Scalar fp32 loss.
+        """
+        teacher_masked = teacher_patch_logits[masks].float()  # (M, K)
+        teacher_p = F.softmax((teacher_masked - self.center) / teacher_temp, dim=-1).detach()
+        student_logp = F.log_softmax(student_masked_logits.float() / self.student_temp, dim=-1)  # (M, K)
+        token_loss = -(teacher_p * student_logp).sum(-1)  # (M,)
+        # Per-image mean over its masked tokens, then mean over all G*B images: weight 1/count per token.
+        counts = masks.sum(dim=1, keepdim=True).clamp_min(1)  # (G*B, 1)
+        weights = (masks / counts)[masks]  # (M,)
+        loss = (token_loss * weights).sum() / masks.shape[0]
+        if update_center:
+            self.update_center(teacher_patch_logits)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_patch_logits: torch.Tensor) -> None:
+        """center <- m * center + (1 - m) * mean over all teacher patch tokens (over all processes)."""
+        batch_center = all_reduce_mean(teacher_patch_logits.float().flatten(0, 1).mean(dim=0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 

@@ -1,8 +1,13 @@
-"""The student/teacher pair of DINO: multi-crop forward, losses as a dict, teacher EMA. No optimizer, no I/O.
+"""The student/teacher pair of DINO and iBOT: multi-crop forward, losses as a dict, teacher EMA. No optimizer, no I/O.
 
 Multi-crop forward (dino utils.py `MultiCropWrapper`): crops arrive crop-major and grouped by resolution, so the
-student backbone runs once on the global crops and once on the local crops, and the head runs once on all rows.
-The teacher sees the global crops only.
+student backbone runs once on the global crops and once on the local crops. The teacher sees the global crops
+only, and for iBOT always unmasked; the student's global crops carry the masks (iBOT main_ibot.py).
+
+iBOT patch head: `shared_head` uses the CLS head for patch tokens too (the iBOT ViT-S recipe), so one head call
+serves both; otherwise a separate head with `patch_out_dim` prototypes (DINOv2's `ibot.separate_head`). The
+student's patch head runs on the masked tokens only, the only ones the loss reads; the teacher's runs on every
+patch token, because the patch center is the mean over all of them (iBOT `iBOTLoss.update_center`).
 """
 
 from __future__ import annotations
@@ -15,27 +20,53 @@ from torch import nn
 from dinopre.config import PretrainConfig
 from dinopre.data import CropBatch
 from dinopre.heads import DINOHead
-from dinopre.losses import DINOLoss, teacher_diagnostics
+from dinopre.losses import DINOLoss, IBOTPatchLoss, teacher_diagnostics
 from dinopre.vit import VisionTransformer
 
 
 class StudentTeacher(nn.Module):
-    """Student and EMA teacher, each a backbone + DINO head, with the DINO loss and its center.
+    """Student and EMA teacher (backbone + heads) with the losses and their centers.
 
     Args:
-        backbone: the student backbone (with stochastic depth); the teacher is a copy without it.
-        head: the student head; the teacher gets a copy.
-        loss: the DINO loss module (holds the center).
+        backbone: the student backbone (with stochastic depth; with a mask token for iBOT); the teacher copies it.
+        head: the student CLS head; the teacher gets a copy.
+        loss: the DINO (CLS) loss, holding its center.
+        patch_loss: the iBOT patch loss; None for DINO.
+        patch_head: a separate patch head, or None to share `head` (iBOT only).
+        loss_weights: (CLS, patch) weights of the iBOT total.
     """
 
-    def __init__(self, backbone: VisionTransformer, head: DINOHead, loss: DINOLoss) -> None:
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        head: DINOHead,
+        loss: DINOLoss,
+        *,
+        patch_loss: IBOTPatchLoss | None = None,
+        patch_head: DINOHead | None = None,
+        loss_weights: tuple[float, float] = (1.0, 1.0),
+    ) -> None:
         super().__init__()
-        self.student = nn.ModuleDict({"backbone": backbone, "head": head})
+        modules = {"backbone": backbone, "head": head}
+        if patch_head is not None:
+            modules["patch_head"] = patch_head
+        self.student = nn.ModuleDict(modules)
         self.teacher = copy.deepcopy(self.student)
         for block in self.teacher["backbone"].blocks:
             block.drop_path_rate = 0.0  # dino builds the teacher without stochastic depth
         self.teacher.requires_grad_(False)
         self.dino_loss = loss
+        self.patch_loss = patch_loss
+        self.loss_weights = loss_weights
+
+    @property
+    def is_ibot(self) -> bool:
+        return self.patch_loss is not None
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """The total and its parts, as keys of `forward`'s result."""
+        return ("loss", "cls", "patch") if self.is_ibot else ("loss", "dino")
 
     def train(self, mode: bool = True) -> StudentTeacher:
         super().train(mode)
@@ -47,32 +78,86 @@ class StudentTeacher(nn.Module):
         return [p for p in self.student.parameters() if p.requires_grad]
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
-        """Student prototype-layer parameters (frozen during the first epoch(s))."""
-        return [p for p in self.student["head"].last_layer.parameters() if p.requires_grad]
+        """Student prototype-layer parameters of every head (frozen during the first epoch(s))."""
+        heads = [self.student["head"]] + ([self.student["patch_head"]] if "patch_head" in self.student else [])
+        return [p for head in heads for p in head.last_layer.parameters() if p.requires_grad]
 
-    def forward(self, batch: CropBatch, teacher_temp: float, diagnostics: bool = False) -> dict[str, torch.Tensor]:
+    def loss_state(self) -> dict[str, torch.Tensor]:
+        """The loss centers, for checkpoints."""
+        state = {"center": self.dino_loss.center.detach().clone()}
+        if self.patch_loss is not None:
+            state["patch_center"] = self.patch_loss.center.detach().clone()
+        return state
+
+    def forward(
+        self,
+        batch: CropBatch,
+        teacher_temp: float,
+        teacher_patch_temp: float | None = None,
+        diagnostics: bool = False,
+    ) -> dict[str, torch.Tensor]:
         """Compute the losses of one batch.
 
         Args:
-            batch: global crops (G*B, 3, H, W) and local crops (L*B, 3, h, w), crop-major.
-            teacher_temp: teacher temperature of this step.
-            diagnostics: also return collapse signals (teacher entropy, prototype usage).
+            batch: global crops (G*B, 3, H, W), local crops (L*B, 3, h, w), crop-major; iBOT masks (G*B, N).
+            teacher_temp: teacher temperature of the CLS loss for this step.
+            teacher_patch_temp: teacher temperature of the iBOT patch loss for this step.
+            diagnostics: also return collapse signals (teacher entropy, prototypes in use).
 
         Returns:
-            `loss` (what to backpropagate) and its parts, all scalars; fp32 loss maths.
+            `loss` (what to backpropagate) and its detached parts (`dino`, or `cls` and `patch` for iBOT).
         """
+        if self.is_ibot:
+            return self._forward_ibot(batch, teacher_temp, teacher_patch_temp, diagnostics)
         with torch.no_grad():
             teacher_logits = self.teacher["head"](self.teacher["backbone"](batch.global_crops))  # (G*B, K)
-        features = [self.student["backbone"](batch.global_crops)]  # one call per resolution
-        if batch.local_crops is not None:
-            features.append(self.student["backbone"](batch.local_crops))
-        student_logits = self.student["head"](torch.cat(features))  # (V*B, K)
-        num_views = student_logits.shape[0] // batch.batch_size
-        out: dict[str, torch.Tensor] = {}
-        if diagnostics:  # before the loss updates the center, i.e. with the center this step used
-            out.update(teacher_diagnostics(teacher_logits, self.dino_loss.center, teacher_temp))
-        loss = self.dino_loss(student_logits, teacher_logits, num_student_views=num_views, teacher_temp=teacher_temp)
+        student_cls = self._student_cls(self.student["backbone"](batch.global_crops), batch)  # (V*B, D)
+        student_logits = self.student["head"](student_cls)  # (V*B, K)
+        out = self._diagnostics(teacher_logits, teacher_temp) if diagnostics else {}
+        loss = self._cls_loss(student_logits, teacher_logits, batch, teacher_temp)
         return {"loss": loss, "dino": loss.detach(), **out}
+
+    def _student_cls(self, global_cls: torch.Tensor, batch: CropBatch) -> torch.Tensor:
+        """Student CLS features of every view: globals (already computed) then locals, one call per resolution."""
+        if batch.local_crops is None:
+            return global_cls
+        return torch.cat([global_cls, self.student["backbone"](batch.local_crops)])  # (V*B, D)
+
+    def _cls_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: CropBatch,
+                  teacher_temp: float) -> torch.Tensor:
+        num_views = student_logits.shape[0] // batch.batch_size
+        return self.dino_loss(student_logits, teacher_logits, num_student_views=num_views, teacher_temp=teacher_temp)
+
+    def _diagnostics(self, teacher_logits: torch.Tensor, teacher_temp: float) -> dict[str, torch.Tensor]:
+        # Before the loss updates the center, i.e. with the center this step uses.
+        return teacher_diagnostics(teacher_logits, self.dino_loss.center, teacher_temp)
+
+    def _forward_ibot(self, batch: CropBatch, teacher_temp: float, teacher_patch_temp: float | None,
+                      diagnostics: bool) -> dict[str, torch.Tensor]:
+        if batch.masks is None or teacher_patch_temp is None:
+            raise ValueError("iBOT needs the batch's masks and a teacher patch temperature.")
+        with torch.no_grad():
+            teacher = self.teacher["backbone"].forward_features(batch.global_crops)  # unmasked views
+            teacher_logits, teacher_patch_logits = self._heads(self.teacher, teacher.cls, teacher.patch_tokens)
+        student = self.student["backbone"].forward_features(batch.global_crops, masks=batch.masks)
+        student_cls = self._student_cls(student.cls, batch)  # (V*B, D)
+        masked_tokens = student.patch_tokens[batch.masks]  # (M, D): only these reach the loss
+        student_logits, student_masked_logits = self._heads(self.student, student_cls, masked_tokens)
+        out = self._diagnostics(teacher_logits, teacher_temp) if diagnostics else {}
+        cls_loss = self._cls_loss(student_logits, teacher_logits, batch, teacher_temp)
+        patch_loss = self.patch_loss(student_masked_logits, teacher_patch_logits, batch.masks,
+                                     teacher_temp=teacher_patch_temp)
+        loss = self.loss_weights[0] * cls_loss + self.loss_weights[1] * patch_loss
+        return {"loss": loss, "cls": cls_loss.detach(), "patch": patch_loss.detach(), **out}
+
+    @staticmethod
+    def _heads(model: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLS logits (R, K) and patch logits (patches' leading shape, K'); one call when the head is shared."""
+        if "patch_head" in model:
+            return model["head"](cls), model["patch_head"](patches)
+        flat = patches.flatten(0, -2)  # (P, D)
+        logits = model["head"](torch.cat([cls, flat]))  # (R + P, K)
+        return logits[: cls.shape[0]], logits[cls.shape[0] :].unflatten(0, patches.shape[:-1])
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -85,7 +170,8 @@ class StudentTeacher(nn.Module):
 
 def build_method(config: PretrainConfig) -> StudentTeacher:
     """Build the student/teacher pair of a configuration (weights drawn from the global torch generator)."""
-    m = config.model
+    m, method = config.model, config.method
+    ibot = method.algorithm == "ibot"
     backbone = VisionTransformer(
         image_size=m.image_size,
         patch_size=m.patch_size,
@@ -94,13 +180,22 @@ def build_method(config: PretrainConfig) -> StudentTeacher:
         num_heads=m.vit_num_heads,
         mlp_ratio=m.vit_mlp_ratio,
         drop_path_rate=m.drop_path_rate,
+        use_mask_token=ibot,
     )
-    head = DINOHead(
-        m.vit_embed_dim,
-        m.out_dim,
-        hidden_dim=m.head_hidden_dim,
-        bottleneck_dim=m.head_bottleneck_dim,
-        norm_last_layer=m.norm_last_layer,
+
+    def head(out_dim: int) -> DINOHead:
+        return DINOHead(m.vit_embed_dim, out_dim, hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim,
+                        norm_last_layer=m.norm_last_layer)
+
+    loss = DINOLoss(m.out_dim, student_temp=method.student_temp, center_momentum=method.center_momentum)
+    if not ibot:
+        return StudentTeacher(backbone, head(m.out_dim), loss)
+    return StudentTeacher(
+        backbone,
+        head(m.out_dim),
+        loss,
+        patch_loss=IBOTPatchLoss(config.resolved_patch_out_dim, student_temp=method.student_temp,
+                                 center_momentum=method.center_momentum),
+        patch_head=None if m.shared_head else head(config.resolved_patch_out_dim),
+        loss_weights=(method.cls_loss_weight, method.patch_loss_weight),
     )
-    loss = DINOLoss(m.out_dim, student_temp=config.method.student_temp, center_momentum=config.method.center_momentum)
-    return StudentTeacher(backbone, head, loss)

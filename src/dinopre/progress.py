@@ -23,10 +23,13 @@ from dinopre.engine import EpochEnded, RunFinished, RunStarted, StepLogged
 
 _SHOWN = (
     ("loss", "loss", "{:.4f}"),
+    ("cls", "cls", "{:.4f}"),
+    ("patch", "patch", "{:.4f}"),
     ("lr", "lr", "{:.2e}"),
     ("weight_decay", "wd", "{:.3f}"),
     ("momentum", "momentum", "{:.5f}"),
     ("teacher_temp", "t-temp", "{:.3f}"),
+    ("teacher_patch_temp", "t-patch-temp", "{:.3f}"),
     ("teacher_entropy", "t-entropy", "{:.2f}"),
     ("prototypes_used", "protos", "{:.0f}"),
     ("images_per_sec", "img/s", "{:.0f}"),
@@ -128,7 +131,8 @@ class PlainReporter:
 
     def _epoch_line(self, event: EpochEnded) -> None:
         best = " (best)" if event.is_best else ""
-        self.console.print(f"epoch {event.epoch + 1}/{event.epochs} done: loss {event.loss:.4f}{best}, "
+        parts = "".join(f" {name} {value:.4f}" for name, value in event.parts.items() if name in ("cls", "patch"))
+        self.console.print(f"epoch {event.epoch + 1}/{event.epochs} done: loss {event.loss:.4f}{best}{parts}, "
                            f"{event.seconds:.1f} s, {event.images_per_sec:.0f} img/s")
         warning = collapse_warning(event.loss, self.out_dim, self.last_prototypes_used)
         if warning:

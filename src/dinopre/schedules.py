@@ -4,7 +4,8 @@
 - weight decay: cosine from `weight_decay` up to `weight_decay_end`;
 - teacher EMA momentum: cosine from `teacher_momentum_base` to `teacher_momentum_final`;
 - teacher temperature: per epoch, linear from `warmup_teacher_temp` to `teacher_temp` over
-  `warmup_teacher_temp_epochs`, then constant (dino main_dino.py `DINOLoss`).
+  `warmup_teacher_temp_epochs`, then constant (dino main_dino.py `DINOLoss`);
+- iBOT teacher patch temperature: the same shape with its own values (ibot main_ibot.py `iBOTLoss`).
 Every schedule is defined over the run's total number of epochs; past the end it holds its final value
 (dinov2 `CosineScheduler`).
 """
@@ -70,15 +71,19 @@ class Schedules:
     weight_decay: Schedule
     momentum: Schedule
     teacher_temp: Schedule
+    teacher_patch_temp: Schedule | None = None  # iBOT only
 
     def at(self, step: int) -> dict[str, float]:
         """Every scheduled value at a global step."""
-        return {
+        values = {
             "lr": self.lr(step),
             "weight_decay": self.weight_decay(step),
             "momentum": self.momentum(step),
             "teacher_temp": self.teacher_temp(step),
         }
+        if self.teacher_patch_temp is not None:
+            values["teacher_patch_temp"] = self.teacher_patch_temp(step)
+        return values
 
 
 def build_schedules(config: PretrainConfig, steps_per_epoch: int) -> Schedules:
@@ -92,4 +97,8 @@ def build_schedules(config: PretrainConfig, steps_per_epoch: int) -> Schedules:
         teacher_temp=teacher_temp_schedule(
             m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs, o.epochs, steps_per_epoch
         ),
+        teacher_patch_temp=teacher_temp_schedule(
+            m.warmup_teacher_patch_temp, m.teacher_patch_temp, m.warmup_teacher_patch_temp_epochs, o.epochs,
+            steps_per_epoch,
+        ) if m.algorithm == "ibot" else None,
     )
