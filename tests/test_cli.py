@@ -121,3 +121,24 @@ def test_an_existing_run_is_refused_with_what_to_do(tmp_path: Path) -> None:
     result = invoke("train", "face", "--demo", "--epochs", "1", "-q", "--output-dir", str(out))
     assert result.exit_code == 2
     assert "dinopre resume" in result.output and "--overwrite" in result.output
+
+
+def test_ibot_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+    monkeypatch.setattr("dinopre.engine.fit", lambda config, reporter, overwrite=False: seen.setdefault("c", config))
+    result = invoke("train", "face", "--train-dir", "d", "--algorithm", "ibot", "--no-shared-head",
+                    "--patch-out-dim", "4096", "--patch-mask-ratio", "0.2", "0.4", "--mask-probability", "0.7",
+                    "--mask-shape", "rand", "--patch-loss-weight", "0.5", "--teacher-patch-temp", "0.06")
+    assert result.exit_code == 0, result.output
+    config = seen["c"]
+    assert config.method.algorithm == "ibot" and not config.model.shared_head
+    assert config.resolved_patch_out_dim == 4096 and config.method.patch_mask_ratio == (0.2, 0.4)
+    assert (config.method.mask_probability, config.method.mask_shape) == (0.7, "rand")
+    assert (config.method.patch_loss_weight, config.method.teacher_patch_temp) == (0.5, 0.06)
+
+
+def test_ibot_demo_shows_both_loss_parts(tmp_path: Path) -> None:
+    result = invoke("train", "face", "--demo", "--algorithm", "ibot", "--epochs", "1",
+                    "--output-dir", str(tmp_path / "i"))
+    assert result.exit_code == 0, result.output
+    assert " cls " in result.output and " patch " in result.output and "t-patch-temp" in result.output

@@ -145,3 +145,27 @@ def test_a_short_run_on_structured_images_learns_without_collapsing(tmp_path: Pa
     # ...without collapsing: not uniform (entropy well below ln K) and not one-hot (many winning prototypes)
     assert max(r["teacher_entropy"] for r in last) < 0.8 * torch.log(torch.tensor(float(out_dim))).item()
     assert min(r["prototypes_used"] for r in last) >= 4
+
+
+@pytest.mark.slow
+def test_ibot_on_a_folder_lowers_both_loss_parts(tmp_path: Path) -> None:
+    """`train hands --demo --algorithm ibot --train-dir DIR`: CLS and patch parts both fall; state is complete."""
+    from dinopre.demo import write_synthetic_folder
+
+    folder = tmp_path / "hands"
+    write_synthetic_folder(folder, "hands", 512, size=64)
+    run_dir = tmp_path / "run"
+    config = build_config("hands", demo=True, cli_settings={
+        "train_dir": [str(folder)], "algorithm": "ibot", "num_workers": 1, "output_dir": str(run_dir),
+        "export_backbone": str(run_dir / "backbone.pt")})
+    result = fit(config, Recorder())
+    first, last = result.epoch_parts[0], result.epoch_parts[-1]
+    assert last["cls"] < first["cls"] - 0.2 and last["patch"] < first["patch"] - 0.2, result.epoch_parts
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"type": "epoch"' in line]
+    assert {"loss", "cls", "patch"} <= set(epochs[0])
+    state = torch.load(run_dir / "checkpoint_last.pt", weights_only=True)
+    assert set(state["loss"]) == {"center", "patch_center"}
+    assert "backbone.mask_token" in state["student"]
+    exported = torch.load(run_dir / "backbone.pt", weights_only=True)
+    assert "mask_token" not in exported["model"] and exported["metadata"]["algorithm"] == "ibot"
