@@ -11,7 +11,8 @@ import torch
 
 from dinopre.checkpoint import sha256_file
 from dinopre.config import build_config
-from dinopre.engine import EpochEnded, RunFinished, RunStarted, StepLogged, fit
+from dinopre.engine import fit
+from dinopre.events import CheckpointSaved, EpochEnded, RunFinished, RunStarted, StepLogged
 from dinopre.errors import RunDirError, TrainingStopped
 from dinopre.losses import DINOLoss
 
@@ -169,3 +170,101 @@ def test_ibot_on_a_folder_lowers_both_loss_parts(tmp_path: Path) -> None:
     assert "backbone.mask_token" in state["student"]
     exported = torch.load(run_dir / "backbone.pt", weights_only=True)
     assert "mask_token" not in exported["model"] and exported["metadata"]["algorithm"] == "ibot"
+
+
+# ============ exact resume ============
+
+TIMING = {"images_per_sec", "data_wait", "seconds"}
+
+
+class StopAt(Recorder):
+    """Simulates the process dying at a given moment: raises after the matching event."""
+
+    def __init__(self, event_type: type, global_step: int) -> None:
+        super().__init__()
+        self.event_type, self.global_step = event_type, global_step
+
+    def emit(self, event: object) -> None:
+        super().emit(event)
+        if isinstance(event, self.event_type) and event.global_step == self.global_step:
+            raise KeyboardInterrupt
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint_last.pt", weights_only=True)
+
+
+@pytest.fixture
+def resumable(tiny_settings: dict, face_folder: Path):
+    """A tiny 3-epoch run (6 steps per epoch, drop path on) with mid-epoch checkpoints every 4 steps."""
+    def make(out: Path, **extra: Any):
+        return _config(tiny_settings, face_folder, **{"epochs": 3, "checkpoint_every": 4, "output_dir": str(out),
+                                                      **extra})
+    return make
+
+
+@pytest.mark.parametrize(("stop_event", "stop_step", "checkpoint_step"), [
+    (CheckpointSaved, 6, 6),  # right after an epoch-boundary checkpoint
+    (StepLogged, 10, 8),  # mid-epoch, two steps after the checkpoint at step 8 (their log lines are dropped)
+])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(resumable, tmp_path: Path, stop_event: type,
+                                                             stop_step: int, checkpoint_step: int) -> None:
+    fit(resumable(tmp_path / "straight"), Recorder())
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        fit(resumable(interrupted), StopAt(stop_event, stop_step))
+    assert _state(interrupted)["global_step"] == checkpoint_step
+    recorder = Recorder()
+    fit(resumable(interrupted), recorder, resume_from=interrupted)
+    started = recorder.events[0]
+    assert isinstance(started, RunStarted) and started.start_step == checkpoint_step
+
+    straight, resumed = _state(tmp_path / "straight"), _state(interrupted)
+    for part in ("student", "teacher"):
+        assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
+    assert torch.equal(straight["loss"]["center"], resumed["loss"]["center"])
+    assert straight["epoch_losses"] == resumed["epoch_losses"]
+    assert _records(tmp_path / "straight") == _records(interrupted)  # same logged losses, no duplicates
+
+
+def test_resume_refuses_other_settings_and_lists_them(resumable, tmp_path: Path) -> None:
+    from dinopre.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    fit(resumable(run_dir, epochs=1), Recorder())
+    with pytest.raises(ConfigError) as info:
+        fit(resumable(run_dir, epochs=2, learning_rate=0.01, out_dim=32), Recorder(), resume_from=run_dir)
+    assert "out_dim: checkpoint 64, requested 32; learning_rate: checkpoint None, requested 0.01" in str(info.value)
+    with pytest.raises(ConfigError, match="already done 1 of 1 epochs; pass --epochs N with N > 1"):
+        fit(resumable(run_dir, epochs=1), Recorder(), resume_from=run_dir)
+    result = fit(resumable(run_dir, epochs=2, num_workers=1, log_interval=3), Recorder(), resume_from=run_dir)
+    assert len(result.epoch_losses) == 2  # more epochs, other workers and log interval are fine
+
+
+def test_resume_refuses_changed_data(resumable, tmp_path: Path, face_folder: Path) -> None:
+    import shutil
+
+    from dinopre.errors import ConfigError
+
+    data = tmp_path / "data"
+    shutil.copytree(face_folder, data)
+    run_dir = tmp_path / "run"
+    fit(resumable(run_dir, epochs=1, train_dir=[str(data)]), Recorder())
+    (data / "signer_a" / "face_000000.jpg").rename(data / "signer_a" / "renamed.jpg")
+    with pytest.raises(ConfigError, match="training images changed"):
+        fit(resumable(run_dir, epochs=2, train_dir=[str(data)]), Recorder(), resume_from=run_dir)
+
+
+def test_resume_config_keeps_the_checkpoint_settings(resumable, tmp_path: Path) -> None:
+    from dinopre.engine import resume_config
+
+    run_dir = tmp_path / "run"
+    fit(resumable(run_dir, epochs=1), Recorder())
+    config, path = resume_config(run_dir, {"epochs": 2, "device": None})
+    assert path == run_dir / "checkpoint_last.pt"
+    assert config.optim.epochs == 2 and config.model.out_dim == 64 and config.run.output_dir == str(run_dir)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinopre.losses import DINOLoss, teacher_diagnostics
+from dinopre.losses import DINOLoss, IBOTPatchLoss, teacher_diagnostics
 
 K = 64
 B = 5
@@ -220,3 +220,197 @@ def test_diagnostics_entropy_formula(center: torch.Tensor) -> None:
     expected = -(p * p.clamp_min(1e-300).log()).sum(-1).mean()
     out = teacher_diagnostics(teacher, center, 0.07)
     assert out["teacher_entropy"].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------- iBOT patch loss
+
+N_PATCHES = 16  # the demo's 4x4 grid
+
+
+def reference_ibot_patch_loss(
+    student_patch: torch.Tensor,
+    teacher_patch: torch.Tensor,
+    masks: torch.Tensor,
+    center: torch.Tensor,
+    teacher_temp: float,
+    student_temp: float = 0.1,
+) -> torch.Tensor:
+    """ibot main_ibot.py `iBOTLoss` patch term on FULL (G*B, N, K) student logits, per global view, in float64.
+
+    For view q: loss2 = sum_p CE(softmax((t - c) / tau_t), log_softmax(s / tau_s)) * mask / clamp(mask.sum, 1),
+    averaged over the view's B images; then averaged over the G views (n_loss_terms2 = G).
+    """
+    teacher_p = F.softmax((teacher_patch.double() - center.double()) / teacher_temp, dim=-1).chunk(GLOBAL_VIEWS)
+    student_out = (student_patch.double() / student_temp).chunk(GLOBAL_VIEWS)
+    view_masks = masks.chunk(GLOBAL_VIEWS)
+    total = torch.zeros((), dtype=torch.float64)
+    for q in range(GLOBAL_VIEWS):
+        loss2 = torch.sum(-teacher_p[q] * F.log_softmax(student_out[q], dim=-1), dim=-1)  # (B, N)
+        mask = view_masks[q].double()
+        loss2 = torch.sum(loss2 * mask, dim=-1) / mask.sum(dim=-1).clamp(min=1.0)  # (B,)
+        total = total + loss2.mean()
+    return total / GLOBAL_VIEWS
+
+
+def patch_masks(seed: int, empty_rows: tuple[int, ...] = (1, 6)) -> torch.Tensor:
+    """(G*B, N) bool masks, ~40 % masked per row, with the listed rows left entirely unmasked."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.rand(GLOBAL_VIEWS * B, N_PATCHES, generator=generator) < 0.4
+    masks[:, seed % N_PATCHES] = True  # every other row masks at least one patch
+    masks[list(empty_rows)] = False
+    return masks
+
+
+def random_patch_logits(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full student patch logits (G*B, N, K) and teacher patch logits (G*B, N, K) with a realistic spread."""
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(GLOBAL_VIEWS * B, N_PATCHES, K, generator=generator)
+    teacher = 3 * torch.randn(GLOBAL_VIEWS * B, N_PATCHES, K, generator=generator)
+    return student, teacher
+
+
+def patch_loss_with_center(center: torch.Tensor, **kwargs: float) -> IBOTPatchLoss:
+    """An IBOTPatchLoss whose center is already set (as after some steps)."""
+    loss = IBOTPatchLoss(K, **kwargs)
+    loss.center.copy_(center)
+    return loss
+
+
+@pytest.mark.parametrize("empty_rows", [(), (1, 6), (0, 2, 3, 4, 5, 7, 8, 9)])
+def test_ibot_patch_loss_equals_reference(empty_rows: tuple[int, ...], center: torch.Tensor) -> None:
+    """Masked-only student logits in masks[masks] order give ibot's per-view, per-image masked mean (float64)."""
+    student, teacher = random_patch_logits(seed=len(empty_rows))
+    masks = patch_masks(seed=3 + len(empty_rows), empty_rows=empty_rows)
+    loss = patch_loss_with_center(center)(student[masks], teacher, masks, teacher_temp=0.07)
+    expected = reference_ibot_patch_loss(student, teacher, masks, center, teacher_temp=0.07)
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ibot_images_count_equally_and_unmasked_images_count_zero() -> None:
+    """One masked image among G*B: loss = its mean CE over its masked patches / (G*B), not a mean over tokens."""
+    student, teacher = random_patch_logits(seed=20)
+    masks = torch.zeros(GLOBAL_VIEWS * B, N_PATCHES, dtype=torch.bool)
+    masks[3, [0, 5, 9]] = True
+    masks[7, 2] = True
+    loss = IBOTPatchLoss(K)(student[masks], teacher, masks, teacher_temp=0.04, update_center=False)
+    ce = -(F.softmax(teacher.double() / 0.04, -1) * F.log_softmax(student.double() / 0.1, -1)).sum(-1)  # (GB, N)
+    expected = (ce[3, [0, 5, 9]].mean() + ce[7, 2]) / (GLOBAL_VIEWS * B)
+    token_mean = ce[masks].mean()  # what a plain mean over the 4 masked tokens would give
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(loss.item() - token_mean.item()) > 1e-2
+
+
+def test_ibot_no_masked_patch_gives_zero_loss_and_still_updates_center(center: torch.Tensor) -> None:
+    """A batch without any masked patch: loss exactly 0 and finite, gradient 0, center still moves (all tokens)."""
+    _, teacher = random_patch_logits(seed=21)
+    masks = torch.zeros(GLOBAL_VIEWS * B, N_PATCHES, dtype=torch.bool)
+    student_masked = torch.zeros(0, K, requires_grad=True)
+    module = patch_loss_with_center(center)
+    loss = module(student_masked, teacher, masks, teacher_temp=0.07)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+    assert student_masked.grad is not None and student_masked.grad.shape == (0, K)
+    expected_center = 0.9 * center + 0.1 * teacher.mean(dim=(0, 1)).reshape(1, K)
+    torch.testing.assert_close(module.center, expected_center, rtol=0, atol=1e-6)
+
+
+def test_ibot_unmasked_student_positions_do_not_matter(center: torch.Tensor) -> None:
+    """Perturbing the full student tensor at unmasked positions leaves the loss bit-identical; at masked, not."""
+    student, teacher = random_patch_logits(seed=22)
+    masks = patch_masks(seed=5)
+    noise = 5 * torch.randn(student.shape, generator=torch.Generator().manual_seed(0))
+    at_unmasked = student + noise * (~masks).unsqueeze(-1)
+    at_masked = student + noise * masks.unsqueeze(-1)
+    module = patch_loss_with_center(center)
+    base = module(student[masks], teacher, masks, teacher_temp=0.07, update_center=False)
+    same = module(at_unmasked[masks], teacher, masks, teacher_temp=0.07, update_center=False)
+    moved = module(at_masked[masks], teacher, masks, teacher_temp=0.07, update_center=False)
+    assert torch.equal(base, same)
+    assert abs(moved.item() - base.item()) > 1e-3
+    full_reference = reference_ibot_patch_loss(at_unmasked, teacher, masks, center, teacher_temp=0.07)
+    assert base.item() == pytest.approx(full_reference.item(), rel=1e-5)
+
+
+def test_ibot_masked_order_is_row_major_over_images_and_patches(center: torch.Tensor) -> None:
+    """Student rows are matched to teacher tokens in masks[masks] order: shuffling the rows changes the loss."""
+    student, teacher = random_patch_logits(seed=23)
+    masks = patch_masks(seed=6)
+    module = patch_loss_with_center(center)
+    ordered = module(student[masks], teacher, masks, teacher_temp=0.07, update_center=False)
+    flipped = module(student[masks].flip(0), teacher, masks, teacher_temp=0.07, update_center=False)
+    expected = reference_ibot_patch_loss(student, teacher, masks, center, teacher_temp=0.07)
+    assert ordered.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(flipped.item() - expected.item()) > 1e-3
+
+
+def test_ibot_gradient_reaches_student_only_and_matches_reference(center: torch.Tensor) -> None:
+    """d loss / d student masked logits equals the reference's gradient at the masked positions; teacher gets none."""
+    student, teacher = random_patch_logits(seed=24)
+    masks = patch_masks(seed=7)
+    student_masked = student[masks].clone().requires_grad_(True)
+    teacher.requires_grad_(True)
+    patch_loss_with_center(center)(student_masked, teacher, masks, teacher_temp=0.07).backward()
+    assert teacher.grad is None
+    assert student_masked.grad is not None and torch.isfinite(student_masked.grad).all()
+    ref_student = student.double().requires_grad_(True)
+    reference_ibot_patch_loss(ref_student, teacher.detach(), masks, center, teacher_temp=0.07).backward()
+    torch.testing.assert_close(student_masked.grad.double(), ref_student.grad[masks], rtol=1e-4, atol=1e-8)
+    assert torch.count_nonzero(ref_student.grad[~masks]) == 0  # the reference agrees: unmasked tokens get nothing
+
+
+def test_ibot_uses_old_center_then_updates_from_all_teacher_tokens(center: torch.Tensor) -> None:
+    """The loss uses the center before the update; then center = 0.9 old + 0.1 mean over ALL teacher patch tokens."""
+    student, teacher = random_patch_logits(seed=25)
+    masks = patch_masks(seed=8)
+    module = patch_loss_with_center(center)
+    loss = module(student[masks], teacher, masks, teacher_temp=0.07)
+    expected_center = 0.9 * center.double() + 0.1 * teacher.double().mean(dim=(0, 1)).reshape(1, K)
+    masked_only = 0.9 * center.double() + 0.1 * teacher.double()[masks].mean(0, keepdim=True)
+    with_old = reference_ibot_patch_loss(student, teacher, masks, center, teacher_temp=0.07)
+    with_new = reference_ibot_patch_loss(student, teacher, masks, expected_center, teacher_temp=0.07)
+    assert loss.item() == pytest.approx(with_old.item(), rel=1e-5)
+    assert abs(loss.item() - with_new.item()) > 1e-4
+    torch.testing.assert_close(module.center.double(), expected_center, rtol=0, atol=1e-6)
+    assert (module.center.double() - masked_only).abs().max() > 1e-3  # not the mean over masked tokens only
+
+
+def test_ibot_update_center_false_and_momentum_argument(center: torch.Tensor) -> None:
+    """`update_center=False` leaves the center; `center_momentum` is the m of c <- m c + (1 - m) mean."""
+    student, teacher = random_patch_logits(seed=26)
+    masks = patch_masks(seed=9)
+    module = patch_loss_with_center(center)
+    loss = module(student[masks], teacher, masks, teacher_temp=0.07, update_center=False)
+    assert torch.equal(module.center, center)
+    assert loss.item() == pytest.approx(
+        reference_ibot_patch_loss(student, teacher, masks, center, teacher_temp=0.07).item(), rel=1e-5)
+    fast = patch_loss_with_center(center, center_momentum=0.5)
+    fast.update_center(teacher)
+    torch.testing.assert_close(fast.center, 0.5 * center + 0.5 * teacher.mean(dim=(0, 1)).reshape(1, K),
+                               rtol=0, atol=1e-6)
+
+
+def test_ibot_temperatures_are_the_arguments(center: torch.Tensor) -> None:
+    """The teacher temperature of the call and the module's `student_temp` are the ones in the formula."""
+    student, teacher = random_patch_logits(seed=27)
+    masks = patch_masks(seed=10)
+    module = patch_loss_with_center(center, student_temp=0.2)
+    loss = module(student[masks], teacher, masks, teacher_temp=0.04, update_center=False)
+    expected = reference_ibot_patch_loss(student, teacher, masks, center, teacher_temp=0.04, student_temp=0.2)
+    default = reference_ibot_patch_loss(student, teacher, masks, center, teacher_temp=0.07, student_temp=0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(loss.item() - default.item()) > 1e-3
+
+
+def test_ibot_bf16_inputs_fp32_loss_and_center_is_state(center: torch.Tensor) -> None:
+    """bf16 logits give an fp32 loss equal to the reference on the upcast values; the center is a (1, K) buffer."""
+    student, teacher = (t.bfloat16() for t in random_patch_logits(seed=28))
+    masks = patch_masks(seed=11)
+    module = patch_loss_with_center(center)
+    loss = module(student[masks], teacher, masks, teacher_temp=0.07)
+    expected = reference_ibot_patch_loss(student.float(), teacher.float(), masks, center, teacher_temp=0.07)
+    assert loss.dtype == torch.float32 and module.center.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    fresh = IBOTPatchLoss(48)
+    assert fresh.state_dict()["center"].shape == (1, 48) and torch.count_nonzero(fresh.center) == 0
+    assert list(fresh.parameters()) == []

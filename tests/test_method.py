@@ -271,3 +271,294 @@ def test_train_step_freeze_last_layer_and_teacher_ema(freeze_last_layer: bool) -
     gap_after = (method.teacher.state_dict()[name] - student[name]).norm()
     gap_before = (teacher_before[name] - student[name]).norm()
     assert gap_after.item() == pytest.approx(0.9 * gap_before.item(), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------- iBOT
+
+N_PATCHES = (32 // 8) ** 2  # the demo's 4x4 grid
+PATCH_TEMP = 0.07
+SEPARATE: dict[str, Any] = dict(shared_head=False, patch_out_dim=48)
+
+
+def ibot_method(seed: int = 0, **overrides: Any) -> StudentTeacher:
+    """The tiny pair with `algorithm="ibot"` (shared head unless SEPARATE is passed)."""
+    return tiny_method(seed, algorithm="ibot", **overrides)
+
+
+def ibot_batch(seed: int = 1, empty_rows: tuple[int, ...] = (1, 4)) -> CropBatch:
+    """`crop_batch` with (2*B, N) masks, ~40 % masked per row, the listed rows entirely unmasked."""
+    batch = crop_batch(seed=seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    masks = torch.rand(2 * B, N_PATCHES, generator=generator) < 0.4
+    masks[:, 5] = True
+    masks[list(empty_rows)] = False
+    return CropBatch(batch.global_crops, batch.local_crops, batch.indices, masks)
+
+
+def record_forward_features(monkeypatch: pytest.MonkeyPatch, backbone: nn.Module,
+                            calls: list[tuple[tuple[int, ...], torch.Tensor | None]]) -> None:
+    """Append (input shape, masks argument) of every `forward_features` call of `backbone` to `calls`."""
+    original = backbone.forward_features
+
+    def wrapper(x: torch.Tensor, masks: torch.Tensor | None = None) -> Any:
+        calls.append((tuple(x.shape), None if masks is None else masks.clone()))
+        return original(x, masks)
+
+    monkeypatch.setattr(backbone, "forward_features", wrapper)
+
+
+def forward_keeping_centers(method: StudentTeacher, batch: CropBatch) -> dict[str, torch.Tensor]:
+    """One forward, then the loss centers put back, so that repeated forwards see the same centers."""
+    centers = (method.dino_loss.center.clone(), method.patch_loss.center.clone())
+    out = method(batch, TEACHER_TEMP, PATCH_TEMP)
+    method.dino_loss.center.copy_(centers[0])
+    method.patch_loss.center.copy_(centers[1])
+    return out
+
+
+def reference_patch_loss(student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
+                         center: torch.Tensor) -> torch.Tensor:
+    """ibot `iBOTLoss` patch term on FULL (G*B, N, K') student logits: per-image masked mean, mean over images."""
+    t = F.softmax((teacher_patch.double() - center.double()) / PATCH_TEMP, dim=-1)
+    ce = -(t * F.log_softmax(student_patch.double() / 0.1, dim=-1)).sum(-1)  # (G*B, N)
+    m = masks.double()
+    per_image = (ce * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    return torch.stack([view.mean() for view in per_image.chunk(2)]).mean()
+
+
+def test_ibot_student_backbone_gets_masks_teacher_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The student's global call carries the batch masks, its local call none; the teacher sees unmasked globals."""
+    method = ibot_method().train()
+    batch = ibot_batch()
+    student_calls: list[tuple[tuple[int, ...], torch.Tensor | None]] = []
+    teacher_calls: list[tuple[tuple[int, ...], torch.Tensor | None]] = []
+    record_forward_features(monkeypatch, method.student["backbone"], student_calls)
+    record_forward_features(monkeypatch, method.teacher["backbone"], teacher_calls)
+    method(batch, TEACHER_TEMP, PATCH_TEMP)
+    assert [shape for shape, _ in student_calls] == [(2 * B, 3, 32, 32), (2 * B, 3, 16, 16)]
+    assert student_calls[0][1] is not None and torch.equal(student_calls[0][1], batch.masks)
+    assert student_calls[1][1] is None
+    assert len(teacher_calls) == 1 and teacher_calls[0] == ((2 * B, 3, 32, 32), None)
+
+
+def test_ibot_mask_token_replaces_exactly_the_masked_positions() -> None:
+    """Student tokens: unmasked positions (and CLS) as without masks, masked ones = mask_token + pos_embed."""
+    backbone = ibot_method().student["backbone"]
+    with torch.no_grad():
+        backbone.mask_token.copy_(torch.randn(1, D, generator=torch.Generator().manual_seed(0)))
+        batch = ibot_batch()
+        masked = backbone.prepare_tokens(batch.global_crops, batch.masks)  # (G*B, 1 + N, D)
+        plain = backbone.prepare_tokens(batch.global_crops)
+    keep = torch.cat([torch.ones(2 * B, 1, dtype=torch.bool), ~batch.masks], dim=1)  # CLS is never masked
+    assert torch.equal(masked[keep], plain[keep])
+    positions = backbone.pos_embed[0, 1:].detach().expand(2 * B, -1, -1)  # (G*B, N, D)
+    expected = backbone.mask_token.detach() + positions[batch.masks]
+    torch.testing.assert_close(masked[:, 1:][batch.masks], expected, rtol=0, atol=1e-6)
+    assert (masked[:, 1:][batch.masks] - plain[:, 1:][batch.masks]).abs().amax() > 1e-2
+
+
+@pytest.mark.parametrize("cls_weight", [1.0, 2.0])
+def test_ibot_returns_weighted_total_of_cls_and_patch(cls_weight: float) -> None:
+    """`loss` (with graph) = cls_loss_weight * cls + patch_loss_weight (0.5) * patch; both parts detached."""
+    method = ibot_method(patch_loss_weight=0.5, cls_loss_weight=cls_weight).train()
+    perturb(method.student, seed=10)
+    out = method(ibot_batch(), TEACHER_TEMP, PATCH_TEMP)
+    assert tuple(out) == method.loss_names == ("loss", "cls", "patch")
+    assert out["loss"].requires_grad and not out["cls"].requires_grad and not out["patch"].requires_grad
+    assert out["patch"].item() > 0 and out["cls"].item() > 0
+    expected = cls_weight * out["cls"].item() + 0.5 * out["patch"].item()
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert method.loss_weights == (cls_weight, 0.5)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_ibot_losses_and_centers_equal_reference(separate: bool) -> None:
+    """cls = dino's loss on the student's masked-global + local views, patch = ibot's on the same masked globals
+    against the unmasked teacher; afterwards both centers = 0.9 old + 0.1 mean (patch: over ALL teacher tokens)."""
+    method = ibot_method(**(SEPARATE if separate else {})).train()
+    perturb(method.student, seed=11)
+    patch_k = 48 if separate else K
+    method.dino_loss.center.copy_(torch.linspace(-0.5, 0.5, K))
+    method.patch_loss.center.copy_(torch.linspace(0.3, -0.3, patch_k))
+    old_center, old_patch_center = method.dino_loss.center.clone(), method.patch_loss.center.clone()
+    batch = ibot_batch()
+    s, t = method.student, method.teacher
+    s_patch_head = s["patch_head"] if separate else s["head"]
+    t_patch_head = t["patch_head"] if separate else t["head"]
+    with torch.no_grad():
+        student = s["backbone"].forward_features(batch.global_crops, masks=batch.masks)
+        student_cls = s["head"](torch.cat([student.cls, s["backbone"](batch.local_crops)]))
+        student_patch = s_patch_head(student.patch_tokens)  # (G*B, N, K') at every position
+        teacher = t["backbone"].forward_features(batch.global_crops)
+        teacher_cls, teacher_patch = t["head"](teacher.cls), t_patch_head(teacher.patch_tokens)
+        out = method(batch, TEACHER_TEMP, PATCH_TEMP)
+    assert teacher_patch.shape == (2 * B, N_PATCHES, patch_k)
+    assert out["cls"].item() == pytest.approx(reference_loss(student_cls, teacher_cls, old_center, 4).item(), rel=1e-5)
+    expected_patch = reference_patch_loss(student_patch, teacher_patch, batch.masks, old_patch_center)
+    assert out["patch"].item() == pytest.approx(expected_patch.item(), rel=1e-5)
+    torch.testing.assert_close(method.dino_loss.center, 0.9 * old_center + 0.1 * teacher_cls.mean(0, keepdim=True))
+    all_tokens = teacher_patch.mean(dim=(0, 1)).reshape(1, patch_k)
+    torch.testing.assert_close(method.patch_loss.center, 0.9 * old_patch_center + 0.1 * all_tokens)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_ibot_unmasked_student_patch_tokens_do_not_change_patch_loss(separate: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noise on the student's global patch tokens at UNMASKED positions leaves both losses identical; at masked
+    positions it changes the patch loss (only masked tokens reach the patch head and the loss)."""
+    method = ibot_method(**(SEPARATE if separate else {})).train()
+    perturb(method.student, seed=12)
+    batch = ibot_batch()
+    base = forward_keeping_centers(method, batch)
+    backbone = method.student["backbone"]
+    original = backbone.forward_features
+    where: dict[str, torch.Tensor] = {}
+
+    def noisy(x: torch.Tensor, masks: torch.Tensor | None = None) -> Any:
+        out = original(x, masks)
+        if masks is not None:  # the global call
+            noise = 3 * torch.randn(out.patch_tokens.shape, generator=torch.Generator().manual_seed(0))
+            out.patch_tokens = out.patch_tokens + noise * where["select"].unsqueeze(-1)
+        return out
+
+    monkeypatch.setattr(backbone, "forward_features", noisy)
+    where["select"] = ~batch.masks
+    unmasked_noise = forward_keeping_centers(method, batch)
+    where["select"] = batch.masks
+    masked_noise = forward_keeping_centers(method, batch)
+    assert torch.equal(unmasked_noise["patch"], base["patch"]) and torch.equal(unmasked_noise["cls"], base["cls"])
+    assert abs(masked_noise["patch"].item() - base["patch"].item()) > 1e-3
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_ibot_patch_loss_trains_mask_token_and_patch_head(separate: bool) -> None:
+    """With cls_loss_weight 0, backward of the patch loss alone reaches the mask token and the patch head
+    (shared: `head`; separate: `patch_head`, while `head` gets exactly zero); the teacher gets nothing."""
+    method = ibot_method(cls_loss_weight=0.0, **(SEPARATE if separate else {})).train()
+    perturb(method.student, seed=13)
+    method(ibot_batch(), TEACHER_TEMP, PATCH_TEMP)["loss"].backward()
+    student = method.student
+    for name, grad in [("mask_token", student["backbone"].mask_token.grad),
+                       ("patch head", (student["patch_head"] if separate else student["head"]).mlp[0].weight.grad),
+                       ("patch prototypes", (student["patch_head"] if separate else student["head"])
+                        .last_layer.weight_v.grad)]:
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().amax() > 0, name
+    if separate:
+        assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in student["head"].parameters())
+    assert all(p.grad is None for p in method.teacher.parameters())
+
+
+def test_ibot_full_loss_backward_reaches_every_trainable_student_parameter() -> None:
+    """Separate heads, default weights: every trainable student parameter gets a finite gradient, the teacher none."""
+    method = ibot_method(**SEPARATE).train()
+    method(ibot_batch(), TEACHER_TEMP, PATCH_TEMP)["loss"].backward()
+    for name, p in method.student.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert all(p.grad is None for p in method.teacher.parameters())
+
+
+def test_ibot_batch_without_masks_has_zero_patch_loss() -> None:
+    """All masks False: the patch loss is 0 (finite), the mask token's gradient is 0, the patch center still moves."""
+    method = ibot_method().train()
+    batch = ibot_batch(empty_rows=tuple(range(2 * B)))
+    out = method(batch, TEACHER_TEMP, PATCH_TEMP)
+    assert out["patch"].item() == 0.0 and torch.isfinite(out["loss"])
+    assert out["loss"].item() == pytest.approx(out["cls"].item(), rel=1e-6)
+    out["loss"].backward()
+    mask_grad = method.student["backbone"].mask_token.grad
+    assert mask_grad is None or torch.count_nonzero(mask_grad) == 0
+    assert torch.count_nonzero(method.patch_loss.center) > 0
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_ibot_head_calls_per_step(separate: bool) -> None:
+    """Shared: one student head call on (V*B + M) rows, one teacher call on (G*B + G*B*N) rows. Separate: `head`
+    once on the CLS rows and `patch_head` once on the M masked tokens (teacher: on all G*B x N tokens)."""
+    method = ibot_method(**(SEPARATE if separate else {})).train()
+    batch = ibot_batch()
+    num_masked = int(batch.masks.sum())
+    names = ("head", "patch_head") if separate else ("head",)
+    calls: dict[str, list[tuple[int, ...]]] = {f"{side}.{n}": [] for side in ("s", "t") for n in names}
+    handles = [record_calls((method.student if side == "s" else method.teacher)[n], calls[f"{side}.{n}"])
+               for side in ("s", "t") for n in names]
+    try:
+        method(batch, TEACHER_TEMP, PATCH_TEMP)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if separate:
+        assert calls == {"s.head": [(4 * B, D)], "s.patch_head": [(num_masked, D)],
+                         "t.head": [(2 * B, D)], "t.patch_head": [(2 * B, N_PATCHES, D)]}
+    else:
+        assert calls == {"s.head": [(4 * B + num_masked, D)], "t.head": [(2 * B + 2 * B * N_PATCHES, D)]}
+
+
+def test_ibot_last_layers_and_loss_state() -> None:
+    """Separate head: its prototype layer is frozen with the CLS one; loss_state holds both centers as copies."""
+    separate, shared = ibot_method(**SEPARATE), ibot_method()
+    s = separate.student
+    assert separate.last_layer_parameters() == [s["head"].last_layer.weight_v, s["patch_head"].last_layer.weight_v]
+    assert shared.last_layer_parameters() == [shared.student["head"].last_layer.weight_v]
+    assert "patch_head" not in shared.student and "patch_head" in separate.teacher
+    state = separate.loss_state()
+    assert set(state) == {"center", "patch_center"}
+    assert state["center"].shape == (1, K) and state["patch_center"].shape == (1, 48)
+    state["patch_center"].add_(1.0)
+    assert torch.count_nonzero(separate.patch_loss.center) == 0  # a copy, not the live buffer
+    assert set(shared.loss_state()) == {"center", "patch_center"}
+    assert shared.loss_state()["patch_center"].shape == (1, K)
+
+
+def test_ibot_teacher_ema_covers_patch_head_and_mask_token() -> None:
+    """update_teacher(0.5) moves every teacher parameter, the separate patch head's included, halfway."""
+    method = ibot_method(**SEPARATE)
+    perturb(method.student, seed=14)
+    before = {n: p.detach().clone() for n, p in method.teacher.named_parameters()}
+    student = {n: p.detach() for n, p in method.student.named_parameters()}
+    assert any(n.startswith("patch_head.") for n in before) and "backbone.mask_token" in before
+    method.update_teacher(0.5)
+    for name, p in method.teacher.named_parameters():
+        torch.testing.assert_close(p.detach(), 0.5 * before[name] + 0.5 * student[name], rtol=1e-6, atol=1e-7,
+                                   msg=name)
+
+
+def test_dino_path_has_no_mask_token_and_ibot_has_one() -> None:
+    """DINO: no mask token, no patch loss, losses (loss, dino); iBOT: a trainable mask token, (loss, cls, patch)."""
+    dino, ibot = tiny_method(), ibot_method()
+    assert dino.student["backbone"].mask_token is None and not dino.is_ibot and dino.patch_loss is None
+    assert dino.loss_names == ("loss", "dino") and "mask_token" not in dino.student["backbone"].state_dict()
+    assert set(dino.loss_state()) == {"center"}
+    token = ibot.student["backbone"].mask_token
+    assert ibot.is_ibot and ibot.loss_names == ("loss", "cls", "patch")
+    assert isinstance(token, nn.Parameter) and token.shape == (1, D)
+    assert any(p is token for p in ibot.trainable_parameters())
+
+
+def test_ibot_without_masks_or_patch_temperature_is_an_error() -> None:
+    """iBOT refuses a batch without masks or a call without a teacher patch temperature."""
+    method = ibot_method()
+    with pytest.raises(ValueError, match="masks"):
+        method(crop_batch(), TEACHER_TEMP, PATCH_TEMP)
+    with pytest.raises(ValueError, match="patch temperature"):
+        method(ibot_batch(), TEACHER_TEMP)
+
+
+def test_ibot_train_step_freezes_patch_prototypes_and_moves_mask_token() -> None:
+    """One iBOT step with the last layer frozen: both prototype layers stay, the mask token and patch MLP move."""
+    runtime = setup("cpu", "fp32", 0)
+    torch.set_num_threads(1)  # setup() picks every core; keep these tiny tensors on one
+    torch.manual_seed(0)
+    method = build_method(tiny_config(algorithm="ibot", **SEPARATE)).train()
+    optimizer = build_optimizer(method.student, torch.device("cpu"))
+    values = {"lr": 1e-3, "weight_decay": 0.04, "momentum": 0.9, "teacher_temp": TEACHER_TEMP,
+              "teacher_patch_temp": PATCH_TEMP}
+    before = {n: p.detach().clone() for n, p in method.student.named_parameters()}
+    out = train_step(method, optimizer, ibot_batch(), values, runtime=runtime, clip_grad_norm=3.0,
+                     freeze_last_layer=True)
+    assert set(out) == {"loss", "cls", "patch"} and torch.isfinite(out["loss"])
+    after = {n: p.detach() for n, p in method.student.named_parameters()}
+    for name in ("head.last_layer.weight_v", "patch_head.last_layer.weight_v"):
+        assert torch.equal(after[name], before[name]), name
+    for name in ("backbone.mask_token", "patch_head.mlp.0.weight"):
+        assert not torch.equal(after[name], before[name]), name

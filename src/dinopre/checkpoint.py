@@ -183,6 +183,7 @@ def backbone_metadata(config: dict[str, Any], *, epoch: int, weights: str) -> di
         "model_name": SLT_MODEL_NAME,
         "dinopre_version": __version__,
         "preset": config["preset"],
+        "stream": config["run"].get("stream") or config["preset"],
         "algorithm": config["method"]["algorithm"],
         "weights": weights,
         "epoch": epoch,

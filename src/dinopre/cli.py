@@ -209,6 +209,16 @@ def train(
     export_backbone: Annotated[Path | None, typer.Option(
         help="Write the teacher backbone here at the end, in the format load_dinov2_backbone reads.",
         rich_help_panel=RUN, show_default=False)] = None,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue this checkpoint (the original scripts' flag); the other flags must match the "
+        "checkpoint except --epochs, --device, --num-workers, --log-interval, --checkpoint-every. "
+        "`dinopre resume RUN_DIR` is the shorter way.", rich_help_panel=RUN, show_default=False)] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        help="Also write checkpoint_last.pt every N steps inside an epoch (0: at epoch ends only). Use it when an "
+        "epoch takes long and the machine may be preempted.", rich_help_panel=RUN, show_default=False)] = None,
+    stream: Annotated[str | None, typer.Option(
+        help="Name of the pipeline stream the backbone is for (e.g. face, hand_left), recorded in the export's "
+        "metadata [default: the preset].", rich_help_panel=RUN, show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start over in an output folder that already holds a run.", rich_help_panel=RUN)] = False,
     seed: Annotated[int | None, typer.Option(help="Seed; the same seed and data give the same run.",
@@ -229,7 +239,7 @@ def train(
         for key, value in locals().items()
         if key in _CONFIG_FLAGS and value is not None
     }
-    _run_training(preset.value, demo, config, cli_settings, overwrite=overwrite, quiet=quiet)
+    _run_training(preset.value, demo, config, cli_settings, overwrite=overwrite, quiet=quiet, resume_from=resume)
 
 
 _CONFIG_FLAGS = frozenset(
@@ -239,23 +249,53 @@ _CONFIG_FLAGS = frozenset(
     "teacher_patch_temp epochs batch_size learning_rate min_lr warmup_epochs weight_decay weight_decay_end "
     "clip_grad_norm freeze_last_layer_epochs algorithm student_temp teacher_temp warmup_teacher_temp "
     "warmup_teacher_temp_epochs center_momentum teacher_momentum_base teacher_momentum_final output_dir "
-    "export_backbone seed device precision log_interval".split()
+    "export_backbone seed device precision log_interval checkpoint_every stream".split()
 )
 
 
 def _run_training(preset: str, demo: bool, config_file: Path | None, cli_settings: dict[str, Any], *,
-                  overwrite: bool, quiet: bool) -> None:
-    """Resolve the configuration, pick a reporter for the terminal and call `engine.fit`."""
+                  overwrite: bool, quiet: bool, resume_from: Path | None = None) -> None:
+    """Resolve the configuration, then train (or continue `resume_from`)."""
     from dinopre.config import build_config, read_config_file
 
-    try:
+    def resolve() -> tuple[Any, Path | None]:
         file_settings = read_config_file(config_file) if config_file is not None else None
-        resolved = build_config(preset, demo=demo, file_settings=file_settings, cli_settings=cli_settings)
+        return build_config(preset, demo=demo, file_settings=file_settings, cli_settings=cli_settings), resume_from
+
+    _call_fit(resolve, overwrite=overwrite, quiet=quiet)
+
+
+def train_with_settings(preset: str, settings: dict[str, Any], *, overwrite: bool = False, quiet: bool = False,
+                        resume_from: str | Path | None = None) -> int:
+    """Train like `dinopre train PRESET` with flag values given as a dict (for the legacy scripts in tools/).
+
+    Args:
+        preset: `face` or `hands`.
+        settings: configuration fields as `dinopre train` flags would set them (only the ones given).
+        overwrite: start over in an output folder that holds a run.
+        quiet: print nothing but errors.
+        resume_from: a checkpoint to continue.
+
+    Returns:
+        The exit code: 0 on success, 2 for a user error, 1 when training stopped, 130 when interrupted.
+    """
+    try:
+        _run_training(preset, False, None, settings, overwrite=overwrite, quiet=quiet,
+                      resume_from=Path(resume_from) if resume_from is not None else None)
+    except typer.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool) -> None:
+    """Run `engine.fit` with a reporter suited to the terminal; map errors to one sentence and an exit code."""
+    try:
+        config, resume_from = resolve()
         from dinopre.engine import fit  # torch is imported only now: --help and bad flags stay instant
 
         reporter = _make_reporter(quiet)
         try:
-            fit(resolved, reporter, overwrite=overwrite)
+            fit(config, reporter, overwrite=overwrite, resume_from=resume_from)
         finally:
             reporter.close()
     except UserError as exc:
@@ -263,7 +303,8 @@ def _run_training(preset: str, demo: bool, config_file: Path | None, cli_setting
     except TrainingStopped as exc:
         fail(str(exc), code=1)
     except KeyboardInterrupt:
-        fail("Interrupted; checkpoint_last.pt in the run directory holds the last finished epoch.", code=130)
+        fail("Interrupted; checkpoint_last.pt in the run directory holds the last checkpoint; continue with "
+             "`dinopre resume RUN_DIR`.", code=130)
 
 
 def _make_reporter(quiet: bool) -> Any:
@@ -278,12 +319,36 @@ def _later(feature: str) -> NoReturn:
     fail(f"`dinopre {feature}` is not available in this version yet; it arrives in a later release.")
 
 
-@app.command()
+RESUME_EPILOG = (
+    "With a larger --epochs, every schedule (lr, weight decay, teacher momentum and temperatures) is redefined over "
+    "the new total as if the run had been started with it, and the run continues from the new curves' values at "
+    "its current step. Without it, a run that stopped early finishes its planned epochs, bit for bit as if it had "
+    "never stopped (on the same kind of device)."
+)
+
+
+@app.command(epilog=RESUME_EPILOG)
 def resume(
-    target: Annotated[Path, typer.Argument(help="Run directory or checkpoint to continue.")],
+    target: Annotated[Path, typer.Argument(help="Run directory (its checkpoint_last.pt) or a checkpoint file.")],
+    epochs: Annotated[int | None, typer.Option(help="Train up to this many epochs in all (more than planned).",
+                                               show_default=False)] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX.", show_default=False)] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Data-loading processes.", show_default=False)] = None,
+    log_interval: Annotated[int | None, typer.Option(help="Steps between log lines.", show_default=False)] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Write checkpoint_last.pt every N steps too.",
+                                                         show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
-    """Continue a run exactly where it stopped (arrives in a later release)."""
-    _later("resume")
+    """Continue a run exactly where it stopped: same data order, augmentations, masks, schedules and centers."""
+    overrides = {"epochs": epochs, "device": device, "num_workers": num_workers, "log_interval": log_interval,
+                 "checkpoint_every": checkpoint_every}
+
+    def resolve() -> tuple[Any, Path]:
+        from dinopre.engine import resume_config
+
+        return resume_config(target, overrides)
+
+    _call_fit(resolve, overwrite=False, quiet=quiet)
 
 
 @app.command()

@@ -115,7 +115,9 @@ class RunConfig:
     device: str = "auto"
     precision: str = "auto"
     log_interval: int = 10
+    checkpoint_every: int = 0
     export_backbone: str | None = None
+    stream: str | None = None
 
 
 @dataclass(frozen=True)
@@ -487,3 +489,20 @@ def _validate_run(config: PretrainConfig) -> None:
     valid_device = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
     _require(valid_device, f"--device must be {DEVICES_HELP}, got '{device}'.")
     _require(r.log_interval >= 1, f"--log-interval must be a positive number of steps, got {r.log_interval}.")
+    _require(r.checkpoint_every >= 0,
+             f"--checkpoint-every must be 0 (epoch ends only) or a positive number of steps, got {r.checkpoint_every}.")
+
+
+# Settings that may differ between a checkpoint and the run that resumes it: none of them changes what is learned
+# in the steps already planned (more epochs redefine the schedules over the new total, see `dinopre resume --help`).
+RESUME_MAY_CHANGE = frozenset(
+    {"epochs", "device", "num_workers", "log_interval", "checkpoint_every", "output_dir", "export_backbone", "stream"}
+)
+
+
+def config_differences(saved: PretrainConfig, requested: PretrainConfig) -> list[str]:
+    """Settings that differ between a checkpoint's configuration and the requested one, except those a resume
+    may change; each as `name: checkpoint X, requested Y`."""
+    old, new = flatten_settings(config_to_dict(saved), "checkpoint"), flatten_settings(config_to_dict(requested), "")
+    return [f"{key}: checkpoint {old[key]!r}, requested {new[key]!r}" for key in old
+            if key not in RESUME_MAY_CHANGE and old[key] != new.get(key)]

@@ -241,6 +241,9 @@ def build_loader(
         num_workers=num_workers,
         collate_fn=collate_crops,
         pin_memory=pin_memory,
+        # The loader draws its workers' base seed when an iterator starts; from its own generator, not the global
+        # one, so starting the loader again on resume leaves the drop-path draws of the run unchanged.
+        generator=torch.Generator().manual_seed(0),
         persistent_workers=False,  # one iterator spans every epoch, so workers live for the whole run anyway
         prefetch_factor=4 if num_workers > 0 else None,
     )

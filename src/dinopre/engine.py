@@ -1,22 +1,21 @@
-"""The shared core: `fit(config, reporter)` builds everything, runs the loop, writes the run directory.
+"""The shared core: `fit(config, reporter)` builds everything, resumes, runs the loop, writes the run directory.
 
-The engine never prints: it sends events to a `Reporter` (style principle 9); `dinopre.progress` renders them.
-Run directory (design.md section 1): `checkpoint_last.pt` every epoch, `checkpoint_best.pt` (lowest epoch mean
-loss), `params.json` (resolved config + environment), `metrics.jsonl` (one JSON object per log step and per
-epoch), `artifacts.json` (every checkpoint and export written, with its sha256), and the export when asked.
+The engine never prints: it sends events (`dinopre.events`) to a reporter; `dinopre.progress` renders them.
+Resuming restores everything a step depends on (weights, optimizer, loss centers, generator states, the partial
+epoch's loss sums) and the sampler skips the consumed part of the epoch without loading it, so a resumed run is
+bit for bit the uninterrupted one on a CPU (tests/test_engine.py).
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -25,13 +24,12 @@ from dinopre.augment import ColorJitterSettings, MultiCropAugmentation
 from dinopre.checkpoint import (
     FORMAT_VERSION,
     KIND_TRAINING,
-    atomic_save,
-    atomic_write_text,
+    CheckpointError,
     backbone_metadata,
     export_backbone_slt,
-    sha256_file,
+    load_training_checkpoint,
 )
-from dinopre.config import PretrainConfig, config_to_dict
+from dinopre.config import PretrainConfig, config_differences, config_from_dict, config_to_dict
 from dinopre.data import (
     EpochBatchSampler,
     FolderSource,
@@ -42,71 +40,15 @@ from dinopre.data import (
     check_dataset_size,
     scan_image_files,
 )
-from dinopre.errors import RunDirError, TrainingStopped
+from dinopre.errors import ConfigError, RunDirError, TrainingStopped
+from dinopre.events import CheckpointSaved, EpochEnded, Reporter, RunFinished, RunStarted, StepLogged
 from dinopre.masking import MaskSampler
 from dinopre.method import StudentTeacher, build_method
 from dinopre.optim import apply_schedules, build_optimizer, cancel_gradients, clip_gradients_per_tensor
-from dinopre.runtime import Runtime, default_num_workers, rng_state, setup
+from dinopre.rundir import RunDirectory
+from dinopre.runtime import Runtime, default_num_workers, rng_state, set_rng_state, setup
 from dinopre.schedules import Schedules, build_schedules
 from dinopre.vit import count_parameters
-
-CHECKPOINT_LAST, CHECKPOINT_BEST = "checkpoint_last.pt", "checkpoint_best.pt"
-
-
-# ============ events and the reporter protocol ============
-
-
-@dataclass(frozen=True)
-class RunStarted:
-    config: PretrainConfig
-    run_dir: Path
-    num_images: int
-    data_description: str
-    steps_per_epoch: int
-    total_steps: int
-    device: str
-    precision: str
-    num_workers: int
-    parameters: dict[str, int]
-
-
-@dataclass(frozen=True)
-class StepLogged:
-    epoch: int  # 0-based
-    epochs: int
-    step_in_epoch: int  # steps done in this epoch
-    steps_per_epoch: int
-    global_step: int  # steps done in the run
-    total_steps: int
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class EpochEnded:
-    epoch: int  # 0-based
-    epochs: int
-    loss: float
-    is_best: bool
-    seconds: float
-    images_per_sec: float
-    parts: dict[str, float]  # epoch means of the loss and its parts
-
-
-@dataclass(frozen=True)
-class RunFinished:
-    run_dir: Path
-    best_loss: float
-    best_epoch: int  # 0-based
-    last_checkpoint: Path
-    best_checkpoint: Path
-    export_path: Path | None
-    seconds: float
-
-
-class Reporter(Protocol):
-    """Receives the engine's events (RunStarted, StepLogged, EpochEnded, RunFinished)."""
-
-    def emit(self, event: object) -> None: ...
 
 
 @dataclass
@@ -149,38 +91,15 @@ def build_mask_sampler(config: PretrainConfig) -> MaskSampler | None:
                        m.patch_mask_ratio, m.mask_shape)
 
 
-def build_source(config: PretrainConfig) -> tuple[ImageSource, str]:
-    """The images of a run and a one-line description of them."""
+def build_source(config: PretrainConfig) -> tuple[ImageSource, str, str]:
+    """The images of a run, a one-line description of them and a fingerprint of the file list."""
     if config.data.demo and not config.data.train_dir:
         source = SyntheticSource(config.preset, config.data.demo_images)
-        return source, f"{len(source)} built-in synthetic {config.preset} crops (--demo)"
+        fingerprint = f"synthetic:{config.preset}:{len(source)}"
+        return source, f"{len(source)} built-in synthetic {config.preset} crops (--demo)", fingerprint
     files = scan_image_files(config.data.train_dir)
-    return FolderSource(tuple(files)), f"{len(files)} images under {', '.join(config.data.train_dir)}"
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the output folder; refuse to start over a run that has checkpoints unless `overwrite`.
-
-    Raises:
-        RunDirError: checkpoints exist and `overwrite` is False, or the folder cannot be created or written.
-    """
-    existing = [name for name in (CHECKPOINT_LAST, CHECKPOINT_BEST) if (run_dir / name).exists()]
-    if existing and not overwrite:
-        raise RunDirError(
-            f"'{run_dir}' already holds a run ({existing[0]}); continue it with `dinopre resume {run_dir}`, "
-            "start over with --overwrite, or choose another --output-dir."
-        )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise RunDirError(f"Cannot write to output folder '{run_dir}': {exc.strerror or exc}; "
-                          "choose another --output-dir.") from None
-    if overwrite:
-        for name in ("metrics.jsonl", "artifacts.json"):
-            (run_dir / name).unlink(missing_ok=True)
+    fingerprint = hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()
+    return FolderSource(tuple(files)), f"{len(files)} images under {', '.join(config.data.train_dir)}", fingerprint
 
 
 def environment_info(runtime: Runtime, num_workers: int) -> dict[str, Any]:
@@ -239,93 +158,193 @@ def train_step(
 
 @dataclass
 class _Run:
-    """Everything a run needs while it loops."""
+    """Everything a run needs while it loops, and the progress that checkpoints save."""
 
     config: PretrainConfig
-    run_dir: Path
+    files: RunDirectory
     runtime: Runtime
     method: StudentTeacher
     optimizer: torch.optim.Optimizer
     schedules: Schedules
     steps_per_epoch: int
     reporter: Reporter
+    data_fingerprint: str
+    epoch: int = 0  # completed epochs
+    step_in_epoch: int = 0  # steps done in the epoch in progress
+    global_step: int = 0
+    loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # of the epoch in progress
     epoch_losses: list[float] = field(default_factory=list)
     epoch_parts: list[dict[str, float]] = field(default_factory=list)
     best_loss: float = math.inf
     best_epoch: int = -1
-    global_step: int = 0
-    artifacts: dict[str, Any] = field(default_factory=dict)
 
 
-def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False) -> FitResult:
-    """Train a model as configured and write the run directory.
+def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
+        resume_from: str | Path | None = None) -> FitResult:
+    """Train a model as configured (or continue a checkpoint) and write the run directory.
 
     Args:
         config: the validated configuration.
         reporter: receives progress events.
         overwrite: start over in an output folder that already holds a run.
+        resume_from: a training checkpoint to continue; `config` may differ from its configuration only in
+            `config.RESUME_MAY_CHANGE`.
 
     Returns:
         The run's summary.
 
     Raises:
-        UserError: bad data, an unusable output folder or device.
+        UserError: bad data, an unusable output folder, device or checkpoint, or an incompatible resume.
         TrainingStopped: a non-finite loss; the last good checkpoint is kept.
     """
     started = time.perf_counter()
+    state = _load_resume_state(resume_from, config) if resume_from is not None else None
     runtime = setup(config.run.device, config.run.precision, config.run.seed)
-    run_dir = Path(config.run.output_dir)
-    source, description = build_source(config)
+    source, description, fingerprint = build_source(config)
     steps_per_epoch = check_dataset_size(len(source), config.optim.batch_size)
-    prepare_run_dir(run_dir, overwrite)
+    files = RunDirectory(Path(config.run.output_dir))
+    files.prepare(overwrite=overwrite, resuming=state is not None)
     method = build_method(config).to(runtime.device)
-    run = _Run(config, run_dir, runtime, method, build_optimizer(method.student, runtime.device),
-               build_schedules(config, steps_per_epoch), steps_per_epoch, reporter)
+    run = _Run(config, files, runtime, method, build_optimizer(method.student, runtime.device),
+               build_schedules(config, steps_per_epoch), steps_per_epoch, reporter, fingerprint)
+    if state is not None:
+        _restore(run, state)
     num_workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
-    params = {"config": config_to_dict(config), "environment": environment_info(runtime, num_workers)}
-    atomic_write_text(json.dumps(params, indent=2) + "\n", run_dir / "params.json")
+    files.write_params({"config": config_to_dict(config), "environment": environment_info(runtime, num_workers)})
     reporter.emit(RunStarted(
-        config, run_dir, len(source), description, steps_per_epoch, steps_per_epoch * config.optim.epochs,
+        config, files.path, len(source), description, steps_per_epoch, steps_per_epoch * config.optim.epochs,
         str(runtime.device), runtime.precision_name, num_workers,
         {f"student {name.replace('_', ' ')}": count_parameters(module) for name, module in method.student.items()},
+        Path(resume_from) if resume_from is not None else None, run.global_step,
     ))
     dataset = MultiCropDataset(source, build_augmentation(config), config.run.seed, build_mask_sampler(config))
-    sampler = EpochBatchSampler(len(source), config.optim.batch_size, config.run.seed, 0, config.optim.epochs)
+    sampler = EpochBatchSampler(len(source), config.optim.batch_size, config.run.seed, run.epoch,
+                                config.optim.epochs, run.step_in_epoch)
     loader = build_loader(dataset, sampler, num_workers, pin_memory=runtime.device.type == "cuda")
     _loop(run, iter(loader))
     export_path = _export(run) if config.run.export_backbone else None
-    reporter.emit(RunFinished(run_dir, run.best_loss, run.best_epoch, run_dir / CHECKPOINT_LAST,
-                              run_dir / CHECKPOINT_BEST, export_path, time.perf_counter() - started))
-    return FitResult(run_dir, run.best_loss, run.best_epoch, run.epoch_losses, export_path, run.epoch_parts)
+    reporter.emit(RunFinished(files.path, run.best_loss, run.best_epoch, files.last, files.best, export_path,
+                              time.perf_counter() - started))
+    return FitResult(files.path, run.best_loss, run.best_epoch, run.epoch_losses, export_path, run.epoch_parts)
+
+
+# ============ resuming ============
+
+
+def find_checkpoint(target: str | Path) -> Path:
+    """The checkpoint to resume: the file itself, or `checkpoint_last.pt` of a run directory.
+
+    Raises:
+        CheckpointError: nothing to resume at `target`.
+    """
+    target = Path(target)
+    if target.is_dir():
+        candidate = target / RunDirectory(target).last.name
+        if not candidate.is_file():
+            raise CheckpointError(f"'{target}' holds no checkpoint_last.pt; give a run directory of dinopre train "
+                                  "or the path of a checkpoint.")
+        return candidate
+    if not target.exists():
+        raise CheckpointError(f"'{target}' does not exist; give a run directory or a checkpoint file.")
+    return target
+
+
+def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[PretrainConfig, Path]:
+    """The configuration of `dinopre resume`: the checkpoint's own, writing into the checkpoint's folder, with the
+    few settings a resume may change (`epochs`, `device`, `num_workers`, `log_interval`, `checkpoint_every`).
+
+    Returns:
+        The configuration and the checkpoint path.
+    """
+    path = find_checkpoint(checkpoint)
+    state = load_training_checkpoint(path)
+    settings = config_to_dict(config_from_dict(state["config"]))
+    flat = {"output_dir": str(path.parent), **{k: v for k, v in overrides.items() if v is not None}}
+    for section in ("model", "data", "optim", "method", "run"):
+        for key in settings[section]:
+            if key in flat:
+                settings[section][key] = flat[key]
+    return config_from_dict(settings), path
+
+
+def _load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any]:
+    """Load a checkpoint and check that `config` may continue it.
+
+    Raises:
+        CheckpointError: unreadable or not a training checkpoint.
+        ConfigError: settings differ beyond what a resume may change, or the epochs are already done.
+    """
+    path = find_checkpoint(path)
+    state = load_training_checkpoint(path)
+    try:
+        saved = config_from_dict(state["config"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot read ({exc}).") from None
+    differences = config_differences(saved, config)
+    if differences:
+        raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
+                          "--epochs, --device, --num-workers, --log-interval and --checkpoint-every may change.")
+    done, in_epoch = state["epoch"], state["step_in_epoch"]
+    if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
+        raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "
+                          f"N > {done} to train longer.")
+    return state
+
+
+def _restore(run: _Run, state: dict[str, Any]) -> None:
+    """Put a run back exactly where the checkpoint left it."""
+    if state.get("data", {}).get("fingerprint") != run.data_fingerprint:
+        raise ConfigError("The training images changed since the checkpoint (files added, removed or renamed), so "
+                          "the data order would differ; restore the folder or start a new run.")
+    try:
+        run.method.student.load_state_dict(state["student"])
+        run.method.teacher.load_state_dict(state["teacher"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"The checkpoint does not fit the model of its own configuration ({exc}).") from None
+    for name, tensor in state["loss"].items():
+        getattr(run.method.dino_loss if name == "center" else run.method.patch_loss, "center").copy_(tensor)
+    set_rng_state(state["rng"])
+    run.epoch, run.step_in_epoch, run.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+    run.loss_sums = {k: v.to(run.runtime.device) for k, v in state["loss_sums"].items()}
+    run.epoch_losses, run.epoch_parts = list(state["epoch_losses"]), list(state["epoch_parts"])
+    run.best_loss, run.best_epoch = state["best_loss"], state["best_epoch"] - 1
+    run.files.truncate_metrics(run.global_step)
+
+
+# ============ the loop ============
 
 
 def _loop(run: _Run, batches: Any) -> None:
     config = run.config
     method = run.method.train()
-    for epoch in range(config.optim.epochs):
+    for epoch in range(run.epoch, config.optim.epochs):
         epoch_start = time.perf_counter()
-        loss_sums = {name: torch.zeros((), device=run.runtime.device) for name in method.loss_names}
+        if not run.loss_sums:
+            run.loss_sums = {name: torch.zeros((), device=run.runtime.device) for name in method.loss_names}
         window = _LogWindow()
-        for step_in_epoch in range(run.steps_per_epoch):
+        while run.step_in_epoch < run.steps_per_epoch:
             wait_start = time.perf_counter()
             batch = next(batches).to(run.runtime.device)
             window.data_wait += time.perf_counter() - wait_start
             values = run.schedules.at(run.global_step)
-            log_now = (step_in_epoch + 1) % config.run.log_interval == 0 or step_in_epoch + 1 == run.steps_per_epoch
+            done_in_epoch = run.step_in_epoch + 1
+            log_now = done_in_epoch % config.run.log_interval == 0 or done_in_epoch == run.steps_per_epoch
             losses = train_step(method, run.optimizer, batch, values, runtime=run.runtime,
                                 clip_grad_norm=config.optim.clip_grad_norm,
                                 freeze_last_layer=epoch < config.optim.freeze_last_layer_epochs,
                                 diagnostics=log_now)
-            for name, total in loss_sums.items():
+            for name, total in run.loss_sums.items():
                 total += losses[name]
-            run.global_step += 1
+            run.global_step, run.step_in_epoch = run.global_step + 1, done_in_epoch
             window.images += batch.batch_size
             if log_now:
-                _log_step(run, epoch, step_in_epoch + 1, losses, values, window)
+                _log_step(run, epoch, losses, values, window)
                 window = _LogWindow()
-        seconds = time.perf_counter() - epoch_start
-        means = {name: float(total) / run.steps_per_epoch for name, total in loss_sums.items()}
-        _end_epoch(run, epoch, means, seconds)
+            every = config.run.checkpoint_every
+            if every and run.global_step % every == 0 and done_in_epoch < run.steps_per_epoch:
+                _save(run, best=False, mid_epoch=True)
+        _end_epoch(run, epoch, time.perf_counter() - epoch_start)
 
 
 @dataclass
@@ -337,101 +356,80 @@ class _LogWindow:
     images: int = 0
 
 
-def _log_step(run: _Run, epoch: int, step_in_epoch: int, losses: dict[str, torch.Tensor],
-              values: dict[str, float], window: _LogWindow) -> None:
+def _log_step(run: _Run, epoch: int, losses: dict[str, torch.Tensor], values: dict[str, float],
+              window: _LogWindow) -> None:
     metrics = {name: float(value) for name, value in losses.items()}  # the one host sync per log interval
     if not all(math.isfinite(v) for v in metrics.values()):
         parts = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         raise TrainingStopped(
             f"The loss became non-finite at step {run.global_step} (epoch {epoch + 1}): {parts}. The last good "
-            f"checkpoint in '{run.run_dir}' is kept; lower --learning-rate or --teacher-temp, or use --precision fp32."
+            f"checkpoint in '{run.files.path}' is kept; lower --learning-rate or --teacher-temp, or use "
+            "--precision fp32."
         )
     elapsed = max(time.perf_counter() - window.start, 1e-9)
     metrics.update(values)
     metrics["images_per_sec"] = window.images / elapsed
     metrics["data_wait"] = min(1.0, window.data_wait / elapsed)
-    event = StepLogged(epoch, run.config.optim.epochs, step_in_epoch, run.steps_per_epoch, run.global_step,
-                       run.steps_per_epoch * run.config.optim.epochs, metrics)
-    _append_metrics(run.run_dir, {"type": "step", "epoch": epoch + 1, "step": run.global_step, **metrics})
-    run.reporter.emit(event)
+    run.files.append_metrics({"type": "step", "epoch": epoch + 1, "step": run.global_step, **metrics})
+    run.reporter.emit(StepLogged(epoch, run.config.optim.epochs, run.step_in_epoch, run.steps_per_epoch,
+                                 run.global_step, run.steps_per_epoch * run.config.optim.epochs, metrics))
 
 
-def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def _end_epoch(run: _Run, epoch: int, means: dict[str, float], seconds: float) -> None:
+def _end_epoch(run: _Run, epoch: int, seconds: float) -> None:
+    means = {name: float(total) / run.steps_per_epoch for name, total in run.loss_sums.items()}
     loss = means["loss"]
     if not math.isfinite(loss):
         raise TrainingStopped(f"The mean loss of epoch {epoch + 1} is non-finite ({loss}); the last good checkpoint "
-                              f"in '{run.run_dir}' is kept. Lower --learning-rate or use --precision fp32.")
+                              f"in '{run.files.path}' is kept. Lower --learning-rate or use --precision fp32.")
     run.epoch_losses.append(loss)
     run.epoch_parts.append(means)
     is_best = loss < run.best_loss
     if is_best:
         run.best_loss, run.best_epoch = loss, epoch
-    last = run.run_dir / CHECKPOINT_LAST
-    atomic_save(_training_state(run, epoch + 1), last)
-    _record_artifact(run, last, "checkpoint", epoch + 1)
-    if is_best:
-        best = run.run_dir / CHECKPOINT_BEST
-        _copy_atomic(last, best)
-        _record_artifact(run, best, "checkpoint", epoch + 1)
+    run.epoch, run.step_in_epoch, run.loss_sums = epoch + 1, 0, {}
     images_per_sec = run.steps_per_epoch * run.config.optim.batch_size / max(seconds, 1e-9)
-    _append_metrics(run.run_dir, {"type": "epoch", "epoch": epoch + 1, **means, "best": is_best,
-                                  "seconds": seconds, "images_per_sec": images_per_sec})
+    # The record goes first: a crash before the checkpoint is written drops it again on resume.
+    run.files.append_metrics({"type": "epoch", "epoch": epoch + 1, "step": run.global_step, **means,
+                              "best": is_best, "seconds": seconds, "images_per_sec": images_per_sec})
+    _save(run, best=is_best, mid_epoch=False)
     run.reporter.emit(EpochEnded(epoch, run.config.optim.epochs, loss, is_best, seconds, images_per_sec, means))
 
 
-def _training_state(run: _Run, epochs_done: int) -> dict[str, Any]:
+def _save(run: _Run, *, best: bool, mid_epoch: bool) -> None:
+    path = run.files.save_checkpoint(_training_state(run), best=best)
+    run.reporter.emit(CheckpointSaved(path, run.epoch, run.global_step, mid_epoch))
+
+
+def _training_state(run: _Run) -> dict[str, Any]:
     """Everything needed to continue the run, as tensors and plain values (weights_only-loadable)."""
-    method = run.method
     return {
         "kind": KIND_TRAINING,
         "format_version": FORMAT_VERSION,
         "dinopre_version": __version__,
         "config": config_to_dict(run.config),
-        "epoch": epochs_done,
+        "epoch": run.epoch,
+        "step_in_epoch": run.step_in_epoch,
         "global_step": run.global_step,
-        "student": method.student.state_dict(),
-        "teacher": method.teacher.state_dict(),
-        "loss": method.loss_state(),
+        "student": run.method.student.state_dict(),
+        "teacher": run.method.teacher.state_dict(),
+        "loss": run.method.loss_state(),
+        "loss_sums": {k: v.detach().clone() for k, v in run.loss_sums.items()},
         "optimizer": run.optimizer.state_dict(),
         "rng": rng_state(),
         "best_loss": run.best_loss,
         "best_epoch": run.best_epoch + 1,
         "epoch_losses": list(run.epoch_losses),
+        "epoch_parts": [dict(p) for p in run.epoch_parts],
+        "data": {"fingerprint": run.data_fingerprint},
     }
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RunDirError(f"Could not write '{target}': {exc.strerror or exc}; free disk space or choose another "
-                          "--output-dir.") from None
-
-
-def _record_artifact(run: _Run, path: Path, kind: str, epoch: int) -> None:
-    try:
-        name = str(path.relative_to(run.run_dir))
-    except ValueError:
-        name = str(path)
-    run.artifacts[name] = {"kind": kind, "epoch": epoch, "bytes": path.stat().st_size, "sha256": sha256_file(path),
-                           "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_text(json.dumps(run.artifacts, indent=2) + "\n", run.run_dir / "artifacts.json")
 
 
 def _export(run: _Run) -> Path:
     """Write the teacher backbone as `--export-backbone` asked, in the pipeline's `slt` format."""
     path = Path(run.config.run.export_backbone)
     backbone_state = run.method.teacher["backbone"].state_dict()
-    metadata = backbone_metadata(config_to_dict(run.config), epoch=run.config.optim.epochs, weights="teacher")
+    metadata = backbone_metadata(config_to_dict(run.config), epoch=run.epoch, weights="teacher")
     sidecar = export_backbone_slt(backbone_state, metadata, path)
-    _record_artifact(run, path, "export-slt", run.config.optim.epochs)
-    _record_artifact(run, sidecar, "export-metadata", run.config.optim.epochs)
+    run.files.record(path, "export-slt", epoch=run.epoch)
+    run.files.record(sidecar, "export-metadata", epoch=run.epoch)
     return path

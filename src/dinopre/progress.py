@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dinopre.config import config_to_dict
-from dinopre.engine import EpochEnded, RunFinished, RunStarted, StepLogged
+from dinopre.events import EpochEnded, RunFinished, RunStarted, StepLogged
 
 _SHOWN = (
     ("loss", "loss", "{:.4f}"),
@@ -60,6 +60,8 @@ def config_table(event: RunStarted) -> Table:
     params = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in event.parameters.items())
     table.add_row("parameters", params)
     table.add_row("run dir", str(event.run_dir))
+    if event.resumed_from is not None:
+        table.add_row("resumed", f"from {event.resumed_from} at step {event.start_step}")
     return table
 
 
@@ -161,8 +163,9 @@ class RichReporter(PlainReporter):
     def emit(self, event: object) -> None:
         if isinstance(event, RunStarted):
             super().emit(event)
-            self.epoch_task = self.progress.add_task("epochs", total=event.config.optim.epochs)
-            self.step_task = self.progress.add_task("steps ", total=event.steps_per_epoch)
+            done_epochs, done_steps = divmod(event.start_step, event.steps_per_epoch)
+            self.epoch_task = self.progress.add_task("epochs", total=event.config.optim.epochs, completed=done_epochs)
+            self.step_task = self.progress.add_task("steps ", total=event.steps_per_epoch, completed=done_steps)
             self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
             self.live.start()
         elif isinstance(event, StepLogged):

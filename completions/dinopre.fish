@@ -1,0 +1,1 @@
+complete --command dinopre --no-files --arguments "(env _DINOPRE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) dinopre)" --condition "env _DINOPRE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) dinopre"

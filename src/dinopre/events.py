@@ -1,0 +1,76 @@
+"""What the engine tells the outside world while it runs: event records and the Reporter protocol.
+
+The engine never prints (style principle 9); it emits these plain records and `dinopre.progress` renders them.
+Imports no torch, so reporters stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from dinopre.config import PretrainConfig
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    config: PretrainConfig
+    run_dir: Path
+    num_images: int
+    data_description: str
+    steps_per_epoch: int
+    total_steps: int
+    device: str
+    precision: str
+    num_workers: int
+    parameters: dict[str, int]
+    resumed_from: Path | None = None  # the checkpoint a resumed run continues
+    start_step: int = 0  # global steps already done
+
+
+@dataclass(frozen=True)
+class StepLogged:
+    epoch: int  # 0-based
+    epochs: int
+    step_in_epoch: int  # steps done in this epoch
+    steps_per_epoch: int
+    global_step: int  # steps done in the run
+    total_steps: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    epoch: int  # 0-based
+    epochs: int
+    loss: float
+    is_best: bool
+    seconds: float
+    images_per_sec: float
+    parts: dict[str, float]  # epoch means of the loss and its parts
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    path: Path
+    epoch: int  # completed epochs
+    global_step: int
+    mid_epoch: bool
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    run_dir: Path
+    best_loss: float
+    best_epoch: int  # 0-based
+    last_checkpoint: Path
+    best_checkpoint: Path
+    export_path: Path | None
+    seconds: float
+
+
+class Reporter(Protocol):
+    """Receives the engine's events (RunStarted, StepLogged, EpochEnded, CheckpointSaved, RunFinished)."""
+
+    def emit(self, event: object) -> None: ...

@@ -1,0 +1,122 @@
+"""The run directory and its files (design.md section 1).
+
+`checkpoint_last.pt` (every epoch and every `--checkpoint-every` steps), `checkpoint_best.pt` (lowest epoch mean
+loss), `params.json` (resolved config + environment), `metrics.jsonl` (one JSON object per log step and per
+epoch), `artifacts.json` (every checkpoint and export written, with its sha256). Every write is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from dinopre.checkpoint import atomic_save, atomic_write_text, sha256_file
+from dinopre.errors import RunDirError
+
+CHECKPOINT_LAST, CHECKPOINT_BEST = "checkpoint_last.pt", "checkpoint_best.pt"
+PARAMS, METRICS, ARTIFACTS = "params.json", "metrics.jsonl", "artifacts.json"
+
+
+class RunDirectory:
+    """The files of one run.
+
+    Args:
+        path: the folder.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.artifacts: dict[str, Any] = {}
+
+    @property
+    def last(self) -> Path:
+        return self.path / CHECKPOINT_LAST
+
+    @property
+    def best(self) -> Path:
+        return self.path / CHECKPOINT_BEST
+
+    def prepare(self, *, overwrite: bool, resuming: bool) -> None:
+        """Create the folder; refuse to start a new run over one that has checkpoints unless `overwrite`.
+
+        Raises:
+            RunDirError: checkpoints exist (new run without overwrite), or the folder cannot be written.
+        """
+        existing = [p.name for p in (self.last, self.best) if p.exists()]
+        if existing and not (overwrite or resuming):
+            raise RunDirError(
+                f"'{self.path}' already holds a run ({existing[0]}); continue it with `dinopre resume {self.path}`, "
+                "start over with --overwrite, or choose another --output-dir."
+            )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise RunDirError(f"Cannot write to output folder '{self.path}': {exc.strerror or exc}; "
+                              "choose another --output-dir.") from None
+        if resuming:
+            self._load_artifacts()
+        elif overwrite:
+            for name in (METRICS, ARTIFACTS, CHECKPOINT_LAST, CHECKPOINT_BEST):
+                (self.path / name).unlink(missing_ok=True)
+
+    def _load_artifacts(self) -> None:
+        try:
+            self.artifacts = json.loads((self.path / ARTIFACTS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.artifacts = {}  # a missing or damaged index is rebuilt from the files written from now on
+
+    def write_params(self, params: dict[str, Any]) -> None:
+        atomic_write_text(json.dumps(params, indent=2) + "\n", self.path / PARAMS)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Add one JSON line to metrics.jsonl."""
+        try:
+            with open(self.path / METRICS, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise RunDirError(f"Could not append to '{self.path / METRICS}': {exc.strerror or exc}.") from None
+
+    def truncate_metrics(self, global_step: int) -> None:
+        """Drop records after `global_step` (written by a run that was interrupted after its last checkpoint)."""
+        path = self.path / METRICS
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= global_step]
+        atomic_write_text("".join(line + "\n" for line in kept), path)
+
+    def save_checkpoint(self, state: dict[str, Any], *, best: bool) -> Path:
+        """Write checkpoint_last.pt (and checkpoint_best.pt when `best`) and record them."""
+        atomic_save(state, self.last)
+        self.record(self.last, "checkpoint", epoch=state["epoch"], step=state["global_step"])
+        if best:
+            self._copy_atomic(self.last, self.best)
+            self.record(self.best, "checkpoint", epoch=state["epoch"], step=state["global_step"])
+        return self.last
+
+    @staticmethod
+    def _copy_atomic(source: Path, target: Path) -> None:
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            shutil.copyfile(source, tmp)
+            tmp.replace(target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise RunDirError(f"Could not write '{target}': {exc.strerror or exc}; free disk space or choose "
+                              "another --output-dir.") from None
+
+    def record(self, path: Path, kind: str, **details: Any) -> None:
+        """Add or update the artifacts.json entry of a file written for this run (size and sha256)."""
+        try:
+            name = str(Path(path).resolve().relative_to(self.path.resolve()))
+        except ValueError:
+            name = str(Path(path).resolve())
+        self.artifacts[name] = {"kind": kind, **details, "bytes": Path(path).stat().st_size,
+                                "sha256": sha256_file(path), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_text(json.dumps(self.artifacts, indent=2) + "\n", self.path / ARTIFACTS)
