@@ -60,16 +60,21 @@ class _Payload:
 def test_a_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    with open(evil, "wb") as handle:
-        pickle.dump({"kind": "dinopre-training-checkpoint", "x": _Payload(str(marker))}, handle)
-    with pytest.raises(CheckpointError, match="refused without running it"):
+    torch.save({"kind": "dinopre-training-checkpoint", "x": _Payload(str(marker))}, evil)
+    with pytest.raises(CheckpointError, match="refused without running them"):
         load_file(evil)
+    plain_pickle = tmp_path / "evil.pkl"
+    with open(plain_pickle, "wb") as handle:
+        pickle.dump({"x": _Payload(str(marker))}, handle)
+    with pytest.raises(CheckpointError, match="nothing in it was run"):
+        load_file(plain_pickle)
     assert not marker.exists()
 
 
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "is empty"),
     (b"this is not a checkpoint at all", "not a readable checkpoint"),
+    (b"x", "not a readable checkpoint"),
 ])
 def test_garbage_files_give_clear_errors(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "bad.pt"
@@ -82,7 +87,7 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "cut.pt"
     torch.save({"w": torch.randn(1000)}, path)
     path.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="truncated, corrupt"):
         load_file(path)
 
 

@@ -58,7 +58,7 @@ def test_quiet_prints_nothing(tmp_path: Path) -> None:
 def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
-    monkeypatch.setattr("dinopre.engine.fit", lambda config, reporter, overwrite=False: seen.setdefault("c", config))
+    monkeypatch.setattr("dinopre.engine.fit", lambda config, reporter, overwrite=False, resume_from=None: seen.setdefault("c", config))
     config_file = tmp_path / "c.toml"
     config_file.write_text("epochs = 9\nbatch_size = 12\n[data]\nnum_local_crops = 3\n")
     result = invoke("train", "hands", "--train-dir", "a", "--train-dir", "b", "--config", str(config_file),
@@ -84,10 +84,15 @@ def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path: Pat
     (["train", "face", "--demo", "--device", "cuda:7"], "--device cuda:7"),
     (["train", "face", "--demo", "--config", "{tmp}/nope.toml"], "does not exist"),
     (["train", "face", "--demo", "--batch-size", "4096"], "fewer than --batch-size 4096"),
-    (["resume", "somewhere"], "later release"),
-    (["export", "a.pt", "b.pt"], "later release"),
-    (["inspect-checkpoint", "a.pt"], "later release"),
-    (["verify-backbone", "a.pt"], "later release"),
+    (["resume", "{tmp}/somewhere"], "does not exist"),
+    (["resume", "{tmp}/empty"], "holds no checkpoint_last.pt"),
+    (["resume", "{tmp}/texts/notes.txt"], "not a readable checkpoint"),
+    (["export", "{tmp}/a.pt", "{tmp}/b.pt"], "does not exist"),
+    (["export", "{tmp}/texts/notes.txt", "{tmp}/b.pt"], "not a readable checkpoint"),
+    (["inspect-checkpoint", "{tmp}/a.pt"], "does not exist"),
+    (["inspect-checkpoint", "{tmp}/texts/notes.txt"], "not a readable checkpoint"),
+    (["verify-backbone", "{tmp}/a.pt"], "does not exist"),
+    (["train", "face", "--demo", "--checkpoint-every", "-1"], "--checkpoint-every must be"),
 ])
 def test_user_errors_exit_2_with_one_sentence(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "empty").mkdir()
@@ -125,7 +130,7 @@ def test_an_existing_run_is_refused_with_what_to_do(tmp_path: Path) -> None:
 
 def test_ibot_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
-    monkeypatch.setattr("dinopre.engine.fit", lambda config, reporter, overwrite=False: seen.setdefault("c", config))
+    monkeypatch.setattr("dinopre.engine.fit", lambda config, reporter, overwrite=False, resume_from=None: seen.setdefault("c", config))
     result = invoke("train", "face", "--train-dir", "d", "--algorithm", "ibot", "--no-shared-head",
                     "--patch-out-dim", "4096", "--patch-mask-ratio", "0.2", "0.4", "--mask-probability", "0.7",
                     "--mask-shape", "rand", "--patch-loss-weight", "0.5", "--teacher-patch-temp", "0.06")

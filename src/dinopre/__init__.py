@@ -5,4 +5,15 @@ Importing the package is cheap (no torch): heavy modules are imported where they
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load_dinov2_backbone"]
+
+
+def load_dinov2_backbone(spec: str):  # noqa: ANN201 (the return type lives in a torch module, imported lazily)
+    """Load an exported backbone from a `file::PATH[:MODEL]` spec, strictly; see `dinopre.export`.
+
+    Returns:
+        An `nn.Module` in eval mode whose `forward(x)` gives the (B, D) CLS embedding.
+    """
+    from dinopre.export import load_dinov2_backbone as load
+
+    return load(spec)

@@ -108,12 +108,15 @@ def load_file(path: str | Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # torch warns about unusual pickle protocols before refusing them
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"'{path}' holds objects other than tensors and plain values and was refused "
-                              "without running it; only load files you trust.") from None
-    except Exception as exc:  # the unpickler fails in many ways on garbage: EOF, IndexError, RuntimeError...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated or corrupt: {reason}).") from None
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # the weights_only unpickler met a class or function to call
+            raise CheckpointError(f"'{path}' holds objects other than tensors and plain values and was refused "
+                                  "without running them; only load files you trust.") from None
+        raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated, corrupt or not written by "
+                              "torch.save); nothing in it was run.") from None
+    except Exception:  # the unpickler fails in many ways on garbage: EOF, IndexError, RuntimeError...
+        raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated, corrupt or not written by "
+                              "torch.save); nothing in it was run.") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"'{path}' is not a dinopre file (it holds a {type(obj).__name__}).")
     return obj

@@ -315,10 +315,6 @@ def _make_reporter(quiet: bool) -> Any:
     return RichReporter() if sys.stdout.isatty() else PlainReporter()
 
 
-def _later(feature: str) -> NoReturn:
-    fail(f"`dinopre {feature}` is not available in this version yet; it arrives in a later release.")
-
-
 RESUME_EPILOG = (
     "With a larger --epochs, every schedule (lr, weight decay, teacher momentum and temperatures) is redefined over "
     "the new total as if the run had been started with it, and the run continues from the new curves' values at "
@@ -351,29 +347,83 @@ def resume(
     _call_fit(resolve, overwrite=False, quiet=quiet)
 
 
+class ExportFormat(str, Enum):
+    slt = "slt"
+    timm = "timm"
+
+
+class Weights(str, Enum):
+    teacher = "teacher"
+    student = "student"
+
+
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint.")],
-    output: Annotated[Path, typer.Argument(help="Backbone file to write.")],
+    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (checkpoint_last.pt / checkpoint_best.pt).")],
+    output: Annotated[Path, typer.Argument(help="Backbone file to write; a .json sidecar goes next to it.")],
+    format: Annotated[ExportFormat, typer.Option(
+        "--format", help="slt: the translation pipeline's format (load_dinov2_backbone); timm: official DINO / timm "
+        "key names for timm.create_model(..., num_classes=0, checkpoint_path=FILE).")] = ExportFormat.slt,
+    weights: Annotated[Weights, typer.Option(
+        help="teacher (what DINO evaluates and the better backbone) or student.")] = Weights.teacher,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
-    """Export a checkpoint's backbone (arrives in a later release; use train --export-backbone meanwhile)."""
-    _later("export")
+    """Export a checkpoint's backbone; the file is reloaded strictly before the command succeeds."""
+    try:
+        from dinopre.export import export_checkpoint
+
+        path, sidecar = export_checkpoint(checkpoint, output, fmt=format.value, weights=weights.value, force=force)
+    except UserError as exc:
+        fail(str(exc))
+    typer.echo(f"Wrote {path} ({format.value}, {weights.value} weights) and {sidecar}.")
+    if format is ExportFormat.slt:
+        typer.echo(f'Load it with load_dinov2_backbone("file::{path}:slt_vitsmall_patch16"); check it with '
+                   f"`dinopre verify-backbone {path} --checkpoint {checkpoint}`.")
 
 
 @app.command("inspect-checkpoint")
 def inspect_checkpoint(
-    path: Annotated[Path, typer.Argument(help="Checkpoint or backbone file.")],
+    path: Annotated[Path, typer.Argument(help="Training checkpoint or backbone export.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
-    """Describe a checkpoint or backbone file (arrives in a later release)."""
-    _later("inspect-checkpoint")
+    """Describe a training checkpoint or a backbone export: kind, versions, progress, config, sizes, sha256."""
+    try:
+        from dinopre.export import inspect_file
+
+        info = inspect_file(path)
+    except UserError as exc:
+        fail(str(exc))
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from dinopre.progress import print_inspection
+
+    print_inspection(info)
 
 
 @app.command("verify-backbone")
 def verify_backbone(
     backbone: Annotated[Path, typer.Argument(help="Exported backbone file.")],
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Also check the features equal this checkpoint's (relative error < 1e-4).", show_default=False)] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help="The second input size to try [default: the export's size + 2 patches].", show_default=False)] = None,
 ) -> None:
-    """Check an exported backbone loads and runs (arrives in a later release)."""
-    _later("verify-backbone")
+    """Check an export loads strictly, runs at two sizes with finite outputs, and matches its checkpoint."""
+    if not backbone.is_file():
+        fail(f"'{backbone}' does not exist or is not a file; give the path of an exported backbone.")
+    from dinopre.export import verify_backbone as verify
+    from dinopre.progress import print_verification
+
+    try:
+        report = verify(backbone, checkpoint=checkpoint, image_size=image_size)
+    except UserError as exc:
+        fail(str(exc))
+    print_verification(report.rows)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -185,3 +185,36 @@ class RichReporter(PlainReporter):
         if self.live is not None:
             self.live.stop()
             self.live = None
+
+
+def print_inspection(info: dict[str, Any], console: Console | None = None) -> None:
+    """`dinopre inspect-checkpoint` as a two-column table."""
+    console = console or Console(highlight=False)
+    table = Table(title=f"{info['path']} ({info['kind']})", show_header=False, box=None, padding=(0, 1))
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in info.items():
+        if key in ("path", "kind"):
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {_human(v)}" for k, v in value.items())
+        table.add_row(key.replace("_", " "), _human(value))
+    console.print(table)
+
+
+def _human(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and value >= 10_000:
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def print_verification(rows: list[tuple[str, bool, str]], console: Console | None = None) -> None:
+    """`dinopre verify-backbone`: one line per check, then the verdict."""
+    console = console or Console(highlight=False)
+    for check, passed, detail in rows:
+        mark = "[green]PASS[/]" if passed else "[red]FAIL[/]"
+        console.print(f"{mark} {check}: {detail}")
+    ok = bool(rows) and all(passed for _, passed, _ in rows)
+    console.print("[green]The backbone is ready for the pipeline.[/]" if ok else "[red]Verification failed.[/]")
