@@ -139,8 +139,8 @@ def test_a_short_run_on_structured_images_learns_without_collapsing(tmp_path: Pa
     result = fit(config, Recorder())
     losses = result.epoch_losses
     assert losses[-1] < losses[0] - 0.2, losses  # the loss falls from its start...
-    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if '"step"' in line]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["type"] == "step"]
     last = steps[-4:]
     out_dim = config.model.out_dim
     # ...without collapsing: not uniform (entropy well below ln K) and not one-hot (many winning prototypes)

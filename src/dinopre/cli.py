@@ -260,7 +260,12 @@ def _run_training(preset: str, demo: bool, config_file: Path | None, cli_setting
 
     def resolve() -> tuple[Any, Path | None]:
         file_settings = read_config_file(config_file) if config_file is not None else None
-        return build_config(preset, demo=demo, file_settings=file_settings, cli_settings=cli_settings), resume_from
+        settings = dict(cli_settings)
+        if resume_from is not None and "output_dir" not in settings and "output_dir" not in (file_settings or {}):
+            # Continue in the checkpoint's own folder unless told otherwise, not in the preset's default folder.
+            folder = resume_from if resume_from.is_dir() else resume_from.parent
+            settings["output_dir"] = str(folder)
+        return build_config(preset, demo=demo, file_settings=file_settings, cli_settings=settings), resume_from
 
     _call_fit(resolve, overwrite=overwrite, quiet=quiet)
 

@@ -46,7 +46,7 @@ from dinopre.masking import MaskSampler
 from dinopre.method import StudentTeacher, build_method
 from dinopre.optim import apply_schedules, build_optimizer, cancel_gradients, clip_gradients_per_tensor
 from dinopre.rundir import RunDirectory
-from dinopre.runtime import Runtime, default_num_workers, rng_state, set_rng_state, setup
+from dinopre.runtime import Runtime, default_num_workers, rng_state, set_rng_state, setup, share_cpus
 from dinopre.schedules import Schedules, build_schedules
 from dinopre.vit import count_parameters
 
@@ -210,6 +210,7 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
     if state is not None:
         _restore(run, state)
     num_workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
+    share_cpus(runtime)
     files.write_params({"config": config_to_dict(config), "environment": environment_info(runtime, num_workers)})
     reporter.emit(RunStarted(
         config, files.path, len(source), description, steps_per_epoch, steps_per_epoch * config.optim.epochs,
@@ -283,7 +284,7 @@ def _load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, An
     differences = config_differences(saved, config)
     if differences:
         raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
-                          "--epochs, --device, --num-workers, --log-interval and --checkpoint-every may change.")
+                          "--epochs, --device, --num-workers, --log-interval, --checkpoint-every and the output paths may change.")
     done, in_epoch = state["epoch"], state["step_in_epoch"]
     if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
         raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "
