@@ -18,10 +18,10 @@ from dinopre.data import (
     check_dataset_size,
     collate_crops,
     epoch_permutation,
-    load_image,
     scan_image_files,
 )
 from dinopre.errors import DataError
+from dinopre.images import load_rgb
 from dinopre.masking import MaskSampler
 
 
@@ -68,12 +68,12 @@ def test_bad_folders_are_clear_errors(tmp_path: Path, make, message: str) -> Non
 def test_images_are_converted_to_rgb_with_exif_orientation(tmp_path: Path) -> None:
     gray = tmp_path / "gray.png"
     Image.new("L", (10, 6), 128).save(gray)
-    assert load_image(gray).mode == "RGB"
+    assert load_rgb(gray).mode == "RGB"
     rotated = tmp_path / "rotated.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     Image.new("RGB", (10, 6)).save(rotated, exif=exif)
-    assert load_image(rotated).size == (6, 10)
+    assert load_rgb(rotated).size == (6, 10)
 
 
 def test_epoch_permutations_are_seeded_per_epoch() -> None:
@@ -101,14 +101,15 @@ def test_sampler_resumes_mid_epoch_with_the_same_keys() -> None:
 
 def test_dataset_is_a_pure_function_of_seed_epoch_and_index() -> None:
     dataset = MultiCropDataset(SyntheticSource("face", 8), _augmentation(), seed=0)
-    g1, l1, index, masks = dataset[(0, 3)]
-    g2, l2, _, _ = dataset[(0, 3)]
+    g1, l1, index, masks, bad = dataset[(0, 3)]
+    g2, l2, _, _, _ = dataset[(0, 3)]
+    assert bad == []
     assert masks is None  # DINO draws no masks
     assert index == 3 and len(g1) == 2 and len(l1) == 2
     assert all(torch.equal(a, b) for a, b in zip(g1 + l1, g2 + l2))
-    other_epoch, _, _, _ = dataset[(1, 3)]
+    other_epoch, _, _, _, _ = dataset[(1, 3)]
     assert not torch.equal(g1[0], other_epoch[0])
-    other_seed, _, _, _ = MultiCropDataset(SyntheticSource("face", 8), _augmentation(), seed=1)[(0, 3)]
+    other_seed, _, _, _, _ = MultiCropDataset(SyntheticSource("face", 8), _augmentation(), seed=1)[(0, 3)]
     assert not torch.equal(g1[0], other_seed[0])
 
 

@@ -12,7 +12,7 @@ import torch
 from dinopre.checkpoint import sha256_file
 from dinopre.config import build_config
 from dinopre.engine import fit
-from dinopre.events import CheckpointSaved, EpochEnded, RunFinished, RunStarted, StepLogged
+from dinopre.events import CheckpointSaved, EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged
 from dinopre.errors import RunDirError, TrainingStopped
 from dinopre.losses import DINOLoss
 
@@ -63,7 +63,8 @@ def test_a_run_leaves_the_full_run_directory(tiny_settings: dict, face_folder: P
         assert artifacts[name]["sha256"] == sha256_file(run_dir / name)
 
     kinds = [type(e) for e in recorder.events]
-    assert kinds[0] is RunStarted and kinds[-1] is RunFinished
+    assert kinds[:2] == [ScanProgress, RunStarted] and kinds[-1] is RunFinished
+    assert recorder.events[0] == ScanProgress(48, done=True)
     assert kinds.count(EpochEnded) == 2 and kinds.count(StepLogged) == 6
 
 
@@ -221,8 +222,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(resumable, tmp_path
     assert _state(interrupted)["global_step"] == checkpoint_step
     recorder = Recorder()
     fit(resumable(interrupted), recorder, resume_from=interrupted)
-    started = recorder.events[0]
-    assert isinstance(started, RunStarted) and started.start_step == checkpoint_step
+    started = next(e for e in recorder.events if isinstance(e, RunStarted))
+    assert started.start_step == checkpoint_step and started.resumed_from == interrupted
 
     straight, resumed = _state(tmp_path / "straight"), _state(interrupted)
     for part in ("student", "teacher"):

@@ -362,7 +362,7 @@ def test_pretrain_utils_loader_yields_crop_major_batches(image_folders: dict[str
     assert batch.indices.shape == (8,) and batch.masks is None
     # Crop-major: rows [view0 x B, view1 x B, ...]; row B + i is the second global view of the batch's image i.
     dataset = pretrain_utils.build_dataset(image_folders["face"], transform, seed=3)
-    global_views, local_views, _, _ = dataset[(0, int(batch.indices[1]))]
+    global_views, local_views, _, _, _ = dataset[(0, int(batch.indices[1]))]
     assert global_views[1].equal(batch.global_crops[8 + 1]) and local_views[2].equal(batch.local_crops[2 * 8 + 1])
 
 

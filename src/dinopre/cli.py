@@ -14,7 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from dinopre import __version__
-from dinopre.errors import TrainingStopped, UserError
+from dinopre.errors import Interrupted, TrainingStopped, UserError
 
 app = typer.Typer(
     name="dinopre",
@@ -113,6 +113,9 @@ def train(
     num_workers: Annotated[int | None, typer.Option(
         help="Data-loading processes [default: CPUs - 1, at most 8]. Raise it if data wait is high.",
         rich_help_panel=DATA, show_default=False)] = None,
+    strict_data: Annotated[bool | None, typer.Option(
+        "--strict-data", help="Stop at the first image that cannot be decoded (or unreadable folder) instead of "
+        "skipping it and listing it in bad_files.json.", rich_help_panel=DATA, show_default=False)] = None,
     image_size: Annotated[int | None, typer.Option(
         help="Side of the global views and of the exported backbone's input, in pixels.",
         rich_help_panel=MODEL, show_default=False)] = None,
@@ -243,7 +246,7 @@ def train(
 
 
 _CONFIG_FLAGS = frozenset(
-    "train_dir num_local_crops local_crop_size global_crop_scale local_crop_scale flip_prob num_workers image_size "
+    "train_dir strict_data num_local_crops local_crop_size global_crop_scale local_crop_scale flip_prob num_workers image_size "
     "patch_size vit_embed_dim vit_depth vit_num_heads vit_mlp_ratio drop_path_rate out_dim head_hidden_dim "
     "norm_last_layer shared_head patch_out_dim patch_mask_ratio mask_probability mask_shape patch_loss_weight "
     "teacher_patch_temp epochs batch_size learning_rate min_lr warmup_epochs weight_decay weight_decay_end "
@@ -307,6 +310,9 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool) -> None:
         fail(str(exc))
     except TrainingStopped as exc:
         fail(str(exc), code=1)
+    except Interrupted as exc:
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         fail("Interrupted; checkpoint_last.pt in the run directory holds the last checkpoint; continue with "
              "`dinopre resume RUN_DIR`.", code=130)

@@ -53,6 +53,7 @@ class DataConfig:
     train_dir: tuple[str, ...] = ()
     demo: bool = False
     demo_images: int = 512
+    strict_data: bool = False
     num_local_crops: int = 8
     local_crop_size: int = 96
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
@@ -506,3 +507,38 @@ def config_differences(saved: PretrainConfig, requested: PretrainConfig) -> list
     old, new = flatten_settings(config_to_dict(saved), "checkpoint"), flatten_settings(config_to_dict(requested), "")
     return [f"{key}: checkpoint {old[key]!r}, requested {new[key]!r}" for key in old
             if key not in RESUME_MAY_CHANGE and old[key] != new.get(key)]
+
+
+def advisories(config: PretrainConfig, num_images: int) -> list[str]:
+    """Settings known to go wrong (dino_ibot.md section 5), as sentences to show when a run starts."""
+    m, o, model, d = config.method, config.optim, config.model, config.data
+    notes = []
+    if m.teacher_temp > 0.07:
+        notes.append(f"--teacher-temp {m.teacher_temp} is above 0.07, which DINO's authors found unstable; "
+                     "0.04-0.07 is the tested range.")
+    if not model.norm_last_layer and model.vit_embed_dim > 384:
+        notes.append("--no-norm-last-layer is only known to be stable for ViT-S (DINO README); keep the prototype "
+                     "norms frozen for wider models.")
+    if model.out_dim >= 32768 and num_images < 100_000:
+        notes.append(f"{model.out_dim} prototypes for {num_images} images: small datasets learn much faster with "
+                     "--out-dim 4096-16384 (dino#279).")
+    if o.batch_size < 128 and m.teacher_momentum_base < 0.996 and not d.demo:
+        notes.append(f"--teacher-momentum-base {m.teacher_momentum_base} with batch {o.batch_size}: small batches "
+                     "need a slower teacher (0.996-0.9995, dino#104), or the teacher follows the student's noise.")
+    if o.warmup_epochs >= o.epochs:
+        notes.append(f"--warmup-epochs {o.warmup_epochs} is not below --epochs {o.epochs}: the learning rate never "
+                     "reaches its peak and never decays.")
+    if config.peak_learning_rate > 20 * 5e-4 * o.batch_size / 256:
+        notes.append(f"A peak lr of {config.peak_learning_rate:g} is over 20 times DINO's 5e-4 x batch / 256; lower "
+                     "it if the loss spikes or becomes NaN.")
+    if config.preset == "hands" and d.flip_prob > 0:
+        notes.append("Horizontal flips turn right hands into left hands; with separate left/right streams keep "
+                     "--flip-prob 0.")
+    if o.freeze_last_layer_epochs == 0:
+        notes.append("The prototype layer is not frozen at the start (--freeze-last-layer-epochs 0); DINO freezes "
+                     "it for one epoch to avoid an early collapse.")
+    grid = model.image_size // model.patch_size
+    if m.algorithm == "ibot" and grid < 4:
+        notes.append(f"iBOT on a {grid}x{grid} token grid: masks can only cover a few patches; use a larger "
+                     "--image-size or a smaller --patch-size.")
+    return notes

@@ -9,59 +9,27 @@ run (the reference code respawns its workers every epoch and loses seconds each 
 from __future__ import annotations
 
 import functools
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from dinopre.augment import MultiCropAugmentation
 from dinopre.errors import DataError
+from dinopre.images import BACKGROUND, BadImageError, load_rgb
 from dinopre.masking import MaskSampler
+from dinopre.runtime import ignore_stop_signals
+from dinopre.scan import SUPPORTED_EXTENSIONS, scan_image_files
 
-SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+__all__ = ["SUPPORTED_EXTENSIONS", "scan_image_files"]  # re-exported for tools/pretrain_utils.py and old code
+
 _ORDER_STREAM = 1  # separates the data-order generator from per-sample generators that share (seed, epoch)
-
-
-def scan_image_files(roots: tuple[str, ...] | list[str]) -> list[Path]:
-    """Every supported image under the given folders, recursively, in a deterministic order.
-
-    Files are sorted by path within each root; roots keep the order given. Symbolic links to folders are not
-    followed, so link loops cannot hang the scan.
-
-    Raises:
-        DataError: a root is missing or not a folder, or no supported image exists under the roots.
-    """
-    files: list[Path] = []
-    for root in roots:
-        root_path = Path(root).expanduser()
-        if not root_path.exists():
-            raise DataError(f"Training folder '{root}' does not exist; check the --train-dir path.")
-        if not root_path.is_dir():
-            raise DataError(f"--train-dir '{root}' is not a folder; pass a folder of images.")
-        found = [
-            Path(dirpath) / name
-            for dirpath, _, names in os.walk(root_path)
-            for name in names
-            if name.lower().endswith(SUPPORTED_EXTENSIONS)
-        ]
-        files.extend(sorted(found))
-    if not files:
-        listed = ", ".join(f"'{r}'" for r in roots)
-        raise DataError(
-            f"No images found under {listed}; supported extensions are {' '.join(SUPPORTED_EXTENSIONS)} (any case)."
-        )
-    return files
-
-
-def load_image(path: Path) -> Image.Image:
-    """Decode an image file to RGB, applying its EXIF orientation."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+# A bad file's slot is filled by the next file that decodes; after this many failures in a row the sample becomes
+# a blank image and the engine stops the run, because the data is broken, not a few files.
+MAX_FALLBACKS = 100
 
 
 class ImageSource(Protocol):
@@ -69,7 +37,13 @@ class ImageSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def load(self, index: int) -> Image.Image: ...
+    def load(self, index: int) -> Image.Image:
+        """The image at `index` as 8-bit RGB; raises BadImageError for a file that cannot be used."""
+        ...
+
+    def describe(self, index: int) -> str:
+        """Where image `index` comes from (a file path), for reports."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -82,7 +56,10 @@ class FolderSource:
         return len(self.files)
 
     def load(self, index: int) -> Image.Image:
-        return load_image(self.files[index])
+        return load_rgb(self.files[index])
+
+    def describe(self, index: int) -> str:
+        return str(self.files[index])
 
 
 @dataclass(frozen=True)
@@ -98,6 +75,9 @@ class SyntheticSource:
 
     def load(self, index: int) -> Image.Image:
         return _cached_synthetic_image(self.kind, index, self.size)
+
+    def describe(self, index: int) -> str:
+        return f"synthetic {self.kind} #{index}"
 
 
 @functools.lru_cache(maxsize=8192)
@@ -133,14 +113,15 @@ class CropBatch:
     local_crops: torch.Tensor | None
     indices: torch.Tensor
     masks: torch.Tensor | None = None
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (dataset index, reason) of files that failed
 
     @property
     def batch_size(self) -> int:
         return self.indices.shape[0]
 
     def _map(self, fn) -> CropBatch:
-        return CropBatch(*(None if t is None else fn(t) for t in
-                           (self.global_crops, self.local_crops, self.indices, self.masks)))
+        tensors = (None if t is None else fn(t) for t in (self.global_crops, self.local_crops, self.indices, self.masks))
+        return CropBatch(*tensors, bad=self.bad)
 
     def pin_memory(self) -> CropBatch:
         """Called by the DataLoader's pinning thread when pin_memory is on."""
@@ -151,11 +132,14 @@ class CropBatch:
         return self._map(lambda t: t.to(device, non_blocking=True))
 
 
-Sample = tuple[list[torch.Tensor], list[torch.Tensor], int, list[np.ndarray] | None]
+Sample = tuple[list[torch.Tensor], list[torch.Tensor], int, list[np.ndarray] | None, list[tuple[int, str]]]
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Images -> (global views, local views, index, global-view masks), keyed by (epoch, index).
+    """Images -> (global views, local views, index, global-view masks, bad files met), keyed by (epoch, index).
+
+    A file that cannot be decoded is replaced by the next one that can (in dataset order, so the run stays a pure
+    function of its data) and reported back with the batch; the engine lists it and, with --strict-data, stops.
 
     Args:
         source: where images come from.
@@ -173,11 +157,21 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Sample:
         epoch, index = key
-        image = self.source.load(index)
-        rng = sample_rng(self.seed, epoch, index)
+        image, bad = self._load(index)
+        rng = sample_rng(self.seed, epoch, index)  # the slot's draws, whichever file fills it
         global_views, local_views = self.augmentation(image, rng)
         masks = [self.mask_sampler(rng) for _ in global_views] if self.mask_sampler is not None else None
-        return global_views, local_views, index, masks
+        return global_views, local_views, index, masks, bad
+
+    def _load(self, index: int) -> tuple[Image.Image, list[tuple[int, str]]]:
+        bad: list[tuple[int, str]] = []
+        for attempt in range(min(MAX_FALLBACKS, len(self.source))):
+            candidate = (index + attempt) % len(self.source)
+            try:
+                return self.source.load(candidate), bad
+            except BadImageError as exc:
+                bad.append((candidate, str(exc)))
+        return Image.new("RGB", (64, 64), BACKGROUND), bad
 
 
 def collate_crops(samples: list[Sample]) -> CropBatch:
@@ -188,7 +182,8 @@ def collate_crops(samples: list[Sample]) -> CropBatch:
     masks = None
     if samples[0][3] is not None:
         masks = torch.from_numpy(np.stack([s[3][v] for v in range(num_global) for s in samples]))  # (G*B, N)
-    return CropBatch(global_crops, local_crops, torch.tensor([s[2] for s in samples]), masks)
+    bad = [record for s in samples for record in s[4]]
+    return CropBatch(global_crops, local_crops, torch.tensor([s[2] for s in samples]), masks, bad)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -244,6 +239,7 @@ def build_loader(
         # The loader draws its workers' base seed when an iterator starts; from its own generator, not the global
         # one, so starting the loader again on resume leaves the drop-path draws of the run unchanged.
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_stop_signals,
         persistent_workers=False,  # one iterator spans every epoch, so workers live for the whole run anyway
         prefetch_factor=4 if num_workers > 0 else None,
     )

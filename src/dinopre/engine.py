@@ -29,8 +29,9 @@ from dinopre.checkpoint import (
     export_backbone_slt,
     load_training_checkpoint,
 )
-from dinopre.config import PretrainConfig, config_differences, config_from_dict, config_to_dict
+from dinopre.config import PretrainConfig, advisories, config_differences, config_from_dict, config_to_dict
 from dinopre.data import (
+    MAX_FALLBACKS,
     EpochBatchSampler,
     FolderSource,
     ImageSource,
@@ -38,15 +39,24 @@ from dinopre.data import (
     SyntheticSource,
     build_loader,
     check_dataset_size,
-    scan_image_files,
 )
-from dinopre.errors import ConfigError, RunDirError, TrainingStopped
-from dinopre.events import CheckpointSaved, EpochEnded, Reporter, RunFinished, RunStarted, StepLogged
+from dinopre.errors import ConfigError, DataError, Interrupted, RunDirError, TrainingStopped
+from dinopre.events import (
+    CheckpointSaved,
+    EpochEnded,
+    Reporter,
+    RunFinished,
+    RunStarted,
+    ScanProgress,
+    StepLogged,
+    Stopped,
+)
 from dinopre.masking import MaskSampler
 from dinopre.method import StudentTeacher, build_method
 from dinopre.optim import apply_schedules, build_optimizer, cancel_gradients, clip_gradients_per_tensor
 from dinopre.rundir import RunDirectory
-from dinopre.runtime import Runtime, default_num_workers, rng_state, set_rng_state, setup, share_cpus
+from dinopre.runtime import Runtime, StopSignals, default_num_workers, rng_state, set_rng_state, setup, share_cpus
+from dinopre.scan import scan_roots
 from dinopre.schedules import Schedules, build_schedules
 from dinopre.vit import count_parameters
 
@@ -91,15 +101,39 @@ def build_mask_sampler(config: PretrainConfig) -> MaskSampler | None:
                        m.patch_mask_ratio, m.mask_shape)
 
 
-def build_source(config: PretrainConfig) -> tuple[ImageSource, str, str]:
-    """The images of a run, a one-line description of them and a fingerprint of the file list."""
+@dataclass(frozen=True)
+class DataSource:
+    """The images of a run and what the scan found out about them."""
+
+    source: ImageSource
+    description: str
+    fingerprint: str  # of the file list: a resume refuses a changed folder
+    warnings: tuple[str, ...] = ()
+
+
+def build_source(config: PretrainConfig, reporter: Reporter | None = None) -> DataSource:
+    """The images of a run: the demo's synthetic crops, or a scan of the training folders (with progress)."""
     if config.data.demo and not config.data.train_dir:
         source = SyntheticSource(config.preset, config.data.demo_images)
-        fingerprint = f"synthetic:{config.preset}:{len(source)}"
-        return source, f"{len(source)} built-in synthetic {config.preset} crops (--demo)", fingerprint
-    files = scan_image_files(config.data.train_dir)
-    fingerprint = hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()
-    return FolderSource(tuple(files)), f"{len(files)} images under {', '.join(config.data.train_dir)}", fingerprint
+        return DataSource(source, f"{len(source)} built-in synthetic {config.preset} crops (--demo)",
+                          f"synthetic:{config.preset}:{len(source)}")
+
+    def progress(found: int) -> None:
+        if reporter is not None:
+            reporter.emit(ScanProgress(found, done=False))
+
+    scan = scan_roots(config.data.train_dir, progress)
+    if reporter is not None:
+        reporter.emit(ScanProgress(len(scan.files), done=True))
+    if scan.unreadable_dirs and config.data.strict_data:
+        folder, reason = scan.unreadable_dirs[0]
+        raise DataError(f"Folder '{folder}' cannot be read ({reason}); fix its permissions or drop --strict-data.")
+    warnings = tuple(f"Folder '{folder}' could not be read ({reason}); its images are left out."
+                     for folder, reason in scan.unreadable_dirs)
+    fingerprint = hashlib.sha256("\n".join(map(str, scan.files)).encode()).hexdigest()
+    cached = " (file index from cache)" if scan.cached_roots == len(config.data.train_dir) else ""
+    description = f"{len(scan.files)} images under {', '.join(config.data.train_dir)}{cached}"
+    return DataSource(FolderSource(tuple(scan.files)), description, fingerprint, warnings)
 
 
 def environment_info(runtime: Runtime, num_workers: int) -> dict[str, Any]:
@@ -169,6 +203,10 @@ class _Run:
     steps_per_epoch: int
     reporter: Reporter
     data_fingerprint: str
+    source: ImageSource
+    stop: StopSignals = field(default_factory=StopSignals)
+    bad_files: dict[str, str] = field(default_factory=dict)  # {file: reason} of files that could not be used
+    last_saved_step: int = -1
     epoch: int = 0  # completed epochs
     step_in_epoch: int = 0  # steps done in the epoch in progress
     global_step: int = 0
@@ -200,32 +238,35 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
     started = time.perf_counter()
     state = _load_resume_state(resume_from, config) if resume_from is not None else None
     runtime = setup(config.run.device, config.run.precision, config.run.seed)
-    source, description, fingerprint = build_source(config)
-    steps_per_epoch = check_dataset_size(len(source), config.optim.batch_size)
+    data = build_source(config, reporter)
+    steps_per_epoch = check_dataset_size(len(data.source), config.optim.batch_size)
     files = RunDirectory(Path(config.run.output_dir))
     files.prepare(overwrite=overwrite, resuming=state is not None)
     method = build_method(config).to(runtime.device)
     run = _Run(config, files, runtime, method, build_optimizer(method.student, runtime.device),
-               build_schedules(config, steps_per_epoch), steps_per_epoch, reporter, fingerprint)
+               build_schedules(config, steps_per_epoch), steps_per_epoch, reporter, data.fingerprint, data.source)
     if state is not None:
         _restore(run, state)
     num_workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
     share_cpus(runtime)
     files.write_params({"config": config_to_dict(config), "environment": environment_info(runtime, num_workers)})
     reporter.emit(RunStarted(
-        config, files.path, len(source), description, steps_per_epoch, steps_per_epoch * config.optim.epochs,
-        str(runtime.device), runtime.precision_name, num_workers,
+        config, files.path, len(data.source), data.description, steps_per_epoch,
+        steps_per_epoch * config.optim.epochs, str(runtime.device), runtime.precision_name, num_workers,
         {f"student {name.replace('_', ' ')}": count_parameters(module) for name, module in method.student.items()},
         Path(resume_from) if resume_from is not None else None, run.global_step,
+        tuple(advisories(config, len(data.source))) + data.warnings,
     ))
-    dataset = MultiCropDataset(source, build_augmentation(config), config.run.seed, build_mask_sampler(config))
-    sampler = EpochBatchSampler(len(source), config.optim.batch_size, config.run.seed, run.epoch,
+    dataset = MultiCropDataset(data.source, build_augmentation(config), config.run.seed, build_mask_sampler(config))
+    sampler = EpochBatchSampler(len(data.source), config.optim.batch_size, config.run.seed, run.epoch,
                                 config.optim.epochs, run.step_in_epoch)
     loader = build_loader(dataset, sampler, num_workers, pin_memory=runtime.device.type == "cuda")
-    _loop(run, iter(loader))
+    with run.stop:
+        _loop(run, iter(loader))
     export_path = _export(run) if config.run.export_backbone else None
+    report = files.write_bad_files(run.bad_files) if run.bad_files else None
     reporter.emit(RunFinished(files.path, run.best_loss, run.best_epoch, files.last, files.best, export_path,
-                              time.perf_counter() - started))
+                              time.perf_counter() - started, len(run.bad_files), report))
     return FitResult(files.path, run.best_loss, run.best_epoch, run.epoch_losses, export_path, run.epoch_parts)
 
 
@@ -311,6 +352,8 @@ def _restore(run: _Run, state: dict[str, Any]) -> None:
     run.epoch_losses, run.epoch_parts = list(state["epoch_losses"]), list(state["epoch_parts"])
     run.best_loss, run.best_epoch = state["best_loss"], state["best_epoch"] - 1
     run.files.truncate_metrics(run.global_step)
+    run.bad_files = run.files.read_bad_files()
+    run.last_saved_step = run.global_step
 
 
 # ============ the loop ============
@@ -325,9 +368,13 @@ def _loop(run: _Run, batches: Any) -> None:
             run.loss_sums = {name: torch.zeros((), device=run.runtime.device) for name in method.loss_names}
         window = _LogWindow()
         while run.step_in_epoch < run.steps_per_epoch:
+            if run.stop.received is not None:
+                _stop(run)
             wait_start = time.perf_counter()
             batch = next(batches).to(run.runtime.device)
             window.data_wait += time.perf_counter() - wait_start
+            if batch.bad:
+                _note_bad_files(run, batch.bad)
             values = run.schedules.at(run.global_step)
             done_in_epoch = run.step_in_epoch + 1
             log_now = done_in_epoch % config.run.log_interval == 0 or done_in_epoch == run.steps_per_epoch
@@ -397,8 +444,35 @@ def _end_epoch(run: _Run, epoch: int, seconds: float) -> None:
 
 
 def _save(run: _Run, *, best: bool, mid_epoch: bool) -> None:
+    if run.bad_files:
+        run.files.write_bad_files(run.bad_files)
     path = run.files.save_checkpoint(_training_state(run), best=best)
+    run.last_saved_step = run.global_step
     run.reporter.emit(CheckpointSaved(path, run.epoch, run.global_step, mid_epoch))
+
+
+def _stop(run: _Run) -> None:
+    """SIGINT/SIGTERM arrived: checkpoint between two steps (unless just done) and leave with 128 + signal."""
+    if run.last_saved_step != run.global_step:
+        _save(run, best=False, mid_epoch=True)
+    run.reporter.emit(Stopped(run.stop.name, run.global_step, run.files.last))
+    raise Interrupted(
+        f"Stopped by {run.stop.name} at step {run.global_step}; checkpoint saved in '{run.files.last}'. "
+        f"Continue with: dinopre resume {run.files.path}", 128 + int(run.stop.received)
+    )
+
+
+def _note_bad_files(run: _Run, records: list[tuple[int, str]]) -> None:
+    """Remember files that could not be decoded; stop with --strict-data or when the data is broken."""
+    for index, reason in records:
+        run.bad_files[run.source.describe(index)] = reason
+    if run.config.data.strict_data:
+        name, reason = next(iter(run.bad_files.items()))
+        raise DataError(f"'{name}' cannot be used ({reason}); fix or remove it, or drop --strict-data to skip "
+                        "such files.")
+    if len(records) >= MAX_FALLBACKS:
+        raise DataError(f"{MAX_FALLBACKS} files in a row could not be decoded (e.g. '{run.source.describe(records[0][0])}'"
+                        f": {records[0][1]}); the training folder looks broken.")
 
 
 def _training_state(run: _Run) -> dict[str, Any]:

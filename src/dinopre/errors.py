@@ -22,3 +22,15 @@ class RunDirError(UserError):
 
 class TrainingStopped(Exception):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept. The message says why."""
+
+
+class Interrupted(Exception):
+    """The run stopped on SIGINT or SIGTERM after saving a checkpoint; the message says how to resume.
+
+    Attributes:
+        exit_code: 128 + the signal number (130 for SIGINT, 143 for SIGTERM), as shells report it.
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -27,6 +27,22 @@ class RunStarted:
     parameters: dict[str, int]
     resumed_from: Path | None = None  # the checkpoint a resumed run continues
     start_step: int = 0  # global steps already done
+    warnings: tuple[str, ...] = ()  # settings known to go wrong, problems found while scanning
+
+
+@dataclass(frozen=True)
+class ScanProgress:
+    images_found: int
+    done: bool
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The run stopped on a signal after saving a checkpoint."""
+
+    signal_name: str
+    global_step: int
+    checkpoint: Path
 
 
 @dataclass(frozen=True)
@@ -68,9 +84,12 @@ class RunFinished:
     best_checkpoint: Path
     export_path: Path | None
     seconds: float
+    bad_files: int = 0
+    bad_files_report: Path | None = None
 
 
 class Reporter(Protocol):
-    """Receives the engine's events (RunStarted, StepLogged, EpochEnded, CheckpointSaved, RunFinished)."""
+    """Receives the engine's events (ScanProgress, RunStarted, StepLogged, EpochEnded, CheckpointSaved, Stopped,
+    RunFinished)."""
 
     def emit(self, event: object) -> None: ...

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dinopre.config import config_to_dict
-from dinopre.events import EpochEnded, RunFinished, RunStarted, StepLogged
+from dinopre.events import EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged, Stopped
 
 _SHOWN = (
     ("loss", "loss", "{:.4f}"),
@@ -84,6 +84,8 @@ def summary_panel(event: RunFinished) -> Panel:
         lines.append(f'load it with    load_dinov2_backbone("file::{event.export_path}:slt_vitsmall_patch16")')
     else:
         lines.append("backbone        not exported (add --export-backbone PATH to write it at the end)")
+    if event.bad_files:
+        lines.append(f"skipped files   {event.bad_files} could not be decoded; listed in {event.bad_files_report}")
     lines.append(f"continue with   dinopre resume {event.run_dir} --epochs N")
     return Panel("\n".join(lines), title="done", border_style="green", expand=False)
 
@@ -118,9 +120,14 @@ class PlainReporter:
         self.last_prototypes_used: float | None = None
 
     def emit(self, event: object) -> None:
-        if isinstance(event, RunStarted):
-            self.out_dim = event.config.model.out_dim
-            self.console.print(config_table(event))
+        if isinstance(event, ScanProgress):
+            if event.done or event.images_found % 100_000 == 0:
+                self.console.print(f"scanning: {event.images_found} images found{'' if event.done else ' so far'}")
+        elif isinstance(event, RunStarted):
+            self._started(event)
+        elif isinstance(event, Stopped):
+            self.console.print(f"[yellow]stopped by {event.signal_name}[/] at step {event.global_step}; "
+                               f"checkpoint saved in {event.checkpoint}")
         elif isinstance(event, StepLogged):
             self.last_prototypes_used = event.metrics.get("prototypes_used")
             self.console.print(f"epoch {event.epoch + 1}/{event.epochs} step {event.step_in_epoch}/"
@@ -130,6 +137,12 @@ class PlainReporter:
             self._epoch_line(event)
         elif isinstance(event, RunFinished):
             self.console.print(summary_panel(event))
+
+    def _started(self, event: RunStarted) -> None:
+        self.out_dim = event.config.model.out_dim
+        self.console.print(config_table(event))
+        for warning in event.warnings:
+            self.console.print(f"[yellow]warning:[/] {warning}")
 
     def _epoch_line(self, event: EpochEnded) -> None:
         best = " (best)" if event.is_best else ""
@@ -154,6 +167,7 @@ class RichReporter(PlainReporter):
             TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
         )
         self.live: Live | None = None
+        self.status: Any = None
         self.epoch_task = self.step_task = None
         self.metrics_text = "waiting for the first log step..."
 
@@ -161,7 +175,12 @@ class RichReporter(PlainReporter):
         return Group(self.progress, self.metrics_text)
 
     def emit(self, event: object) -> None:
-        if isinstance(event, RunStarted):
+        if isinstance(event, ScanProgress):
+            self._scan_status(event)
+        elif isinstance(event, Stopped):
+            self.close()
+            super().emit(event)
+        elif isinstance(event, RunStarted):
             super().emit(event)
             done_epochs, done_steps = divmod(event.start_step, event.steps_per_epoch)
             self.epoch_task = self.progress.add_task("epochs", total=event.config.optim.epochs, completed=done_epochs)
@@ -181,7 +200,20 @@ class RichReporter(PlainReporter):
             self.close()
             self.console.print(summary_panel(event))
 
+    def _scan_status(self, event: ScanProgress) -> None:
+        if self.status is None and not event.done:
+            self.status = self.console.status("scanning the training folders...")
+            self.status.start()
+        if self.status is not None:
+            self.status.update(f"scanning the training folders: {event.images_found} images so far")
+        if event.done:
+            self.close()
+            self.console.print(f"scanning: {event.images_found} images found")
+
     def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
         if self.live is not None:
             self.live.stop()
             self.live = None

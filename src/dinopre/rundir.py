@@ -17,7 +17,7 @@ from dinopre.checkpoint import atomic_save, atomic_write_text, sha256_file
 from dinopre.errors import RunDirError
 
 CHECKPOINT_LAST, CHECKPOINT_BEST = "checkpoint_last.pt", "checkpoint_best.pt"
-PARAMS, METRICS, ARTIFACTS = "params.json", "metrics.jsonl", "artifacts.json"
+PARAMS, METRICS, ARTIFACTS, BAD_FILES = "params.json", "metrics.jsonl", "artifacts.json", "bad_files.json"
 
 
 class RunDirectory:
@@ -62,7 +62,7 @@ class RunDirectory:
         if resuming:
             self._load_artifacts()
         elif overwrite:
-            for name in (METRICS, ARTIFACTS, CHECKPOINT_LAST, CHECKPOINT_BEST):
+            for name in (METRICS, ARTIFACTS, BAD_FILES, CHECKPOINT_LAST, CHECKPOINT_BEST):
                 (self.path / name).unlink(missing_ok=True)
 
     def _load_artifacts(self) -> None:
@@ -70,6 +70,19 @@ class RunDirectory:
             self.artifacts = json.loads((self.path / ARTIFACTS).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             self.artifacts = {}  # a missing or damaged index is rebuilt from the files written from now on
+
+    def read_bad_files(self) -> dict[str, str]:
+        """Files a previous part of this run could not use, {path: reason}."""
+        try:
+            return {r["file"]: r["reason"] for r in json.loads((self.path / BAD_FILES).read_text(encoding="utf-8"))}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def write_bad_files(self, bad: dict[str, str]) -> Path:
+        """bad_files.json: every file skipped so far, with the reason."""
+        records = [{"file": path, "reason": reason} for path, reason in sorted(bad.items())]
+        atomic_write_text(json.dumps(records, indent=2) + "\n", self.path / BAD_FILES)
+        return self.path / BAD_FILES
 
     def write_params(self, params: dict[str, Any]) -> None:
         atomic_write_text(json.dumps(params, indent=2) + "\n", self.path / PARAMS)

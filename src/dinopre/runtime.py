@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
+from types import FrameType
 
 import torch
 import torch.distributed as dist
@@ -124,3 +127,47 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM ask the training loop to stop instead of killing the process.
+
+    The loop finishes its current step, writes a checkpoint and exits with 128 + the signal number. A second
+    Ctrl-C while that happens raises KeyboardInterrupt at once (the previous checkpoint stays intact: writes are
+    atomic). Outside the main thread (where Python cannot install handlers) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: leave SIGINT/SIGTERM to the trainer, which stops the workers itself after saving.
+
+    A Ctrl-C reaches the whole process group; a worker killed by it would make the loader raise in the trainer
+    while it writes its checkpoint.
+    """
+    for signum in StopSignals.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

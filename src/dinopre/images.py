@@ -1,0 +1,85 @@
+"""Decoding one image file to RGB, correctly for every mode, and telling a broken file from a good one.
+
+Conversions (design.md section 6): EXIF orientation is applied; L, P, CMYK, YCbCr and friends go through PIL's
+RGB conversion; images with transparency (LA, RGBA, PA, P with a transparent colour) are composited over the
+ImageNet mean colour, which normalises to zero, instead of keeping whatever colour hides under transparent pixels;
+16-bit and 32-bit integer images (I;16, I) and float images (F) are scaled to 8 bits by their bit depth instead of
+being clipped at 255 (PIL's `convert("RGB")` turns most of a 16-bit image white).
+A file that cannot be decoded — unreadable, truncated, empty, not an image, or a decompression bomb — raises
+`BadImageError` with a short reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Face and hand crops are small; a file above this many pixels is treated as a decompression bomb. PIL warns at
+# its own limit (89 MP) and raises at twice that; we raise at ours.
+MAX_PIXELS = 64_000_000
+BACKGROUND = (124, 116, 104)  # the ImageNet mean colour, 0 after normalisation
+
+
+class BadImageError(Exception):
+    """A file that cannot be used as a training image; the message is a short reason."""
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image file to an 8-bit RGB image.
+
+    Raises:
+        BadImageError: the file cannot be read or decoded, or is too large (decompression bomb).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise BadImageError(f"{width}x{height} pixels is over the {MAX_PIXELS:,} limit "
+                                        "(decompression bomb?)")
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImageError("too many pixels (decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise BadImageError("not an image PIL can read") from None
+    except FileNotFoundError:
+        raise BadImageError("file disappeared") from None
+    except PermissionError:
+        raise BadImageError("permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated data, broken headers, bad EXIF
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadImageError(f"cannot decode: {reason}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (see the module docstring for the rules)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _high_depth_to_rgb(image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    else:  # 16-bit data (also PIL's 32-bit "I" when it came from a 16-bit file)
+        scaled = values / 65535.0
+    gray = Image.fromarray(np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8), mode="L")
+    return gray.convert("RGB")
