@@ -12,8 +12,8 @@ import torch
 from dinopre.checkpoint import sha256_file
 from dinopre.config import build_config
 from dinopre.engine import fit
-from dinopre.events import CheckpointSaved, EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged
 from dinopre.errors import RunDirError, TrainingStopped
+from dinopre.events import CheckpointSaved, EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged
 from dinopre.losses import DINOLoss
 
 
@@ -130,7 +130,7 @@ def test_too_few_images_for_a_batch(tiny_settings: dict, face_folder: Path) -> N
 
 @pytest.mark.slow
 def test_a_short_run_on_structured_images_learns_without_collapsing(tmp_path: Path) -> None:
-    """~200 steps of the demo recipe (--demo --train-dir) on a folder of face-like JPEGs: the loss falls, no collapse."""
+    """~200 steps of the demo recipe (--demo --train-dir) on face-like JPEGs: the loss falls, no collapse."""
     from dinopre.demo import write_synthetic_folder
 
     folder = tmp_path / "faces"

@@ -109,12 +109,20 @@ def test_the_pipelines_vit_loads_the_export_exactly_and_gives_the_teachers_featu
     assert exported["metadata"]["stream"] == "face_left" and exported["metadata"]["weights"] == "teacher"
 
 
-def test_train_export_backbone_writes_the_same_format(trained: Path) -> None:
-    """The end-of-run export of `train --export-backbone` is the one `dinopre export` writes."""
-    state = torch.load(trained / "checkpoint_last.pt", weights_only=True)
-    assert state["config"]["run"]["export_backbone"] is None  # the fixture did not ask for one
-    model = dinopre.load_dinov2_backbone(f"file::{export_checkpoint(trained / 'checkpoint_last.pt', trained / 'b.pt')[0]}")
-    assert isinstance(model, VisionTransformer)
+def test_train_export_backbone_writes_the_same_format(face_folder: Path, tmp_path: Path) -> None:
+    """`train --export-backbone` at the end of a run writes what `dinopre export` writes from its checkpoint."""
+    from conftest import TINY
+
+    run_dir = tmp_path / "run"
+    fit(build_config("face", cli_settings={**TINY, "epochs": 1, "train_dir": [str(face_folder)],
+                                           "output_dir": str(run_dir), "export_backbone": str(run_dir / "end.pt")}),
+        NullReporter())
+    exported, _ = export_checkpoint(run_dir / "checkpoint_last.pt", tmp_path / "later.pt")
+    at_end, later = torch.load(run_dir / "end.pt", weights_only=True), torch.load(exported, weights_only=True)
+    assert at_end["model"].keys() == later["model"].keys()
+    assert all(torch.equal(at_end["model"][k], later["model"][k]) for k in at_end["model"])
+    assert at_end["metadata"]["backbone"] == later["metadata"]["backbone"]
+    assert dinopre.load_dinov2_backbone(f"file::{run_dir / 'end.pt'}:slt_vitsmall_patch16") is not None
 
 
 def test_export_refuses_to_overwrite_and_records_artifacts(trained: Path) -> None:

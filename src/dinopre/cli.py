@@ -246,7 +246,8 @@ def train(
 
 
 _CONFIG_FLAGS = frozenset(
-    "train_dir strict_data num_local_crops local_crop_size global_crop_scale local_crop_scale flip_prob num_workers image_size "
+    "train_dir strict_data num_local_crops local_crop_size global_crop_scale local_crop_scale flip_prob num_workers "
+    "image_size "
     "patch_size vit_embed_dim vit_depth vit_num_heads vit_mlp_ratio drop_path_rate out_dim head_hidden_dim "
     "norm_last_layer shared_head patch_out_dim patch_mask_ratio mask_probability mask_shape patch_loss_weight "
     "teacher_patch_temp epochs batch_size learning_rate min_lr warmup_epochs weight_decay weight_decay_end "

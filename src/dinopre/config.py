@@ -15,10 +15,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from dinopre.errors import ConfigError
 
@@ -397,7 +398,8 @@ def _validate_model(config: PretrainConfig) -> None:
     m = config.model
     for name in ("image_size", "patch_size", "vit_embed_dim", "vit_depth", "vit_num_heads", "out_dim",
                  "head_hidden_dim", "head_bottleneck_dim"):
-        _require(getattr(m, name) >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {getattr(m, name)}.")
+        value = getattr(m, name)
+        _require(value >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
     _require(m.image_size % m.patch_size == 0,
              f"--patch-size {m.patch_size} does not divide --image-size {m.image_size}; "
              f"choose sizes so that the image is a whole number of patches (e.g. --image-size "
@@ -447,7 +449,8 @@ def _validate_optim(config: PretrainConfig) -> None:
              f"--learning-rate must be positive, got {o.learning_rate}.")
     _require(o.min_lr >= 0, f"--min-lr must be 0 or more, got {o.min_lr}.")
     _require(o.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {o.warmup_epochs}.")
-    _require(o.weight_decay >= 0 and o.weight_decay_end >= 0, "--weight-decay and --weight-decay-end must be 0 or more.")
+    _require(o.weight_decay >= 0 and o.weight_decay_end >= 0,
+             "--weight-decay and --weight-decay-end must be 0 or more.")
     _require(o.clip_grad_norm >= 0, f"--clip-grad-norm must be 0 (off) or positive, got {o.clip_grad_norm}.")
     _require(o.freeze_last_layer_epochs >= 0,
              f"--freeze-last-layer-epochs must be 0 or more, got {o.freeze_last_layer_epochs}.")

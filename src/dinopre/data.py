@@ -120,7 +120,8 @@ class CropBatch:
         return self.indices.shape[0]
 
     def _map(self, fn) -> CropBatch:
-        tensors = (None if t is None else fn(t) for t in (self.global_crops, self.local_crops, self.indices, self.masks))
+        fields = (self.global_crops, self.local_crops, self.indices, self.masks)
+        tensors = (None if t is None else fn(t) for t in fields)
         return CropBatch(*tensors, bad=self.bad)
 
     def pin_memory(self) -> CropBatch:

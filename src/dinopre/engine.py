@@ -40,7 +40,7 @@ from dinopre.data import (
     build_loader,
     check_dataset_size,
 )
-from dinopre.errors import ConfigError, DataError, Interrupted, RunDirError, TrainingStopped
+from dinopre.errors import ConfigError, DataError, Interrupted, TrainingStopped
 from dinopre.events import (
     CheckpointSaved,
     EpochEnded,
@@ -325,7 +325,8 @@ def _load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, An
     differences = config_differences(saved, config)
     if differences:
         raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
-                          "--epochs, --device, --num-workers, --log-interval, --checkpoint-every and the output paths may change.")
+                          "--epochs, --device, --num-workers, --log-interval, --checkpoint-every and the output paths "
+                          "may change.")
     done, in_epoch = state["epoch"], state["step_in_epoch"]
     if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
         raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "
@@ -471,8 +472,9 @@ def _note_bad_files(run: _Run, records: list[tuple[int, str]]) -> None:
         raise DataError(f"'{name}' cannot be used ({reason}); fix or remove it, or drop --strict-data to skip "
                         "such files.")
     if len(records) >= MAX_FALLBACKS:
-        raise DataError(f"{MAX_FALLBACKS} files in a row could not be decoded (e.g. '{run.source.describe(records[0][0])}'"
-                        f": {records[0][1]}); the training folder looks broken.")
+        example = run.source.describe(records[0][0])
+        raise DataError(f"{MAX_FALLBACKS} files in a row could not be decoded (e.g. '{example}': {records[0][1]}); "
+                        "the training folder looks broken.")
 
 
 def _training_state(run: _Run) -> dict[str, Any]:

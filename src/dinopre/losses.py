@@ -134,7 +134,9 @@ class IBOTPatchLoss(nn.Module):
 
 
 @torch.no_grad()
-def teacher_diagnostics(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> dict[str, torch.Tensor]:
+def teacher_diagnostics(
+    teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float
+) -> dict[str, torch.Tensor]:
     """Collapse signals (dino_ibot.md section 5, problem 1), computed without host synchronisation.
 
     Returns:
