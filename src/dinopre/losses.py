@@ -20,8 +20,8 @@ from torch import nn
 from dinopre.runtime import all_reduce_mean
 
 
-class DINOLoss(nn.Module):
-    """Cross-view CLS loss with centering and sharpening of the teacher.
+class _CenteredLoss(nn.Module):
+    """What the DINO and iBOT losses share: a student temperature and a teacher center kept as an EMA.
 
     Args:
         out_dim: number of prototypes K.
@@ -34,6 +34,16 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def _move_center(self, batch_center: torch.Tensor) -> None:
+        """center <- m * center + (1 - m) * this step's (1, K) mean, averaged over all processes."""
+        batch_center = all_reduce_mean(batch_center)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+class DINOLoss(_CenteredLoss):
+    """Cross-view CLS loss with centering and sharpening of the teacher (see `_CenteredLoss` for the arguments)."""
 
     def forward(
         self,
@@ -73,25 +83,12 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """center <- m * center + (1 - m) * mean of this step's teacher logits (over all processes)."""
-        batch_center = all_reduce_mean(teacher_logits.float().mean(dim=0, keepdim=True))  # (1, K)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        """Move the center towards the mean of this step's teacher logits."""
+        self._move_center(teacher_logits.float().mean(dim=0, keepdim=True))  # (1, K)
 
 
-class IBOTPatchLoss(nn.Module):
-    """Masked-patch self-distillation loss with its own center.
-
-    Args:
-        out_dim: prototypes of the patch head.
-        student_temp: student softmax temperature (0.1).
-        center_momentum: EMA momentum of the patch center (0.9).
-    """
-
-    def __init__(self, out_dim: int, *, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
+class IBOTPatchLoss(_CenteredLoss):
+    """Masked-patch self-distillation loss with its own center (`out_dim` = prototypes of the patch head)."""
 
     def forward(
         self,
@@ -128,9 +125,8 @@ class IBOTPatchLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_patch_logits: torch.Tensor) -> None:
-        """center <- m * center + (1 - m) * mean over all teacher patch tokens (over all processes)."""
-        batch_center = all_reduce_mean(teacher_patch_logits.float().flatten(0, 1).mean(dim=0, keepdim=True))
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        """Move the center towards the mean over all of this step's teacher patch tokens (masked or not)."""
+        self._move_center(teacher_patch_logits.float().flatten(0, 1).mean(dim=0, keepdim=True))  # (1, K)
 
 
 @torch.no_grad()
