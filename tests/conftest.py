@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ os.environ.setdefault("TERMINAL_WIDTH", "120")
 os.environ["_TYPER_FORCE_DISABLE_TERMINAL"] = "1"
 os.environ["NO_COLOR"] = "1"
 os.environ["COLUMNS"] = "120"
+# Scans cache their file index; tests (and the processes they start) must never touch the user's cache.
+os.environ["DINOPRE_CACHE_DIR"] = tempfile.mkdtemp(prefix="dinopre-test-cache-")
 
 # A model small enough that a training step takes milliseconds on a CPU.
 TINY: dict[str, Any] = {

@@ -88,7 +88,13 @@ def test_round_trip_through_plain_dict_is_exact() -> None:
         ({"train_dir": ["d"], "flip_prob": 1.5}, "probability"),
         ({"train_dir": ["d"], "teacher_temp": 0}, "--teacher-temp must be positive"),
         ({}, "No training data"),
-        ({"train_dir": ["d"], "epochs": "ten"}, "must be of type int"),
+        ({"train_dir": ["d"], "epochs": "ten"}, "Setting 'epochs' must be an integer"),
+        ({"train_dir": ["d"], "learning_rate": "abc"}, "Setting 'learning_rate' must be a number"),
+        ({"train_dir": ["d"], "num_workers": "4"}, "Setting 'num_workers' must be an integer"),
+        ({"train_dir": ["d"], "global_crop_scale": ["a", "b"]}, "Setting 'global_crop_scale' must be a number"),
+        ({"train_dir": ["d"], "global_crop_scale": [0.2, 0.5, 0.9]}, "takes 2 values"),
+        ({"train_dir": ["d"], "export_backbone": 5}, "Setting 'export_backbone' must be a string"),
+        ({"train_dir": ["d"], "norm_last_layer": "yes"}, "must be true or false"),
     ],
 )
 def test_invalid_settings_give_one_clear_sentence(settings: dict, message: str) -> None:

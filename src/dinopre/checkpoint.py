@@ -35,31 +35,54 @@ class CheckpointError(UserError):
     """A checkpoint or export file that cannot be used: missing, corrupt, unsafe, or of another kind."""
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+TMP_MARK = ".tmp-"  # temporary files are named .NAME.tmp-PID next to their target
+
+
+class _HashingWriter:
+    """A binary file that also hashes what goes through it, so a checkpoint is not read back for its sha256."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def atomic_save(obj: Any, path: Path) -> str:
     """Write `obj` with torch.save so that `path` is either the old file or the complete new one.
+
+    Returns:
+        The sha256 of the written file.
 
     Raises:
         RunDirError: the folder is not writable or the disk is full; the previous file is left intact.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            writer = _HashingWriter(handle)
+            torch.save(obj, writer)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise RunDirError(f"Could not write '{path}': {exc.strerror or exc}; free disk space or choose another "
                           "--output-dir (the previous checkpoint is intact).") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # also after a KeyboardInterrupt in the middle of the write
+    return writer.digest.hexdigest()
 
 
 def atomic_write_text(text: str, path: Path) -> None:
     """Write a small text file atomically (same guarantees as `atomic_save`)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -67,8 +90,9 @@ def atomic_write_text(text: str, path: Path) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise RunDirError(f"Could not write '{path}': {exc.strerror or exc}.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -109,7 +133,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):  # the weights_only unpickler met a class or function to call
+        if "unsupported global" in str(exc).lower():  # the weights_only unpickler met a class or function to call
             raise CheckpointError(f"'{path}' holds objects other than tensors and plain values and was refused "
                                   "without running them; only load files you trust.") from None
         raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated, corrupt or not written by "
@@ -137,18 +161,21 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+# (our / timm name part, the pipeline's `nn.MultiheadAttention` / `nn.Sequential` name part)
+SLT_RENAMES = (
+    (".attn.qkv.weight", ".attn.in_proj_weight"),
+    (".attn.qkv.bias", ".attn.in_proj_bias"),
+    (".attn.proj.", ".attn.out_proj."),
+    (".mlp.fc1.", ".mlp.0."),
+    (".mlp.fc2.", ".mlp.3."),
+)
+
+
 def _slt_key(name: str) -> str | None:
     """Map one of our backbone parameter names to the consumer's name (None: not exported)."""
     if name == "mask_token":
         return None  # iBOT's student-only token is not part of the backbone the pipeline runs
-    replacements = (
-        (".attn.qkv.weight", ".attn.in_proj_weight"),
-        (".attn.qkv.bias", ".attn.in_proj_bias"),
-        (".attn.proj.", ".attn.out_proj."),
-        (".mlp.fc1.", ".mlp.0."),
-        (".mlp.fc2.", ".mlp.3."),
-    )
-    for ours, theirs in replacements:
+    for ours, theirs in SLT_RENAMES:
         if ours in name:
             return name.replace(ours, theirs)
     return name
@@ -202,7 +229,10 @@ def export_backbone_slt(backbone_state: dict[str, torch.Tensor], metadata: dict[
         The sidecar path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"Cannot create the folder of '{path}': {exc.strerror or exc}.") from None
     atomic_save({"model": slt_state_dict(backbone_state), "metadata": metadata}, path)
     sidecar = path.with_suffix(".json")
     atomic_write_text(json.dumps(metadata, indent=2) + "\n", sidecar)

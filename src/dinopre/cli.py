@@ -315,8 +315,8 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool) -> None:
         typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        fail("Interrupted; checkpoint_last.pt in the run directory holds the last checkpoint; continue with "
-             "`dinopre resume RUN_DIR`.", code=130)
+        fail("Interrupted before a new checkpoint could be written; nothing was saved by this command, and an "
+             "earlier checkpoint_last.pt, if any, is intact.", code=130)
 
 
 def _make_reporter(quiet: bool) -> Any:
@@ -338,7 +338,7 @@ RESUME_EPILOG = (
 @app.command(epilog=RESUME_EPILOG)
 def resume(
     target: Annotated[Path, typer.Argument(help="Run directory (its checkpoint_last.pt) or a checkpoint file.")],
-    epochs: Annotated[int | None, typer.Option(help="Train up to this many epochs in all (more than planned).",
+    epochs: Annotated[int | None, typer.Option(help="Train up to this many epochs in all (more than are done).",
                                                show_default=False)] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX.", show_default=False)] = None,
     num_workers: Annotated[int | None, typer.Option(help="Data-loading processes.", show_default=False)] = None,
@@ -426,6 +426,10 @@ def verify_backbone(
     """Check an export loads strictly, runs at two sizes with finite outputs, and matches its checkpoint."""
     if not backbone.is_file():
         fail(f"'{backbone}' does not exist or is not a file; give the path of an exported backbone.")
+    if checkpoint is not None and not checkpoint.is_file():
+        fail(f"--checkpoint '{checkpoint}' does not exist or is not a file; give a training checkpoint.")
+    if image_size is not None and image_size < 1:
+        fail(f"--image-size must be a positive number of pixels, got {image_size}.")
     from dinopre.export import verify_backbone as verify
     from dinopre.progress import print_verification
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from dinopre.errors import ConfigError
 
@@ -110,7 +110,7 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Where and how the run executes. Changing these never changes what is learned, except `seed`."""
+    """Where and how the run executes, and what it writes."""
 
     output_dir: str = "work_dirs/dino"
     seed: int = 0
@@ -219,34 +219,52 @@ DEMO_OVERRIDES: dict[str, Any] = {
 }
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Convert a value read from a file or the command line to the type of the field's default."""
-    if isinstance(default, tuple) or name in ("train_dir",):
-        if isinstance(value, (str, Path)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"Setting '{name}' must be a list, got {value!r}.")
-        return tuple(str(v) if name == "train_dir" else v for v in value)
+def _field_types(section: type) -> dict[str, Any]:
+    return typing.get_type_hints(section)
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(the type without `| None`, whether None is allowed)."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return annotation, False
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Check a value read from a file or the command line against the field's annotation and normalise it
+    (int -> float where a float is expected, a single path -> a one-item list, lists -> tuples).
+
+    Raises:
+        ConfigError: the value cannot be of that type.
+    """
+    kind, optional = _base_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"Setting '{name}' needs a value, got nothing.")
     if isinstance(value, Path):
-        return str(value)
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise ConfigError(f"Setting '{name}' must be true or false, got {value!r}.")
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if typing.get_origin(kind) is tuple:
+        return _coerce_tuple(name, value, typing.get_args(kind))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        raise ConfigError(f"Setting '{name}' must be {names.get(kind, kind.__name__)}, got {value!r}.")
     return value
 
 
-def _check_type(name: str, value: Any, default: Any) -> None:
-    """Refuse a value whose type cannot be what the field holds (e.g. a string for an integer)."""
-    if value is None or default is None:
-        return
-    expected: type | tuple[type, ...] = type(default)
-    if isinstance(default, float):
-        expected = (float, int)
-    if isinstance(default, tuple):
-        expected = tuple
-    if not isinstance(value, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
-        raise ConfigError(f"Setting '{name}' must be of type {type(default).__name__}, got {value!r}.")
+def _coerce_tuple(name: str, value: Any, element_types: tuple[Any, ...]) -> tuple:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"Setting '{name}' must be a list, got {value!r}.")
+    element = element_types[0]
+    if element_types[-1] is not Ellipsis and len(value) != len(element_types):
+        raise ConfigError(f"Setting '{name}' takes {len(element_types)} values, got {list(value)}.")
+    return tuple(_coerce(name, item, element) for item in value)
 
 
 def _unknown_key_error(key: str, source: str) -> ConfigError:
@@ -290,7 +308,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist; pass the path of a .toml or .json file.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Config file '{path}' cannot be read as UTF-8 text ({exc}).") from None
     try:
         if path.suffix.lower() == ".json":
             raw = json.loads(text)
@@ -348,10 +369,7 @@ def _assemble(preset: str, settings: dict[str, Any]) -> PretrainConfig:
         if key not in FIELD_SECTION:
             raise _unknown_key_error(key, "the settings")
         section = FIELD_SECTION[key]
-        default = SECTIONS[section].__dataclass_fields__[key].default
-        value = _coerce(key, value, default)
-        _check_type(key, value, default)
-        sections[section][key] = value
+        sections[section][key] = _coerce(key, value, _field_types(SECTIONS[section])[key])
     return PretrainConfig(preset=preset, **{name: SECTIONS[name](**values) for name, values in sections.items()})
 
 

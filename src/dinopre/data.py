@@ -30,6 +30,8 @@ _ORDER_STREAM = 1  # separates the data-order generator from per-sample generato
 # A bad file's slot is filled by the next file that decodes; after this many failures in a row the sample becomes
 # a blank image and the engine stops the run, because the data is broken, not a few files.
 MAX_FALLBACKS = 100
+EXHAUSTED = -1  # the index of the record that marks a sample whose fallbacks all failed
+_FALLBACK_STREAM = 2
 
 
 class ImageSource(Protocol):
@@ -166,13 +168,24 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def _load(self, index: int) -> tuple[Image.Image, list[tuple[int, str]]]:
         bad: list[tuple[int, str]] = []
-        for attempt in range(min(MAX_FALLBACKS, len(self.source))):
-            candidate = (index + attempt) % len(self.source)
+        for candidate in self._candidates(index):
             try:
                 return self.source.load(candidate), bad
             except BadImageError as exc:
                 bad.append((candidate, str(exc)))
+        bad.append((EXHAUSTED, f"none of {len(bad)} files tried could be decoded"))
         return Image.new("RGB", (64, 64), BACKGROUND), bad
+
+    def _candidates(self, index: int) -> Iterator[int]:
+        """The file itself, its next 7 neighbours, then files drawn across the whole set (seeded by the index),
+        so a sub-folder full of broken files cannot exhaust the fallbacks of a mostly good dataset."""
+        count = len(self.source)
+        tries = min(MAX_FALLBACKS, count)
+        neighbours = [(index + k) % count for k in range(min(8, tries))]
+        yield from neighbours
+        if tries > len(neighbours):
+            draws = np.random.default_rng([self.seed, index, _FALLBACK_STREAM]).integers(0, count, tries - 8)
+            yield from (int(i) for i in draws)
 
 
 def collate_crops(samples: list[Sample]) -> CropBatch:

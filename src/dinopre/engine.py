@@ -31,7 +31,7 @@ from dinopre.checkpoint import (
 )
 from dinopre.config import PretrainConfig, advisories, config_differences, config_from_dict, config_to_dict
 from dinopre.data import (
-    MAX_FALLBACKS,
+    EXHAUSTED,
     EpochBatchSampler,
     FolderSource,
     ImageSource,
@@ -40,7 +40,7 @@ from dinopre.data import (
     build_loader,
     check_dataset_size,
 )
-from dinopre.errors import ConfigError, DataError, Interrupted, TrainingStopped
+from dinopre.errors import ConfigError, DataError, Interrupted, RunDirError, TrainingStopped
 from dinopre.events import (
     CheckpointSaved,
     EpochEnded,
@@ -168,7 +168,7 @@ def train_step(
     freeze_last_layer: bool,
     diagnostics: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step of DINO; returns the detached loss parts (no host synchronisation)."""
+    """One optimizer step of DINO or iBOT; returns the detached loss parts (no host synchronisation)."""
     # apply schedules
     apply_schedules(optimizer, values["lr"], values["weight_decay"])
     # forward and losses (trunk in autocast, loss maths in fp32)
@@ -242,6 +242,8 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
     steps_per_epoch = check_dataset_size(len(data.source), config.optim.batch_size)
     files = RunDirectory(Path(config.run.output_dir))
     files.prepare(overwrite=overwrite, resuming=state is not None)
+    if config.run.export_backbone:
+        _check_export_path(Path(config.run.export_backbone), may_replace=overwrite or state is not None)
     method = build_method(config).to(runtime.device)
     run = _Run(config, files, runtime, method, build_optimizer(method.student, runtime.device),
                build_schedules(config, steps_per_epoch), steps_per_epoch, reporter, data.fingerprint, data.source)
@@ -344,10 +346,11 @@ def _restore(run: _Run, state: dict[str, Any]) -> None:
         run.method.teacher.load_state_dict(state["teacher"])
         run.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"The checkpoint does not fit the model of its own configuration ({exc}).") from None
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"The checkpoint does not fit the model of its own configuration ({detail}).") from None
     for name, tensor in state["loss"].items():
         getattr(run.method.dino_loss if name == "center" else run.method.patch_loss, "center").copy_(tensor)
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"], run.runtime.device)
     run.epoch, run.step_in_epoch, run.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
     run.loss_sums = {k: v.to(run.runtime.device) for k, v in state["loss_sums"].items()}
     run.epoch_losses, run.epoch_parts = list(state["epoch_losses"]), list(state["epoch_parts"])
@@ -445,6 +448,12 @@ def _end_epoch(run: _Run, epoch: int, seconds: float) -> None:
 
 
 def _save(run: _Run, *, best: bool, mid_epoch: bool) -> None:
+    if run.loss_sums and not bool(torch.isfinite(run.loss_sums["loss"])):  # one sync per checkpoint
+        raise TrainingStopped(
+            f"The loss became non-finite before step {run.global_step} (epoch {run.epoch + 1}); the last good "
+            f"checkpoint in '{run.files.path}' is kept. Lower --learning-rate or --teacher-temp, or use "
+            "--precision fp32."
+        )
     if run.bad_files:
         run.files.write_bad_files(run.bad_files)
     path = run.files.save_checkpoint(_training_state(run), best=best)
@@ -465,16 +474,18 @@ def _stop(run: _Run) -> None:
 
 def _note_bad_files(run: _Run, records: list[tuple[int, str]]) -> None:
     """Remember files that could not be decoded; stop with --strict-data or when the data is broken."""
-    for index, reason in records:
+    good_records = [(index, reason) for index, reason in records if index != EXHAUSTED]
+    for index, reason in good_records:
         run.bad_files[run.source.describe(index)] = reason
     if run.config.data.strict_data:
         name, reason = next(iter(run.bad_files.items()))
         raise DataError(f"'{name}' cannot be used ({reason}); fix or remove it, or drop --strict-data to skip "
                         "such files.")
-    if len(records) >= MAX_FALLBACKS:
-        example = run.source.describe(records[0][0])
-        raise DataError(f"{MAX_FALLBACKS} files in a row could not be decoded (e.g. '{example}': {records[0][1]}); "
-                        "the training folder looks broken.")
+    if len(good_records) < len(records):
+        example, reason = run.source.describe(good_records[0][0]), good_records[0][1]
+        tried = next(r for i, r in records if i == EXHAUSTED)
+        raise DataError(f"For one image {tried.removeprefix('none of ').split(' files')[0]} files were tried and "
+                        f"none could be decoded (e.g. '{example}': {reason}); the training folder looks broken.")
 
 
 def _training_state(run: _Run) -> dict[str, Any]:
@@ -492,13 +503,34 @@ def _training_state(run: _Run) -> dict[str, Any]:
         "loss": run.method.loss_state(),
         "loss_sums": {k: v.detach().clone() for k, v in run.loss_sums.items()},
         "optimizer": run.optimizer.state_dict(),
-        "rng": rng_state(),
+        "rng": rng_state(run.runtime.device),
         "best_loss": run.best_loss,
         "best_epoch": run.best_epoch + 1,
         "epoch_losses": list(run.epoch_losses),
         "epoch_parts": [dict(p) for p in run.epoch_parts],
         "data": {"fingerprint": run.data_fingerprint},
     }
+
+
+def _check_export_path(path: Path, *, may_replace: bool) -> None:
+    """Refuse at the start, not after hours of training, an export path that cannot or should not be written.
+
+    Raises:
+        RunDirError: the file exists (a new run without --overwrite), is a folder, or its folder is not writable.
+    """
+    if path.is_dir():
+        raise RunDirError(f"--export-backbone '{path}' is a folder; give a file path such as {path / 'backbone.pt'}.")
+    if path.exists() and not may_replace:
+        raise RunDirError(f"--export-backbone '{path}' already exists; pass --overwrite to replace it or choose "
+                          "another path.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.write-test")
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"Cannot write the export '{path}': {exc.strerror or exc}; choose another "
+                          "--export-backbone path.") from None
 
 
 def _export(run: _Run) -> Path:

@@ -23,6 +23,7 @@ import torch
 from dinopre.checkpoint import (
     KIND_BACKBONE,
     KIND_TRAINING,
+    SLT_RENAMES,
     CheckpointError,
     atomic_save,
     atomic_write_text,
@@ -32,18 +33,11 @@ from dinopre.checkpoint import (
     sha256_file,
     slt_state_dict,
 )
-from dinopre.errors import RunDirError
+from dinopre.errors import ConfigError, RunDirError
 from dinopre.vit import VisionTransformer, count_parameters
 
 FORMATS = ("slt", "timm")
 MODEL_NAMES = ("slt_vitsmall_patch16", "dinopre_vit")
-_FROM_SLT = (
-    (".attn.in_proj_weight", ".attn.qkv.weight"),
-    (".attn.in_proj_bias", ".attn.qkv.bias"),
-    (".attn.out_proj.", ".attn.proj."),
-    (".mlp.0.", ".mlp.fc1."),
-    (".mlp.3.", ".mlp.fc2."),
-)
 
 
 def backbone_state(state: dict[str, Any], weights: str) -> dict[str, torch.Tensor]:
@@ -62,7 +56,7 @@ def build_backbone(metadata: dict[str, Any]) -> VisionTransformer:
 
 
 def _from_slt(name: str) -> str:
-    for theirs, ours in _FROM_SLT:
+    for ours, theirs in SLT_RENAMES:
         if theirs in name:
             return name.replace(theirs, ours)
     return name
@@ -90,7 +84,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, fmt: str = 
     metadata = backbone_metadata(state["config"], epoch=state["epoch"], weights=weights)
     metadata["format"] = fmt
     metadata["source_checkpoint"] = str(checkpoint)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"Cannot create the folder of '{output}': {exc.strerror or exc}.") from None
     if fmt == "slt":
         atomic_save({"model": slt_state_dict(tensors), "metadata": metadata}, output)
     else:
@@ -210,6 +207,9 @@ def verify_backbone(path: str | Path, *, checkpoint: str | Path | None = None,
                                        f"patch {b['patch_size']}, {count_parameters(model) / 1e6:.2f}M parameters")
     native = b["image_size"]
     other = image_size or (native + 2 * b["patch_size"])
+    if other < b["patch_size"] or other % b["patch_size"]:
+        raise ConfigError(f"--image-size {other} is not a positive multiple of the backbone's patch size "
+                          f"{b['patch_size']}; pass e.g. --image-size {native + 2 * b['patch_size']}.")
     generator = torch.Generator().manual_seed(0)
     for size in dict.fromkeys((native, other)):
         images = torch.randn(2, b["in_channels"], size, size, generator=generator)

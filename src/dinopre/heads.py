@@ -67,7 +67,10 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_norm=norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(R, in_dim) features -> (R, K) logits."""
+        """(R, in_dim) features -> (R, K) fp32 logits."""
         x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2)  # (R, bottleneck)
-        return self.last_layer(x)
+        # The prototype logits feed softmaxes at temperature 0.04: in bf16 their rounding (~3e-3) becomes 0.08
+        # nats; keep the normalisation and the last layer in fp32 (dino_ibot.md section 5, problem 2).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.normalize(x.float(), dim=-1, p=2)  # (R, bottleneck)
+            return self.last_layer(x)

@@ -3,8 +3,8 @@
 Conversions (design.md section 6): EXIF orientation is applied; L, P, CMYK, YCbCr and friends go through PIL's
 RGB conversion; images with transparency (LA, RGBA, PA, P with a transparent colour) are composited over the
 ImageNet mean colour, which normalises to zero, instead of keeping whatever colour hides under transparent pixels;
-16-bit and 32-bit integer images (I;16, I) and float images (F) are scaled to 8 bits by their bit depth instead of
-being clipped at 255 (PIL's `convert("RGB")` turns most of a 16-bit image white).
+16-bit images (I;16, and I holding 16-bit values) are scaled by 65535, and wider integer or float images (I, F)
+by their own range, instead of being clipped at 255 (PIL's `convert("RGB")` turns most of a 16-bit image white).
 A file that cannot be decoded — unreadable, truncated, empty, not an image, or a decompression bomb — raises
 `BadImageError` with a short reason.
 """
@@ -76,10 +76,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
     values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        low, high = float(values.min()), float(values.max())
+    low, high = float(values.min()), float(values.max())
+    if image.mode != "F" and low >= 0 and high <= 65535:
+        scaled = values / 65535.0  # 16-bit data (PIL also opens some 16-bit files as 32-bit "I")
+    else:  # floats, and integers beyond 16 bits: stretch the image's own range
         scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    else:  # 16-bit data (also PIL's 32-bit "I" when it came from a 16-bit file)
-        scaled = values / 65535.0
     gray = Image.fromarray(np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8), mode="L")
     return gray.convert("RGB")

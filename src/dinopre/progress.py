@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from dinopre.config import config_to_dict
 from dinopre.events import EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged, Stopped
@@ -51,17 +52,17 @@ def config_table(event: RunStarted) -> Table:
     settings = config_to_dict(event.config)
     for section in ("model", "data", "optim", "method", "run"):
         values = " ".join(f"{k}={_plain(v)}" for k, v in settings[section].items())
-        table.add_row(section, values)
+        table.add_row(section, Text(values))  # Text: paths are shown as they are, never read as markup
     table.add_row("lr", f"peak {event.config.peak_learning_rate:.3g} (after {event.config.optim.warmup_epochs} "
                         "warmup epochs)")
-    table.add_row("images", event.data_description)
+    table.add_row("images", Text(event.data_description))
     table.add_row("steps", f"{event.steps_per_epoch} per epoch, {event.total_steps} in all")
     table.add_row("hardware", f"{event.device}, {event.precision}, {event.num_workers} data workers")
     params = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in event.parameters.items())
     table.add_row("parameters", params)
-    table.add_row("run dir", str(event.run_dir))
+    table.add_row("run dir", Text(str(event.run_dir)))
     if event.resumed_from is not None:
-        table.add_row("resumed", f"from {event.resumed_from} at step {event.start_step}")
+        table.add_row("resumed", Text(f"from {event.resumed_from} at step {event.start_step}"))
     return table
 
 
@@ -71,8 +72,8 @@ def _plain(value: Any) -> str:
     return str(value)
 
 
-def summary_panel(event: RunFinished) -> Panel:
-    """What the run produced and what to run next."""
+def summary_lines(event: RunFinished) -> list[str]:
+    """What the run produced and what to run next, one plain line each."""
     lines = [
         f"run directory   {event.run_dir}",
         f"best loss       {event.best_loss:.4f} (epoch {event.best_epoch + 1})",
@@ -83,15 +84,21 @@ def summary_panel(event: RunFinished) -> Panel:
         lines.append(f"backbone        {event.export_path}")
         lines.append(f'load it with    load_dinov2_backbone("file::{event.export_path}:slt_vitsmall_patch16")')
     else:
-        lines.append("backbone        not exported (add --export-backbone PATH to write it at the end)")
+        lines.append(f"export with     dinopre export {event.best_checkpoint} {event.run_dir / 'backbone.pt'}")
     if event.bad_files:
         lines.append(f"skipped files   {event.bad_files} could not be decoded; listed in {event.bad_files_report}")
     lines.append(f"continue with   dinopre resume {event.run_dir} --epochs N")
-    return Panel("\n".join(lines), title="done", border_style="green", expand=False)
+    return lines
 
 
 def collapse_warning(loss: float, out_dim: int, prototypes_used: float | None) -> str | None:
-    """A hint when an epoch ends in one of DINO's two collapses (dino_ibot.md section 5, problem 1)."""
+    """A hint when an epoch ends in one of DINO's two collapses (dino_ibot.md section 5, problem 1).
+
+    Args:
+        loss: the epoch's CLS loss (the whole loss for DINO, the CLS part for iBOT).
+        out_dim: prototypes K.
+        prototypes_used: winning prototypes in the last logged batch.
+    """
     if abs(loss - math.log(out_dim)) < 0.01:
         return (f"The loss is ln K = {math.log(out_dim):.3f}: the teacher is uniform (collapse). Lower "
                 "--teacher-temp or --out-dim, or raise --learning-rate; see Troubleshooting in the README.")
@@ -126,8 +133,8 @@ class PlainReporter:
         elif isinstance(event, RunStarted):
             self._started(event)
         elif isinstance(event, Stopped):
-            self.console.print(f"[yellow]stopped by {event.signal_name}[/] at step {event.global_step}; "
-                               f"checkpoint saved in {event.checkpoint}")
+            self.console.print(f"stopped by {event.signal_name} at step {event.global_step}; checkpoint saved in "
+                               f"{event.checkpoint}", style="yellow", markup=False)
         elif isinstance(event, StepLogged):
             self.last_prototypes_used = event.metrics.get("prototypes_used")
             self.console.print(f"epoch {event.epoch + 1}/{event.epochs} step {event.step_in_epoch}/"
@@ -136,22 +143,27 @@ class PlainReporter:
         elif isinstance(event, EpochEnded):
             self._epoch_line(event)
         elif isinstance(event, RunFinished):
-            self.console.print(summary_panel(event))
+            self._summary(event)
+
+    def _summary(self, event: RunFinished) -> None:
+        for line in summary_lines(event):  # plain lines: nothing cropped, paths printed as they are
+            self.console.print(line, markup=False, highlight=False)
 
     def _started(self, event: RunStarted) -> None:
         self.out_dim = event.config.model.out_dim
         self.console.print(config_table(event))
         for warning in event.warnings:
-            self.console.print(f"[yellow]warning:[/] {warning}")
+            self.console.print(f"warning: {warning}", style="yellow", markup=False)
 
     def _epoch_line(self, event: EpochEnded) -> None:
         best = " (best)" if event.is_best else ""
         parts = "".join(f" {name} {value:.4f}" for name, value in event.parts.items() if name in ("cls", "patch"))
         self.console.print(f"epoch {event.epoch + 1}/{event.epochs} done: loss {event.loss:.4f}{best}{parts}, "
                            f"{event.seconds:.1f} s, {event.images_per_sec:.0f} img/s")
-        warning = collapse_warning(event.loss, self.out_dim, self.last_prototypes_used)
+        cls_loss = event.parts.get("cls", event.parts.get("dino", event.loss))
+        warning = collapse_warning(cls_loss, self.out_dim, self.last_prototypes_used)
         if warning:
-            self.console.print(f"[yellow]warning:[/] {warning}")
+            self.console.print(f"warning: {warning}", style="yellow", markup=False)
 
     def close(self) -> None:
         pass
@@ -198,7 +210,11 @@ class RichReporter(PlainReporter):
             self._epoch_line(event)
         elif isinstance(event, RunFinished):
             self.close()
-            self.console.print(summary_panel(event))
+            self._summary(event)
+
+    def _summary(self, event: RunFinished) -> None:
+        text = Text("\n".join(summary_lines(event)))
+        self.console.print(Panel(text, title="done", border_style="green", expand=False))
 
     def _scan_status(self, event: ScanProgress) -> None:
         if self.status is None and not event.done:
@@ -244,9 +260,9 @@ def _human(value: Any) -> str:
 
 def print_verification(rows: list[tuple[str, bool, str]], console: Console | None = None) -> None:
     """`dinopre verify-backbone`: one line per check, then the verdict."""
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, soft_wrap=True)
     for check, passed, detail in rows:
         mark = "[green]PASS[/]" if passed else "[red]FAIL[/]"
-        console.print(f"{mark} {check}: {detail}")
+        console.print(mark, Text(f"{check}: {detail}"))
     ok = bool(rows) and all(passed for _, passed, _ in rows)
     console.print("[green]The backbone is ready for the pipeline.[/]" if ok else "[red]Verification failed.[/]")

@@ -8,12 +8,13 @@ epoch), `artifacts.json` (every checkpoint and export written, with its sha256).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from dinopre.checkpoint import atomic_save, atomic_write_text, sha256_file
+from dinopre.checkpoint import TMP_MARK, atomic_save, atomic_write_text, sha256_file
 from dinopre.errors import RunDirError
 
 CHECKPOINT_LAST, CHECKPOINT_BEST = "checkpoint_last.pt", "checkpoint_best.pt"
@@ -59,9 +60,11 @@ class RunDirectory:
         except OSError as exc:
             raise RunDirError(f"Cannot write to output folder '{self.path}': {exc.strerror or exc}; "
                               "choose another --output-dir.") from None
+        for stale in self.path.glob(f".*{TMP_MARK}*"):  # left by a process killed in the middle of a write
+            stale.unlink(missing_ok=True)
         if resuming:
             self._load_artifacts()
-        elif overwrite:
+        else:  # a new run: logs of a run that died before its first checkpoint (or was overwritten) go
             for name in (METRICS, ARTIFACTS, BAD_FILES, CHECKPOINT_LAST, CHECKPOINT_BEST):
                 (self.path / name).unlink(missing_ok=True)
 
@@ -100,36 +103,56 @@ class RunDirectory:
         path = self.path / METRICS
         if not path.exists():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= global_step]
+        kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if _record_step(line) <= global_step]
         atomic_write_text("".join(line + "\n" for line in kept), path)
 
     def save_checkpoint(self, state: dict[str, Any], *, best: bool) -> Path:
-        """Write checkpoint_last.pt (and checkpoint_best.pt when `best`) and record them."""
-        atomic_save(state, self.last)
-        self.record(self.last, "checkpoint", epoch=state["epoch"], step=state["global_step"])
+        """Write checkpoint_last.pt (and first checkpoint_best.pt when `best`) and record them.
+
+        The best file is written first: a crash between the two leaves checkpoint_last.pt one save behind, and
+        resuming from it redoes the same steps and writes both again, so best and last always agree.
+        """
+        details = {"epoch": state["epoch"], "step": state["global_step"]}
         if best:
-            self._copy_atomic(self.last, self.best)
-            self.record(self.best, "checkpoint", epoch=state["epoch"], step=state["global_step"])
+            sha = atomic_save(state, self.best)
+            self.record(self.best, "checkpoint", sha256=sha, **details)
+            self._copy_atomic(self.best, self.last)
+        else:
+            sha = atomic_save(state, self.last)
+        self.record(self.last, "checkpoint", sha256=sha, **details)
         return self.last
 
     @staticmethod
     def _copy_atomic(source: Path, target: Path) -> None:
-        tmp = target.with_name(f".{target.name}.tmp")
+        tmp = target.with_name(f".{target.name}{TMP_MARK}{os.getpid()}")
         try:
             shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
             tmp.replace(target)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise RunDirError(f"Could not write '{target}': {exc.strerror or exc}; free disk space or choose "
-                              "another --output-dir.") from None
+                              "another --output-dir (the previous checkpoint is intact).") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
-    def record(self, path: Path, kind: str, **details: Any) -> None:
-        """Add or update the artifacts.json entry of a file written for this run (size and sha256)."""
+    def record(self, path: Path, kind: str, sha256: str | None = None, **details: Any) -> None:
+        """Add or update the artifacts.json entry of a file written for this run (size and sha256, computed
+        from the file unless the writer already knows it)."""
         try:
             name = str(Path(path).resolve().relative_to(self.path.resolve()))
         except ValueError:
             name = str(Path(path).resolve())
         self.artifacts[name] = {"kind": kind, **details, "bytes": Path(path).stat().st_size,
-                                "sha256": sha256_file(path), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                                "sha256": sha256 or sha256_file(path),
+                                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_text(json.dumps(self.artifacts, indent=2) + "\n", self.path / ARTIFACTS)
+
+
+def _record_step(line: str) -> float:
+    """The global step of a metrics line; infinity for a line cut short by a crash (so it is dropped)."""
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return float("inf")

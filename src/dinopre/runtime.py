@@ -114,19 +114,22 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def rng_state() -> dict[str, torch.Tensor]:
-    """The global torch generator states (drop path draws come from them), as tensors for a checkpoint."""
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global torch generator states (drop path draws come from them), as tensors for a checkpoint.
+
+    CUDA's is saved only for a run on a GPU: reading it creates a CUDA context, which a CPU run must not.
+    """
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     """Restore the generator states saved by `rng_state`."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class StopSignals:

@@ -118,12 +118,11 @@ def _read_cache(root: Path) -> list[Path] | None:
         for folder, mtime in cached["dirs"].items():
             if os.stat(folder).st_mtime_ns != mtime:
                 return None
+        if Path(cached["as_given"]) != root:
+            return None
+        return [Path(p) for p in cached["files"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    prefix = Path(cached["as_given"])
-    if prefix != root:
-        return None
-    return [Path(p) for p in cached["files"]]
+        return None  # a damaged or foreign index only costs a rescan
 
 
 def _write_cache(root: Path, files: list[Path], dir_times: dict[str, int]) -> None:
