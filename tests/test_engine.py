@@ -271,3 +271,23 @@ def test_resume_config_keeps_the_checkpoint_settings(resumable, tmp_path: Path) 
     config, path = resume_config(run_dir, {"epochs": 2, "device": None})
     assert path == run_dir / "checkpoint_last.pt"
     assert config.optim.epochs == 2 and config.model.out_dim == 64 and config.run.output_dir == str(run_dir)
+
+
+def test_a_signal_before_the_loop_stops_at_once_with_its_exit_code(tiny_settings: dict, face_folder: Path) -> None:
+    """SIGTERM while the folder is scanned (before any step) stops the run with exit code 143, saving nothing."""
+    import os
+    import signal
+
+    from dinopre.errors import Interrupted
+
+    class SignalDuringScan(Recorder):
+        def emit(self, event: object) -> None:
+            super().emit(event)
+            if isinstance(event, ScanProgress):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted, match="Stopped by SIGTERM outside the training loop") as info:
+        fit(_config(tiny_settings, face_folder), SignalDuringScan())
+    assert info.value.exit_code == 143
+    assert not (Path(tiny_settings["output_dir"]) / "checkpoint_last.pt").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back

@@ -204,7 +204,7 @@ class _Run:
     reporter: Reporter
     data_fingerprint: str
     source: ImageSource
-    stop: StopSignals = field(default_factory=StopSignals)
+    stop: StopSignals
     bad_files: dict[str, str] = field(default_factory=dict)  # {file: reason} of files that could not be used
     last_saved_step: int = -1
     epoch: int = 0  # completed epochs
@@ -236,6 +236,12 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
         TrainingStopped: a non-finite loss; the last good checkpoint is kept.
     """
     started = time.perf_counter()
+    with StopSignals() as stop:
+        return _fit(config, reporter, overwrite, resume_from, stop, started)
+
+
+def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_from: str | Path | None,
+         stop: StopSignals, started: float) -> FitResult:
     state = _load_resume_state(resume_from, config) if resume_from is not None else None
     runtime = setup(config.run.device, config.run.precision, config.run.seed)
     data = build_source(config, reporter)
@@ -246,7 +252,8 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
         _check_export_path(Path(config.run.export_backbone), may_replace=overwrite or state is not None)
     method = build_method(config).to(runtime.device)
     run = _Run(config, files, runtime, method, build_optimizer(method.student, runtime.device),
-               build_schedules(config, steps_per_epoch), steps_per_epoch, reporter, data.fingerprint, data.source)
+               build_schedules(config, steps_per_epoch), steps_per_epoch, reporter, data.fingerprint, data.source,
+               stop)
     if state is not None:
         _restore(run, state)
     num_workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
@@ -263,8 +270,9 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
     sampler = EpochBatchSampler(len(data.source), config.optim.batch_size, config.run.seed, run.epoch,
                                 config.optim.epochs, run.step_in_epoch)
     loader = build_loader(dataset, sampler, num_workers, pin_memory=runtime.device.type == "cuda")
-    with run.stop:
-        _loop(run, iter(loader))
+    stop.deferring = True  # from here a signal lets the current step finish and saves a checkpoint
+    _loop(run, iter(loader))
+    stop.deferring = False
     export_path = _export(run) if config.run.export_backbone else None
     report = files.write_bad_files(run.bad_files) if run.bad_files else None
     reporter.emit(RunFinished(files.path, run.best_loss, run.best_epoch, files.last, files.best, export_path,

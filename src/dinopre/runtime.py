@@ -17,7 +17,7 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from dinopre.errors import ConfigError
+from dinopre.errors import ConfigError, Interrupted
 
 
 @dataclass(frozen=True)
@@ -133,17 +133,20 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM ask the training loop to stop instead of killing the process.
+    """While active, SIGINT and SIGTERM stop a run cleanly instead of killing the process.
 
-    The loop finishes its current step, writes a checkpoint and exits with 128 + the signal number. A second
-    Ctrl-C while that happens raises KeyboardInterrupt at once (the previous checkpoint stays intact: writes are
-    atomic). Outside the main thread (where Python cannot install handlers) it does nothing.
+    While `deferring` (the training loop runs), a signal only sets `received`: the loop finishes its current step,
+    writes a checkpoint and exits with 128 + the signal number; a second Ctrl-C then raises KeyboardInterrupt at
+    once (the previous checkpoint stays intact: writes are atomic). Outside the loop (scanning, building,
+    exporting) the signal raises `Interrupted` at once. Outside the main thread (where Python cannot install
+    handlers) it does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.deferring = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -157,6 +160,9 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.deferring:
+            raise Interrupted(f"Stopped by {signal.Signals(signum).name} outside the training loop; checkpoints "
+                              "already in the run directory are intact.", 128 + signum)
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
