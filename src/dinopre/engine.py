@@ -13,6 +13,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,23 +168,33 @@ def train_step(
     clip_grad_norm: float,
     freeze_last_layer: bool,
     diagnostics: bool = False,
+    on_phase: Callable[[str], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step of DINO or iBOT; returns the detached loss parts (no host synchronisation)."""
+    """One optimizer step of DINO or iBOT; returns the detached loss parts (no host synchronisation).
+
+    `on_phase`, when given, is called with "forward", "backward", "optimizer" and "teacher" as each phase ends
+    (benchmarks/bench.py times the phases with it; training leaves it None).
+    """
+    mark = on_phase or (lambda phase: None)
     # apply schedules
     apply_schedules(optimizer, values["lr"], values["weight_decay"])
     # forward and losses (trunk in autocast, loss maths in fp32)
     with runtime.autocast():
         losses = method(batch, values["teacher_temp"], values.get("teacher_patch_temp"), diagnostics=diagnostics)
+    mark("forward")
     # backward, clip, step (dino order: clip, then cancel the last layer's gradients)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
+    mark("backward")
     if clip_grad_norm > 0:
         clip_gradients_per_tensor(method.trainable_parameters(), clip_grad_norm)
     if freeze_last_layer:
         cancel_gradients(method.last_layer_parameters())
     optimizer.step()
+    mark("optimizer")
     # teacher EMA
     method.update_teacher(values["momentum"])
+    mark("teacher")
     return {name: value.detach() for name, value in losses.items()}
 
 

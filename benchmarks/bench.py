@@ -1,0 +1,250 @@
+"""Throughput harness for dinopre: the workloads of design.md section 5 on synthetic JPEG folders.
+
+    python benchmarks/bench.py W1 --steps 50 --warmup 10 --json w1.json
+    python benchmarks/bench.py C1 --device cpu
+    python benchmarks/bench.py W1 --set batch_size=64 --set num_local_crops=6     # any size on the command line
+
+Workloads (same data and settings for every system compared):
+- W1: ViT-S/16, DINO, 2 x 224 + 8 x 96 crops, K = 65536, batch 128, bf16 on CUDA.
+- W2: ViT-S/16, iBOT, 2 x 224 + 8 x 96, shared head K = 8192, half the views masked at ratio 0.1-0.5.
+- C1: CPU, ViT embed 192, depth 6, heads 3, patch 16, 112 px globals, 4 x 48 px locals, batch 32.
+
+It runs the real training step (`dinopre.engine.train_step`) on the real data pipeline (JPEG decoding and
+augmentation in DataLoader workers), `--warmup` steps first, then measures:
+- end to end: images/s over `--steps` steps and the share of that time spent waiting for data;
+- a breakdown over `--breakdown-steps` further steps, synchronising the device at each phase boundary: data,
+  forward (with losses), backward, optimizer (clipping + AdamW), teacher update (EMA);
+- peak memory: `torch.cuda.max_memory_allocated` on CUDA, the process's peak resident set size on CPU;
+- model FLOP utilisation: analytic FLOPs per image (below) x images/s / the device's peak (`--peak-tflops`, known
+  for H100/H200: 989 dense bf16 TFLOP/s; not reported on CPU unless given).
+
+Analytic FLOPs (multiply-accumulate = 2 FLOPs; norms, softmax, GELU and the optimizer are ignored, as is usual for
+MFU). For a ViT of width D, depth L, MLP width H, patch P on a view of n = (S / P)^2 + 1 tokens:
+    patch embedding 2 (n - 1) D 3 P^2
+    per block       2 n (4 D^2 + 2 D H) + 4 n^2 D        (qkv + proj + MLP, then QK^T and AV)
+A DINO head on R rows: 2 R (D Hh + Hh^2 + Hh B + B K) for hidden Hh, bottleneck B, K prototypes.
+Per image: the student backbone and head on every view count 3x (forward + backward = 2x forward), the teacher's
+on the 2 global views 1x; for iBOT the student patch head runs on the expected number of masked tokens and the
+teacher's on every patch token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_SRC = Path(__file__).resolve().parent.parent / "src"
+try:
+    import dinopre  # noqa: F401
+except ModuleNotFoundError:
+    sys.path.insert(0, str(_SRC))
+
+import torch  # noqa: E402
+
+from dinopre.config import PretrainConfig, build_config  # noqa: E402
+from dinopre.data import EpochBatchSampler, MultiCropDataset, build_loader, check_dataset_size  # noqa: E402
+from dinopre.demo import write_synthetic_folder  # noqa: E402
+from dinopre.engine import build_augmentation, build_mask_sampler, build_source, train_step  # noqa: E402
+from dinopre.method import build_method  # noqa: E402
+from dinopre.optim import build_optimizer  # noqa: E402
+from dinopre.runtime import default_num_workers, setup, share_cpus  # noqa: E402
+from dinopre.schedules import build_schedules  # noqa: E402
+
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "W1": {"image_size": 224, "local_crop_size": 96, "num_local_crops": 8, "out_dim": 65536, "batch_size": 128,
+           "algorithm": "dino"},
+    "W2": {"image_size": 224, "local_crop_size": 96, "num_local_crops": 8, "out_dim": 8192, "batch_size": 128,
+           "algorithm": "ibot", "shared_head": True, "mask_probability": 0.5, "patch_mask_ratio": (0.1, 0.5)},
+    "C1": {"image_size": 112, "local_crop_size": 48, "num_local_crops": 4, "vit_embed_dim": 192, "vit_depth": 6,
+           "vit_num_heads": 3, "patch_size": 16, "batch_size": 32, "algorithm": "dino"},
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (NVIDIA data sheets, SXM)
+PHASES = ("data", "forward", "backward", "optimizer", "teacher")
+
+
+def vit_flops(config: PretrainConfig, size: int) -> float:
+    """Forward FLOPs of the backbone on one view of `size` pixels."""
+    m = config.model
+    d, p, hidden = m.vit_embed_dim, m.patch_size, int(m.vit_embed_dim * m.vit_mlp_ratio)
+    n = (size // p) ** 2 + 1
+    per_block = 2 * n * (4 * d * d + 2 * d * hidden) + 4 * n * n * d
+    return 2 * (n - 1) * d * 3 * p * p + m.vit_depth * per_block
+
+
+def head_flops(config: PretrainConfig, rows: float, out_dim: int) -> float:
+    """Forward FLOPs of a DINO head on `rows` rows."""
+    m = config.model
+    d, hh, b = m.vit_embed_dim, m.head_hidden_dim, m.head_bottleneck_dim
+    return 2 * rows * (d * hh + hh * hh + hh * b + b * out_dim)
+
+
+def flops_per_image(config: PretrainConfig) -> float:
+    """Training FLOPs per image of a configuration (see the module docstring)."""
+    m, d = config.model, config.data
+    views = 2 + d.num_local_crops
+    student = 2 * vit_flops(config, m.image_size) + d.num_local_crops * vit_flops(config, d.local_crop_size)
+    student += head_flops(config, views, m.out_dim)
+    teacher = 2 * vit_flops(config, m.image_size) + head_flops(config, 2, m.out_dim)
+    if config.method.algorithm == "ibot":
+        patches = (m.image_size // m.patch_size) ** 2
+        low, high = config.method.patch_mask_ratio
+        masked = 2 * patches * config.method.mask_probability * (low + high) / 2
+        student += head_flops(config, masked, config.resolved_patch_out_dim)
+        teacher += head_flops(config, 2 * patches, config.resolved_patch_out_dim)
+    return 3 * student + teacher
+
+
+def synthetic_folder(root: Path, count: int, size: int) -> Path:
+    """A folder of `count` synthetic face JPEGs of `size` pixels, made once and reused."""
+    folder = root / f"faces_{size}px_{count}"
+    if len(list(folder.glob("*.jpg"))) < count:
+        write_synthetic_folder(folder, "face", count, size=size)
+    return folder
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: int, breakdown_steps: int,
+                 images: int, data_root: Path, device: str, peak_tflops: float | None) -> dict[str, Any]:
+    """Run one workload and return its measurements."""
+    settings = {**WORKLOADS[name], **overrides, "device": device, "output_dir": str(data_root / "unused")}
+    size = 256 if settings.get("image_size", 224) > 128 else 128
+    settings["train_dir"] = [str(synthetic_folder(data_root, images, size))]
+    config = build_config("face", cli_settings=settings)
+    runtime = setup(config.run.device, config.run.precision, config.run.seed)
+    source = build_source(config).source
+    steps_per_epoch = check_dataset_size(len(source), config.optim.batch_size)
+    total = warmup + steps + breakdown_steps
+    epochs = -(-total // steps_per_epoch)
+    method = build_method(config).to(runtime.device).train()
+    optimizer = build_optimizer(method.student, runtime.device)
+    schedules = build_schedules(config, steps_per_epoch)
+    workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
+    share_cpus(runtime)
+    dataset = MultiCropDataset(source, build_augmentation(config), config.run.seed, build_mask_sampler(config))
+    loader = build_loader(dataset, EpochBatchSampler(len(source), config.optim.batch_size, 0, 0, epochs), workers,
+                          pin_memory=runtime.device.type == "cuda")
+    batches = iter(loader)
+    state = {"step": 0}
+
+    def step(on_phase: Any = None) -> float:
+        wait = time.perf_counter()
+        batch = next(batches).to(runtime.device)
+        waited = time.perf_counter() - wait
+        if on_phase is not None:
+            _sync(runtime.device)
+            on_phase("data")
+        train_step(method, optimizer, batch, schedules.at(state["step"]), runtime=runtime,
+                   clip_grad_norm=config.optim.clip_grad_norm, freeze_last_layer=False, on_phase=on_phase)
+        state["step"] += 1
+        return waited
+
+    for _ in range(warmup):
+        step()
+    _sync(runtime.device)
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+    start = time.perf_counter()
+    data_wait = sum(step() for _ in range(steps))
+    _sync(runtime.device)
+    elapsed = time.perf_counter() - start
+    breakdown = _breakdown(step, runtime.device, breakdown_steps)
+    images_per_sec = steps * config.optim.batch_size / elapsed
+    flops = flops_per_image(config)
+    peak = peak_tflops or _known_peak(runtime.device)
+    return {
+        "workload": name,
+        "device": torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "precision": runtime.precision_name,
+        "num_workers": workers,
+        "torch_threads": torch.get_num_threads(),
+        "settings": {k: v for k, v in settings.items() if k not in ("train_dir", "output_dir")},
+        "steps": steps,
+        "images_per_sec": images_per_sec,
+        "data_wait_share": data_wait / elapsed,
+        "step_breakdown_ms": breakdown,
+        "peak_memory_gib": _peak_memory(runtime.device),
+        "gflop_per_image": flops / 1e9,
+        "mfu": flops * images_per_sec / (peak * 1e12) if peak else None,
+        "peak_tflops": peak,
+    }
+
+
+def _breakdown(step: Any, device: torch.device, count: int) -> dict[str, float]:
+    """Mean milliseconds per phase over `count` steps, synchronising the device at every phase boundary."""
+    totals = dict.fromkeys(PHASES, 0.0)
+    for _ in range(count):
+        last = [time.perf_counter()]
+
+        def on_phase(phase: str) -> None:
+            _sync(device)
+            now = time.perf_counter()
+            totals[phase] += now - last[0]
+            last[0] = now
+
+        step(on_phase)
+    return {phase: 1000 * total / max(count, 1) for phase, total in totals.items()}
+
+
+def _peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _known_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        try:
+            value: Any = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        overrides[key] = tuple(value) if isinstance(value, list) else value
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("workload", choices=sorted(WORKLOADS), help="which workload of design.md section 5")
+    parser.add_argument("--steps", type=int, default=30, help="measured steps (end to end)")
+    parser.add_argument("--warmup", type=int, default=5, help="steps before measuring")
+    parser.add_argument("--breakdown-steps", type=int, default=5, help="extra steps timed phase by phase")
+    parser.add_argument("--images", type=int, default=2048, help="synthetic JPEGs in the folder")
+    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parent / ".data",
+                        help="where the synthetic folders are made (reused between runs)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:INDEX")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known for H100/H200)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set batch_size=64 --set global_crop_scale=[0.3,1]")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
+    args = parser.parse_args(argv)
+    result = run_workload(args.workload, _parse_overrides(args.overrides), steps=args.steps, warmup=args.warmup,
+                          breakdown_steps=args.breakdown_steps, images=args.images, data_root=args.data_root,
+                          device=args.device, peak_tflops=args.peak_tflops)
+    text = json.dumps(result, indent=2)
+    print(text)  # noqa: T201 - a benchmark script's output is its result
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

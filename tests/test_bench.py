@@ -1,0 +1,72 @@
+"""The benchmark harness: its analytic FLOP count matches PyTorch's counter, and a run reports every measure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dinopre.config import build_config
+from dinopre.heads import DINOHead
+from dinopre.vit import VisionTransformer
+
+_BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+_spec = importlib.util.spec_from_file_location("bench", _BENCH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+SMALL = {"train_dir": ["d"], "vit_embed_dim": 96, "vit_depth": 2, "vit_num_heads": 3, "out_dim": 512,
+         "head_hidden_dim": 128, "head_bottleneck_dim": 32}
+
+
+def _counted(module: torch.nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("size", [112, 48])
+def test_vit_flops_match_pytorchs_count_plus_attention(size: int) -> None:
+    """Matmuls and the patch convolution as PyTorch counts them, plus QK^T and AV (4 n^2 D per block), which its
+    counter does not see inside the CPU attention kernel."""
+    config = build_config("face", cli_settings=SMALL)
+    model = VisionTransformer(image_size=112, patch_size=16, embed_dim=96, depth=2, num_heads=3)
+    tokens = (size // 16) ** 2 + 1
+    attention = 2 * 4 * tokens**2 * 96
+    assert bench.vit_flops(config, size) == _counted(model, torch.randn(1, 3, size, size)) + attention
+
+
+def test_head_flops_match_pytorchs_count() -> None:
+    config = build_config("face", cli_settings=SMALL)
+    head = DINOHead(96, 512, hidden_dim=128, bottleneck_dim=32)
+    assert bench.head_flops(config, 10, 512) == _counted(head, torch.randn(10, 96))
+
+
+def test_training_flops_count_student_three_times_and_teacher_once() -> None:
+    config = build_config("face", cli_settings=SMALL)
+    views = 2 + config.data.num_local_crops
+    student = 2 * bench.vit_flops(config, 112) + config.data.num_local_crops * bench.vit_flops(config, 48)
+    student += bench.head_flops(config, views, 512)
+    teacher = 2 * bench.vit_flops(config, 112) + bench.head_flops(config, 2, 512)
+    assert bench.flops_per_image(config) == 3 * student + teacher
+    ibot = build_config("face", cli_settings={**SMALL, "algorithm": "ibot"})
+    assert bench.flops_per_image(ibot) > bench.flops_per_image(config)  # the patch head's work is counted
+
+
+@pytest.mark.slow
+def test_a_tiny_workload_reports_every_measure(tmp_path: Path) -> None:
+    """C1 shrunk to a toy size: images/s, data-wait share, the phase breakdown, memory and FLOPs are reported."""
+    out = tmp_path / "c1.json"
+    assert bench.main(["C1", "--steps", "2", "--warmup", "1", "--breakdown-steps", "1", "--images", "64",
+                       "--data-root", str(tmp_path / "data"), "--device", "cpu", "--set", "vit_depth=1",
+                       "--set", "vit_embed_dim=48", "--set", "batch_size=8", "--set", "num_workers=0",
+                       "--set", "out_dim=256", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["workload"] == "C1" and result["settings"]["vit_depth"] == 1 and result["steps"] == 2
+    assert set(result["step_breakdown_ms"]) == {"data", "forward", "backward", "optimizer", "teacher"}
+    assert 0 <= result["data_wait_share"] <= 1 and result["images_per_sec"] > 0
+    assert result["mfu"] is None and result["gflop_per_image"] > 0 and result["peak_memory_gib"] > 0
