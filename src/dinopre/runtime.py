@@ -77,15 +77,16 @@ def setup(device_name: str, precision: str, seed: int) -> Runtime:
 
 
 def share_cpus(runtime: Runtime) -> None:
-    """On CPU, leave one core to data loading: the trainer uses the others (at least one).
+    """On CPU, give the trainer one thread per core this process may use.
 
-    PyTorch's default thread count is every core the host reports; with data workers busy on some of them, OpenMP
-    threads spin-wait on each other and every op becomes many times slower (measured: 11 minutes instead of one
-    for this test suite). The count does not depend on --num-workers, because the thread count changes the order
-    of float reductions: a run stays bit-identical whatever the number of workers.
+    PyTorch's default counts every core the host reports, which inside a container or a SLURM allocation can be
+    far more than the process may use, and oversubscribed OpenMP threads spin-wait on each other. Data workers
+    are not subtracted: on the 2-core C1 workload (benchmarks/bench.py) 2 threads gave 30-34 img/s against 20-22
+    with 1, because decoding and augmentation take little of a step. The count does not depend on --num-workers,
+    since the thread count changes the order of float reductions: a run stays bit-identical whatever it is.
     """
     if runtime.device.type == "cpu":
-        torch.set_num_threads(max(1, available_cpus() - 1))
+        torch.set_num_threads(max(1, available_cpus()))
 
 
 def available_cpus() -> int:
