@@ -247,13 +247,12 @@ def train(
 
 _CONFIG_FLAGS = frozenset(
     "train_dir strict_data num_local_crops local_crop_size global_crop_scale local_crop_scale flip_prob num_workers "
-    "image_size "
-    "patch_size vit_embed_dim vit_depth vit_num_heads vit_mlp_ratio drop_path_rate out_dim head_hidden_dim "
-    "norm_last_layer shared_head patch_out_dim patch_mask_ratio mask_probability mask_shape patch_loss_weight "
-    "teacher_patch_temp epochs batch_size learning_rate min_lr warmup_epochs weight_decay weight_decay_end "
-    "clip_grad_norm freeze_last_layer_epochs algorithm student_temp teacher_temp warmup_teacher_temp "
-    "warmup_teacher_temp_epochs center_momentum teacher_momentum_base teacher_momentum_final output_dir "
-    "export_backbone seed device precision log_interval checkpoint_every stream".split()
+    "image_size patch_size vit_embed_dim vit_depth vit_num_heads vit_mlp_ratio drop_path_rate out_dim "
+    "head_hidden_dim norm_last_layer shared_head patch_out_dim patch_mask_ratio mask_probability mask_shape "
+    "patch_loss_weight teacher_patch_temp epochs batch_size learning_rate min_lr warmup_epochs weight_decay "
+    "weight_decay_end clip_grad_norm freeze_last_layer_epochs algorithm student_temp teacher_temp "
+    "warmup_teacher_temp warmup_teacher_temp_epochs center_momentum teacher_momentum_base teacher_momentum_final "
+    "output_dir export_backbone seed device precision log_interval checkpoint_every stream".split()
 )
 
 
