@@ -118,6 +118,7 @@ class RunConfig:
     precision: str = "auto"
     log_interval: int = 10
     checkpoint_every: int = 0
+    compile: bool = False
     export_backbone: str | None = None
     stream: str | None = None
 

@@ -137,6 +137,18 @@ def build_source(config: PretrainConfig, reporter: Reporter | None = None) -> Da
     return DataSource(FolderSource(tuple(scan.files)), description, fingerprint, warnings)
 
 
+def compile_backbones(method: StudentTeacher) -> None:
+    """torch.compile the student's and the teacher's backbone (the bulk of the FLOPs).
+
+    Only `forward_features` is replaced, on the instances, so state dicts, checkpoints and exports keep their keys
+    (no `_orig_mod.` prefix, cf. nanoGPT) and both the DINO and the iBOT (masked) paths run compiled. Heads and
+    losses stay eager: they are small, and the iBOT masks give them data-dependent shapes.
+    """
+    for model in (method.student, method.teacher):
+        backbone = model["backbone"]
+        backbone.forward_features = torch.compile(backbone.forward_features)
+
+
 def environment_info(runtime: Runtime, num_workers: int) -> dict[str, Any]:
     """What the run executed on, saved next to the config in params.json."""
     info: dict[str, Any] = {
@@ -262,6 +274,8 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
     if config.run.export_backbone:
         _check_export_path(Path(config.run.export_backbone), may_replace=overwrite or state is not None)
     method = build_method(config).to(runtime.device)
+    if config.run.compile:
+        compile_backbones(method)
     run = _Run(config, files, runtime, method, build_optimizer(method.student, runtime.device),
                build_schedules(config, steps_per_epoch), steps_per_epoch, reporter, data.fingerprint, data.source,
                stop)
