@@ -243,24 +243,15 @@ def test_a_folder_of_only_broken_files_is_a_clear_error_not_a_hang(tmp_path: Pat
 
 
 def test_a_small_folder_of_only_broken_files_is_also_an_error(tmp_path: Path) -> None:
-    """Eight broken files (one batch) must not train a model on blank placeholder images."""
+    """Eight broken files (one batch) must not train a model on blank placeholder images, and the error does not
+    claim that more files failed than there are."""
     folder = tmp_path / "junk"
     folder.mkdir()
     for i in range(8):
         (folder / f"img_{i}.png").write_bytes(b"")
-    with pytest.raises(DataError, match="the training folder looks broken"):
+    with pytest.raises(DataError, match="the training folder looks broken") as info:
         fit(_config(folder, tmp_path / "run"), Recorder())
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
-
-
-def test_the_broken_folder_message_does_not_overstate_the_count(tmp_path: Path) -> None:
-    """For a folder of 8 broken files the error does not claim that 100 files failed."""
-    folder = tmp_path / "junk"
-    folder.mkdir()
-    for i in range(8):
-        (folder / f"img_{i}.png").write_bytes(b"")
-    with pytest.raises(DataError) as info:
-        fit(_config(folder, tmp_path / "run"), Recorder())
     assert "100 files" not in str(info.value), str(info.value)
 
 
