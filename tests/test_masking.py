@@ -378,3 +378,38 @@ def test_two_by_two_grid_blocks_are_single_patches() -> None:
         large = [block_mask(rng, 2, 2, 0.8).sum() for _ in range(100)]
     assert max(small) == 0
     assert max(large) <= 3 and 2.4 <= np.mean(large) <= 3.0 and np.mean(np.array(large) == 3) > 0.7
+
+
+# ----------------------------------------------------------------------------------- index tensors of a batch
+
+
+def test_mask_index_gathers_the_masked_tokens_in_boolean_order() -> None:
+    """Gathering with the index gives exactly `tokens[masks]`, and the weights are 1 / count / images."""
+    import torch
+
+    from dinopre.masking import MaskIndex
+
+    masks = torch.zeros(4, 6, dtype=torch.bool)
+    masks[0, [1, 4]] = True
+    masks[2, [0, 2, 5]] = True  # rows 1 and 3 unmasked
+    tokens = torch.randn(4, 6, 3)
+    index = MaskIndex.from_masks(masks)
+    assert index.count == 5 and index.flat.dtype == torch.int64
+    assert torch.equal(tokens.flatten(0, 1).index_select(0, index.flat), tokens[masks])
+    expected = torch.tensor([1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 3]) / 4
+    assert torch.allclose(index.weights, expected)
+    assert index.weights.sum().item() == pytest.approx(2 / 4)  # two masked images of four
+
+
+def test_batches_carry_the_index_of_their_masks_through_device_copies() -> None:
+    """A batch builds its mask index on the host, and `to()` / pinning move it along with the crops."""
+    import torch
+
+    from dinopre.data import CropBatch
+
+    masks = torch.rand(4, 9, generator=torch.Generator().manual_seed(0)) < 0.5
+    batch = CropBatch(torch.zeros(4, 3, 8, 8), None, torch.arange(2), masks)
+    moved = batch.to(torch.device("cpu"))
+    assert moved.mask_index is not None
+    assert torch.equal(moved.mask_index.flat, masks.reshape(-1).nonzero().squeeze(1))
+    assert CropBatch(torch.zeros(4, 3, 8, 8), None, torch.arange(2)).mask_index is None  # DINO batches

@@ -20,7 +20,7 @@ from PIL import Image
 from dinopre.augment import MultiCropAugmentation
 from dinopre.errors import DataError
 from dinopre.images import BACKGROUND, BadImageError, load_rgb
-from dinopre.masking import MaskSampler
+from dinopre.masking import MaskIndex, MaskSampler
 from dinopre.runtime import ignore_stop_signals
 from dinopre.scan import SUPPORTED_EXTENSIONS, scan_image_files
 
@@ -109,13 +109,20 @@ class CropBatch:
         local_crops: (L*B, 3, h, w) normalised local views, or None without local crops.
         indices: (B,) dataset indices of the images.
         masks: (G*B, N) bool iBOT patch masks of the global views (True = masked), or None for DINO.
+        mask_index: the masks as index tensors (built with the batch, on the host), or None for DINO.
+        bad: (dataset index, reason) of the files that failed and were replaced.
     """
 
     global_crops: torch.Tensor
     local_crops: torch.Tensor | None
     indices: torch.Tensor
     masks: torch.Tensor | None = None
-    bad: list[tuple[int, str]] = field(default_factory=list)  # (dataset index, reason) of files that failed
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    mask_index: MaskIndex | None = None
+
+    def __post_init__(self) -> None:
+        if self.masks is not None and self.mask_index is None:
+            self.mask_index = MaskIndex.from_masks(self.masks)
 
     @property
     def batch_size(self) -> int:
@@ -124,7 +131,8 @@ class CropBatch:
     def _map(self, fn) -> CropBatch:
         fields = (self.global_crops, self.local_crops, self.indices, self.masks)
         tensors = (None if t is None else fn(t) for t in fields)
-        return CropBatch(*tensors, bad=self.bad)
+        index = None if self.mask_index is None else self.mask_index.map(fn)
+        return CropBatch(*tensors, bad=self.bad, mask_index=index)
 
     def pin_memory(self) -> CropBatch:
         """Called by the DataLoader's pinning thread when pin_memory is on."""

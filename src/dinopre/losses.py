@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinopre.masking import MaskIndex
 from dinopre.runtime import all_reduce_mean
 
 
@@ -94,7 +95,7 @@ class IBOTPatchLoss(_CenteredLoss):
         self,
         student_masked_logits: torch.Tensor,
         teacher_patch_logits: torch.Tensor,
-        masks: torch.Tensor,
+        masks: torch.Tensor | MaskIndex,
         *,
         teacher_temp: float,
         update_center: bool = True,
@@ -104,21 +105,21 @@ class IBOTPatchLoss(_CenteredLoss):
         Args:
             student_masked_logits: (M, K) student logits of the masked tokens, in `masks[masks]` order.
             teacher_patch_logits: (G*B, N, K) teacher logits of every patch of the unmasked global views.
-            masks: (G*B, N) bool, True where the student's patch was masked; M = masks.sum().
+            masks: (G*B, N) bool, True where the student's patch was masked (M = masks.sum()), or the batch's
+                `MaskIndex` of them, which the training step passes so that nothing waits for the host.
             teacher_temp: teacher patch temperature of this step.
             update_center: update the patch center afterwards.
 
         Returns:
             Scalar fp32 loss.
         """
-        teacher_masked = teacher_patch_logits[masks].float()  # (M, K)
+        index = masks if isinstance(masks, MaskIndex) else MaskIndex.from_masks(masks)
+        teacher_masked = teacher_patch_logits.flatten(0, 1).index_select(0, index.flat).float()  # (M, K)
         teacher_p = F.softmax((teacher_masked - self.center) / teacher_temp, dim=-1).detach()
         student_logp = F.log_softmax(student_masked_logits.float() / self.student_temp, dim=-1)  # (M, K)
         token_loss = -(teacher_p * student_logp).sum(-1)  # (M,)
-        # Per-image mean over its masked tokens, then mean over all G*B images: weight 1/count per token.
-        counts = masks.sum(dim=1, keepdim=True).clamp_min(1)  # (G*B, 1)
-        weights = (masks / counts)[masks]  # (M,)
-        loss = (token_loss * weights).sum() / masks.shape[0]
+        # Per-image mean over its masked tokens, then mean over all G*B images: the weights fold both in.
+        loss = (token_loss * index.weights).sum()
         if update_center:
             self.update_center(teacher_patch_logits)
         return loss

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 MASK_SHAPES = ("block", "rand")
 _ASPECT = (0.3, 1 / 0.3)
@@ -95,3 +96,39 @@ class MaskSampler:
         ratio = rng.uniform(*self.ratio_range)
         draw = block_mask if self.shape == "block" else random_mask
         return draw(rng, self.grid, self.grid, ratio).reshape(-1)
+
+
+@dataclass(frozen=True)
+class MaskIndex:
+    """Where the masked patches of a batch are, as fixed index tensors built on the host.
+
+    Boolean indexing (`tokens[masks]`) makes a CUDA device wait for the host to learn how many rows come out, once
+    per call. Built in the data step on the CPU, the flat indices carry that count in their shape, so gathering
+    with them (`index_select`) never synchronises (DINOv2 collates `mask_indices_list` for the same reason).
+
+    Attributes:
+        flat: (M,) int64 positions of the masked patches in the flattened (G*B*N) token order, ascending, i.e. the
+            order of `masks[masks]`.
+        weights: (M,) float32 weight of each masked patch in the iBOT patch loss: 1 / (masked patches of its image)
+            / (G*B images), so images count equally and unmasked images count zero.
+    """
+
+    flat: torch.Tensor
+    weights: torch.Tensor
+
+    @classmethod
+    def from_masks(cls, masks: torch.Tensor) -> MaskIndex:
+        """The index of (G*B, N) bool masks. On a CUDA tensor this synchronises once; the data step calls it on CPU."""
+        counts = masks.sum(dim=1, keepdim=True).clamp_min(1)  # (G*B, 1)
+        flat = masks.reshape(-1).nonzero().squeeze(1)
+        weights = (masks.float() / counts / masks.shape[0]).reshape(-1).index_select(0, flat)
+        return cls(flat, weights)
+
+    @property
+    def count(self) -> int:
+        """M, the number of masked patches (known on the host without synchronising)."""
+        return self.flat.shape[0]
+
+    def map(self, fn) -> MaskIndex:
+        """Apply `fn` to both tensors (pinning, device copies)."""
+        return MaskIndex(fn(self.flat), fn(self.weights))

@@ -134,18 +134,19 @@ class StudentTeacher(nn.Module):
 
     def _forward_ibot(self, batch: CropBatch, teacher_temp: float, teacher_patch_temp: float | None,
                       diagnostics: bool) -> dict[str, torch.Tensor]:
-        if batch.masks is None or teacher_patch_temp is None:
+        if batch.masks is None or batch.mask_index is None or teacher_patch_temp is None:
             raise ValueError("iBOT needs the batch's masks and a teacher patch temperature.")
         with torch.no_grad():
             teacher = self.teacher["backbone"].forward_features(batch.global_crops)  # unmasked views
             teacher_logits, teacher_patch_logits = self._heads(self.teacher, teacher.cls, teacher.patch_tokens)
         student = self.student["backbone"].forward_features(batch.global_crops, masks=batch.masks)
         student_cls = self._student_cls(student.cls, batch)  # (V*B, D)
-        masked_tokens = student.patch_tokens[batch.masks]  # (M, D): only these reach the loss
+        # (M, D): only these reach the loss; gathered by index, so the host never waits for the mask count
+        masked_tokens = student.patch_tokens.flatten(0, 1).index_select(0, batch.mask_index.flat)
         student_logits, student_masked_logits = self._heads(self.student, student_cls, masked_tokens)
         out = self._diagnostics(teacher_logits, teacher_temp) if diagnostics else {}
         cls_loss = self._cls_loss(student_logits, teacher_logits, batch, teacher_temp)
-        patch_loss = self.patch_loss(student_masked_logits, teacher_patch_logits, batch.masks,
+        patch_loss = self.patch_loss(student_masked_logits, teacher_patch_logits, batch.mask_index,
                                      teacher_temp=teacher_patch_temp)
         loss = self.loss_weights[0] * cls_loss + self.loss_weights[1] * patch_loss
         return {"loss": loss, "cls": cls_loss.detach(), "patch": patch_loss.detach(), **out}
