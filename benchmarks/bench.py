@@ -12,8 +12,10 @@ Workloads (same data and settings for every system compared):
 It runs the real training step (`dinopre.engine.train_step`) on the real data pipeline (JPEG decoding and
 augmentation in DataLoader workers), `--warmup` steps first, then measures:
 - end to end: images/s over `--steps` steps and the share of that time spent waiting for data;
-- a breakdown over `--breakdown-steps` further steps, synchronising the device at each phase boundary: data,
-  forward (with losses), backward, optimizer (clipping + AdamW), teacher update (EMA);
+- a breakdown over `--breakdown-steps` further steps, synchronising the device at each phase boundary: data
+  (waiting for the workers, and the copy to the device), augment (rendering the views on the device, with
+  `--set augment_on=device`, the default on CUDA; 0 when the workers render them), forward (with losses),
+  backward, optimizer (clipping + AdamW), teacher update (EMA);
 - peak memory: `torch.cuda.max_memory_allocated` on CUDA, the process's peak resident set size on CPU;
 - model FLOP utilisation: analytic FLOPs per image (below) x images/s / the device's peak (`--peak-tflops`, known
   for H100/H200: 989 dense bf16 TFLOP/s; not reported on CPU unless given).
@@ -47,9 +49,9 @@ except ModuleNotFoundError:
 import torch  # noqa: E402
 
 from dinopre.config import PretrainConfig, build_config  # noqa: E402
-from dinopre.data import EpochBatchSampler, MultiCropDataset, build_loader, check_dataset_size  # noqa: E402
+from dinopre.data import EpochBatchSampler, RawBatch, check_dataset_size  # noqa: E402
 from dinopre.demo import write_synthetic_folder  # noqa: E402
-from dinopre.engine import build_augmentation, build_mask_sampler, build_source, train_step  # noqa: E402
+from dinopre.engine import augments_on_device, build_data_loader, build_source, train_step  # noqa: E402
 from dinopre.method import build_method  # noqa: E402
 from dinopre.optim import build_optimizer  # noqa: E402
 from dinopre.runtime import default_num_workers, setup, share_cpus  # noqa: E402
@@ -64,7 +66,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
            "vit_num_heads": 3, "patch_size": 16, "batch_size": 32, "algorithm": "dino"},
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (NVIDIA data sheets, SXM)
-PHASES = ("data", "forward", "backward", "optimizer", "teacher")
+PHASES = ("data", "augment", "forward", "backward", "optimizer", "teacher")
 
 
 def vit_flops(config: PretrainConfig, size: int) -> float:
@@ -129,9 +131,8 @@ def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: in
     schedules = build_schedules(config, steps_per_epoch)
     workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
     share_cpus(runtime)
-    dataset = MultiCropDataset(source, build_augmentation(config), config.run.seed, build_mask_sampler(config))
-    loader = build_loader(dataset, EpochBatchSampler(len(source), config.optim.batch_size, 0, 0, epochs), workers,
-                          pin_memory=runtime.device.type == "cuda")
+    sampler = EpochBatchSampler(len(source), config.optim.batch_size, config.run.seed, 0, epochs)
+    loader, render = build_data_loader(config, source, runtime.device, sampler, workers)
     batches = iter(loader)
     state = {"step": 0}
 
@@ -142,6 +143,11 @@ def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: in
         if on_phase is not None:
             _sync(runtime.device)
             on_phase("data")
+        if isinstance(batch, RawBatch) and render is not None:
+            batch = batch.render(render)
+            if on_phase is not None:
+                _sync(runtime.device)
+                on_phase("augment")
         train_step(method, optimizer, batch, schedules.at(state["step"]), runtime=runtime,
                    clip_grad_norm=config.optim.clip_grad_norm, freeze_last_layer=False, on_phase=on_phase)
         state["step"] += 1
@@ -166,6 +172,7 @@ def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: in
         "torch": torch.__version__,
         "precision": runtime.precision_name,
         "num_workers": workers,
+        "augment_on": "device" if augments_on_device(config, runtime.device) else "workers",
         "torch_threads": torch.get_num_threads(),
         "settings": {k: v for k, v in settings.items() if k not in ("train_dir", "output_dir")},
         "steps": steps,

@@ -58,15 +58,19 @@ def test_training_flops_count_student_three_times_and_teacher_once() -> None:
 
 
 @pytest.mark.slow
-def test_a_tiny_workload_reports_every_measure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_a_tiny_workload_reports_every_measure(tmp_path: Path, augment_on: str) -> None:
     """C1 shrunk to a toy size: images/s, data-wait share, the phase breakdown, memory and FLOPs are reported."""
     out = tmp_path / "c1.json"
     assert bench.main(["C1", "--steps", "2", "--warmup", "1", "--breakdown-steps", "1", "--images", "64",
                        "--data-root", str(tmp_path / "data"), "--device", "cpu", "--set", "vit_depth=1",
                        "--set", "vit_embed_dim=48", "--set", "batch_size=8", "--set", "num_workers=0",
-                       "--set", "out_dim=256", "--json", str(out)]) == 0
+                       "--set", "out_dim=256", "--set", f"augment_on={augment_on}", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["workload"] == "C1" and result["settings"]["vit_depth"] == 1 and result["steps"] == 2
-    assert set(result["step_breakdown_ms"]) == {"data", "forward", "backward", "optimizer", "teacher"}
+    assert result["augment_on"] == augment_on
+    breakdown = result["step_breakdown_ms"]
+    assert set(breakdown) == {"data", "augment", "forward", "backward", "optimizer", "teacher"}
+    assert (breakdown["augment"] > 0) == (augment_on == "device")  # the renderer's time is its own phase
     assert 0 <= result["data_wait_share"] <= 1 and result["images_per_sec"] > 0
     assert result["mfu"] is None and result["gflop_per_image"] > 0 and result["peak_memory_gib"] > 0

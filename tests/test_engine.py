@@ -49,6 +49,7 @@ def test_a_run_leaves_the_full_run_directory(tiny_settings: dict, face_folder: P
 
     params = json.loads((run_dir / "params.json").read_text())
     assert params["config"]["model"]["vit_embed_dim"] == 32 and params["environment"]["device"] == "cpu"
+    assert params["environment"]["augment_on"] == "workers"  # auto renders the views in the workers on a CPU
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["type"] == "epoch"]
@@ -209,21 +210,23 @@ def resumable(tiny_settings: dict, face_folder: Path):
     return make
 
 
-@pytest.mark.parametrize(("stop_event", "stop_step", "checkpoint_step", "algorithm"), [
-    (CheckpointSaved, 6, 6, "dino"),  # right after an epoch-boundary checkpoint
-    (StepLogged, 10, 8, "dino"),  # mid-epoch, two steps after the checkpoint at step 8 (their log lines are dropped)
-    (StepLogged, 10, 8, "ibot"),  # the same with masks, the patch head and the patch center
+@pytest.mark.parametrize(("stop_event", "stop_step", "checkpoint_step", "algorithm", "augment_on"), [
+    (CheckpointSaved, 6, 6, "dino", "workers"),  # right after an epoch-boundary checkpoint
+    (StepLogged, 10, 8, "dino", "workers"),  # mid-epoch, two steps after the checkpoint at step 8 (logs dropped)
+    (StepLogged, 10, 8, "ibot", "workers"),  # the same with masks, the patch head and the patch center
+    (StepLogged, 10, 8, "ibot", "device"),  # views rendered by the batch augmentation instead of the workers
 ])
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(resumable, tmp_path: Path, stop_event: type,
                                                              stop_step: int, checkpoint_step: int,
-                                                             algorithm: str) -> None:
-    fit(resumable(tmp_path / "straight", algorithm=algorithm), Recorder())
+                                                             algorithm: str, augment_on: str) -> None:
+    settings = {"algorithm": algorithm, "augment_on": augment_on}
+    fit(resumable(tmp_path / "straight", **settings), Recorder())
     interrupted = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        fit(resumable(interrupted, algorithm=algorithm), StopAt(stop_event, stop_step))
+        fit(resumable(interrupted, **settings), StopAt(stop_event, stop_step))
     assert _state(interrupted)["global_step"] == checkpoint_step
     recorder = Recorder()
-    fit(resumable(interrupted, algorithm=algorithm), recorder, resume_from=interrupted)
+    fit(resumable(interrupted, **settings), recorder, resume_from=interrupted)
     started = next(e for e in recorder.events if isinstance(e, RunStarted))
     assert started.start_step == checkpoint_step and started.resumed_from == interrupted
 
@@ -305,3 +308,17 @@ def test_compiled_and_eager_runs_agree(tiny_settings: dict, face_folder: Path, t
         runs[compiled] = [r["loss"] for r in _records(out) if r["type"] == "step"]
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
     assert "backbone.pos_embed" in _state(tmp_path / "compiled_True")["teacher"]
+
+
+def test_views_rendered_on_the_device_train_like_views_rendered_in_workers(tiny_settings: dict, face_folder: Path,
+                                                                           tmp_path: Path) -> None:
+    """`--augment-on device` uses the batch renderer (recorded in params.json); the same draws give nearly the
+    same losses, not identical ones (resampling differs)."""
+    losses = {}
+    for place in ("workers", "device"):
+        out = tmp_path / place
+        losses[place] = fit(_config(tiny_settings, face_folder, augment_on=place, output_dir=str(out)),
+                            Recorder()).epoch_losses
+        assert json.loads((out / "params.json").read_text())["environment"]["augment_on"] == place
+    assert losses["workers"] != losses["device"]
+    assert losses["device"] == pytest.approx(losses["workers"], rel=0.02)

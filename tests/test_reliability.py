@@ -852,6 +852,7 @@ INVOCATIONS = [
     pytest.param(["train", "face", "--demo", "--no-such-flag"], 2, "No such option: --no-such-flag", "usage",
                  id="train-unknown-flag"),
     pytest.param(["train", "face", "--demo", "--precision", "fp16"], 2, "fp16", "usage", id="train-precision-fp16"),
+    pytest.param(["train", "face", "--demo", "--augment-on", "gpu"], 2, "gpu", "usage", id="train-augment-on-gpu"),
     pytest.param(["train"], 2, "Missing argument", "usage", id="train-no-preset"),
     # resume
     pytest.param(["resume", "{run}", "--epochs", "0"], 2, "--epochs must be a positive integer", "error",

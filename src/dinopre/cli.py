@@ -44,6 +44,12 @@ class MaskShape(str, Enum):
     rand = "rand"
 
 
+class AugmentOn(str, Enum):
+    auto = "auto"
+    workers = "workers"
+    device = "device"
+
+
 class Precision(str, Enum):
     auto = "auto"
     bf16 = "bf16"
@@ -112,6 +118,10 @@ def train(
         rich_help_panel=DATA, show_default=False)] = None,
     num_workers: Annotated[int | None, typer.Option(
         help="Data-loading processes [default: CPUs - 1, at most 8]. Raise it if data wait is high.",
+        rich_help_panel=DATA, show_default=False)] = None,
+    augment_on: Annotated[AugmentOn | None, typer.Option(
+        help="Where the crops and colour augmentations run: workers (per image, on the CPU) or device (whole "
+        "batches on the GPU; workers only decode) [default: auto = device on a GPU, workers on a CPU].",
         rich_help_panel=DATA, show_default=False)] = None,
     strict_data: Annotated[bool | None, typer.Option(
         "--strict-data", help="Stop at the first image that cannot be decoded (or unreadable folder) instead of "
@@ -251,6 +261,7 @@ def train(
 
 _CONFIG_FLAGS = frozenset(
     "train_dir strict_data num_local_crops local_crop_size global_crop_scale local_crop_scale flip_prob num_workers "
+    "augment_on "
     "image_size patch_size vit_embed_dim vit_depth vit_num_heads vit_mlp_ratio drop_path_rate out_dim "
     "head_hidden_dim norm_last_layer shared_head patch_out_dim patch_mask_ratio mask_probability mask_shape "
     "patch_loss_weight teacher_patch_temp epochs batch_size learning_rate min_lr warmup_epochs weight_decay "

@@ -26,6 +26,7 @@ from dinopre.errors import ConfigError
 ALGORITHMS = ("dino", "ibot")
 DEVICES_HELP = "auto, cpu, cuda or cuda:INDEX"
 PRECISIONS = ("auto", "bf16", "fp32")
+AUGMENT_PLACES = ("auto", "workers", "device")  # auto: on the device when it is a GPU, in the workers on a CPU
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class DataConfig:
     grayscale_prob: float = 0.2
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     num_workers: int | None = None
+    augment_on: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -458,6 +460,8 @@ def _validate_data(config: PretrainConfig) -> None:
     _require(0.0 <= d.hue <= 0.5, f"--hue must be in [0, 0.5], got {d.hue}.")
     _require(d.num_workers is None or d.num_workers >= 0, f"--num-workers must be 0 or more, got {d.num_workers}.")
     _require(d.demo_images >= 1, f"demo_images must be positive, got {d.demo_images}.")
+    _require(d.augment_on in AUGMENT_PLACES,
+             f"--augment-on must be one of {', '.join(AUGMENT_PLACES)}, got '{d.augment_on}'.")
 
 
 def _validate_optim(config: PretrainConfig) -> None:
@@ -518,8 +522,10 @@ def _validate_run(config: PretrainConfig) -> None:
 
 # Settings that may differ between a checkpoint and the run that resumes it: none of them changes what is learned
 # in the steps already planned (more epochs redefine the schedules over the new total, see `dinopre resume --help`).
+# Where the views are rendered only changes their resampling, like a change of device changes rounding.
 RESUME_MAY_CHANGE = frozenset(
-    {"epochs", "device", "num_workers", "log_interval", "checkpoint_every", "output_dir", "export_backbone", "stream"}
+    {"epochs", "device", "num_workers", "augment_on", "log_interval", "checkpoint_every", "output_dir",
+     "export_backbone", "stream"}
 )
 
 

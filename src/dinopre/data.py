@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from dinopre.augment import MultiCropAugmentation
+from dinopre.batch_augment import BatchAugmentation, encode_views, to_working_size
 from dinopre.errors import DataError
 from dinopre.images import BACKGROUND, BadImageError, load_rgb
 from dinopre.masking import MaskIndex, MaskSampler
@@ -143,11 +144,17 @@ class CropBatch:
         return self._map(lambda t: t.to(device, non_blocking=True))
 
 
-Sample = tuple[list[torch.Tensor], list[torch.Tensor], int, list[np.ndarray] | None, list[tuple[int, str]]]
+# (global views, local views) or (working-size uint8 image, encoded draws), then index, masks, bad files.
+Sample = tuple[list[torch.Tensor] | torch.Tensor, list[torch.Tensor] | torch.Tensor, int, list[np.ndarray] | None,
+               list[tuple[int, str]]]
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
     """Images -> (global views, local views, index, global-view masks, bad files met), keyed by (epoch, index).
+
+    With `working_size`, the views are not rendered here: a sample is (the image resized to working_size x
+    working_size as uint8, the encoded draws of its views, index, masks, bad files), for `BatchAugmentation` on the
+    training device. The draws are the same either way.
 
     A file that cannot be decoded is replaced by the next one that can (in dataset order, so the run stays a pure
     function of its data) and reported back with the batch; the engine lists it and, with --strict-data, stops.
@@ -157,11 +164,13 @@ class MultiCropDataset(torch.utils.data.Dataset):
         augmentation: the multi-crop augmentation.
         seed: the run's seed.
         mask_sampler: iBOT mask generator for the global views; None for DINO (no draws are made).
+        working_size: leave the rendering to the device and send images of this side instead of views.
     """
 
     def __init__(self, source: ImageSource, augmentation: MultiCropAugmentation, seed: int,
-                 mask_sampler: MaskSampler | None = None) -> None:
+                 mask_sampler: MaskSampler | None = None, working_size: int | None = None) -> None:
         self.source, self.augmentation, self.seed, self.mask_sampler = source, augmentation, seed, mask_sampler
+        self.working_size = working_size
 
     def __len__(self) -> int:
         return len(self.source)
@@ -170,9 +179,13 @@ class MultiCropDataset(torch.utils.data.Dataset):
         epoch, index = key
         image, bad = self._load(index)
         rng = sample_rng(self.seed, epoch, index)  # the slot's draws, whichever file fills it
-        global_views, local_views = self.augmentation(image, rng)
-        masks = [self.mask_sampler(rng) for _ in global_views] if self.mask_sampler is not None else None
-        return global_views, local_views, index, masks, bad
+        if self.working_size is None:
+            first, second = self.augmentation(image, rng)  # global views, local views
+        else:  # the same draws in the same order, rendered later on the device
+            first = to_working_size(image, self.working_size)
+            second = torch.from_numpy(encode_views(self.augmentation.draw(rng, *image.size), *image.size))
+        masks = [self.mask_sampler(rng) for _ in range(2)] if self.mask_sampler is not None else None
+        return first, second, index, masks, bad
 
     def _load(self, index: int) -> tuple[Image.Image, list[tuple[int, str]]]:
         bad: list[tuple[int, str]] = []
@@ -196,16 +209,74 @@ class MultiCropDataset(torch.utils.data.Dataset):
             yield from (int(i) for i in draws)
 
 
-def collate_crops(samples: list[Sample]) -> CropBatch:
-    """Stack samples crop-major so each resolution is one contiguous block of rows."""
+@dataclass
+class RawBatch:
+    """One batch before its views are rendered on the device (`MultiCropDataset` with a working size).
+
+    Attributes:
+        images: (B, 3, S, S) uint8 working-size images.
+        views: (B, V, NUM_COLUMNS) float32 encoded view draws (`batch_augment.encode_views`).
+        indices, masks, bad, mask_index: as in `CropBatch`.
+    """
+
+    images: torch.Tensor
+    views: torch.Tensor
+    indices: torch.Tensor
+    masks: torch.Tensor | None = None
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    mask_index: MaskIndex | None = None
+
+    def __post_init__(self) -> None:
+        if self.masks is not None and self.mask_index is None:
+            self.mask_index = MaskIndex.from_masks(self.masks)
+
+    @property
+    def batch_size(self) -> int:
+        return self.indices.shape[0]
+
+    def _map(self, fn) -> RawBatch:
+        masks = None if self.masks is None else fn(self.masks)
+        index = None if self.mask_index is None else self.mask_index.map(fn)
+        return RawBatch(fn(self.images), fn(self.views), fn(self.indices), masks, self.bad, index)
+
+    def pin_memory(self) -> RawBatch:
+        """Called by the DataLoader's pinning thread when pin_memory is on."""
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: torch.device) -> RawBatch:
+        """Copy to a device without blocking the host."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def render(self, augment: BatchAugmentation) -> CropBatch:
+        """The batch with its views rendered (on the images' device)."""
+        global_crops, local_crops = augment(self.images, self.views)
+        return CropBatch(global_crops, local_crops, self.indices, self.masks, self.bad, self.mask_index)
+
+
+def collate_crops(samples: list[Sample]) -> CropBatch | RawBatch:
+    """Stack samples crop-major so each resolution is one contiguous block of rows (or stack unrendered samples)."""
+    if isinstance(samples[0][0], torch.Tensor):
+        return _collate_raw(samples)
     num_global, num_local = len(samples[0][0]), len(samples[0][1])
     global_crops = torch.stack([s[0][v] for v in range(num_global) for s in samples])  # (G*B, 3, H, W)
     local_crops = torch.stack([s[1][v] for v in range(num_local) for s in samples]) if num_local else None
-    masks = None
-    if samples[0][3] is not None:
-        masks = torch.from_numpy(np.stack([s[3][v] for v in range(num_global) for s in samples]))  # (G*B, N)
     bad = [record for s in samples for record in s[4]]
-    return CropBatch(global_crops, local_crops, torch.tensor([s[2] for s in samples]), masks, bad)
+    return CropBatch(global_crops, local_crops, torch.tensor([s[2] for s in samples]), _collate_masks(samples), bad)
+
+
+def _collate_raw(samples: list[Sample]) -> RawBatch:
+    images = torch.stack([s[0] for s in samples])  # (B, 3, S, S) uint8
+    views = torch.stack([s[1] for s in samples])  # (B, V, C)
+    bad = [record for s in samples for record in s[4]]
+    return RawBatch(images, views, torch.tensor([s[2] for s in samples]), _collate_masks(samples), bad)
+
+
+def _collate_masks(samples: list[Sample]) -> torch.Tensor | None:
+    """(G*B, N) masks, crop-major like the global views, or None for DINO."""
+    if samples[0][3] is None:
+        return None
+    num_global = len(samples[0][3])
+    return torch.from_numpy(np.stack([s[3][v] for v in range(num_global) for s in samples]))
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

@@ -13,7 +13,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 
 from dinopre import __version__
 from dinopre.augment import ColorJitterSettings, MultiCropAugmentation
+from dinopre.batch_augment import BatchAugmentation, working_size
 from dinopre.checkpoint import (
     FORMAT_VERSION,
     KIND_TRAINING,
@@ -33,10 +34,12 @@ from dinopre.checkpoint import (
 from dinopre.config import PretrainConfig, advisories, config_differences, config_from_dict, config_to_dict
 from dinopre.data import (
     EXHAUSTED,
+    CropBatch,
     EpochBatchSampler,
     FolderSource,
     ImageSource,
     MultiCropDataset,
+    RawBatch,
     SyntheticSource,
     build_loader,
     check_dataset_size,
@@ -102,6 +105,31 @@ def build_mask_sampler(config: PretrainConfig) -> MaskSampler | None:
                        m.patch_mask_ratio, m.mask_shape)
 
 
+def augments_on_device(config: PretrainConfig, device: torch.device) -> bool:
+    """Whether the views are rendered on the training device (`--augment-on`; auto = on a GPU)."""
+    place = config.data.augment_on
+    return place == "device" or (place == "auto" and device.type == "cuda")
+
+
+def build_data_loader(config: PretrainConfig, source: ImageSource, device: torch.device, sampler: EpochBatchSampler,
+                      num_workers: int) -> tuple[torch.utils.data.DataLoader, BatchAugmentation | None]:
+    """The run's one loader (workers are never respawned) and, when the views are rendered on the device, the
+    renderer its `RawBatch`es need (None when the workers render them)."""
+    augmentation = build_augmentation(config)
+    render = BatchAugmentation(augmentation) if augments_on_device(config, device) else None
+    dataset = MultiCropDataset(source, augmentation, config.run.seed, build_mask_sampler(config),
+                               working_size(config.model.image_size) if render is not None else None)
+    return build_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda"), render
+
+
+def device_batches(loader: torch.utils.data.DataLoader, device: torch.device,
+                   render: BatchAugmentation | None) -> Iterator[CropBatch]:
+    """The loader's batches on `device` (copied without blocking from pinned memory), views rendered."""
+    for batch in loader:
+        moved = batch.to(device)
+        yield moved.render(render) if isinstance(moved, RawBatch) and render is not None else moved
+
+
 @dataclass(frozen=True)
 class DataSource:
     """The images of a run and what the scan found out about them."""
@@ -149,7 +177,7 @@ def compile_backbones(method: StudentTeacher) -> None:
         backbone.forward_features = torch.compile(backbone.forward_features)
 
 
-def environment_info(runtime: Runtime, num_workers: int) -> dict[str, Any]:
+def environment_info(runtime: Runtime, num_workers: int, augment_on_device: bool = False) -> dict[str, Any]:
     """What the run executed on, saved next to the config in params.json."""
     info: dict[str, Any] = {
         "dinopre": __version__,
@@ -159,6 +187,7 @@ def environment_info(runtime: Runtime, num_workers: int) -> dict[str, Any]:
         "device": str(runtime.device),
         "precision": runtime.precision_name,
         "num_workers": num_workers,
+        "augment_on": "device" if augment_on_device else "workers",
         "torch_threads": torch.get_num_threads(),
         "argv": sys.argv,
     }
@@ -283,20 +312,22 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
         _restore(run, state)
     num_workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
     share_cpus(runtime)
-    files.write_params({"config": config_to_dict(config), "environment": environment_info(runtime, num_workers)})
+    on_device = augments_on_device(config, runtime.device)
+    files.write_params({"config": config_to_dict(config),
+                        "environment": environment_info(runtime, num_workers, on_device)})
     reporter.emit(RunStarted(
         config, files.path, len(data.source), data.description, steps_per_epoch,
         steps_per_epoch * config.optim.epochs, str(runtime.device), runtime.precision_name, num_workers,
         {f"student {name.replace('_', ' ')}": count_parameters(module) for name, module in method.student.items()},
         Path(resume_from) if resume_from is not None else None, run.global_step,
-        tuple(advisories(config, len(data.source))) + data.warnings,
+        tuple(advisories(config, len(data.source))) + data.warnings, "device" if on_device else "workers",
     ))
-    dataset = MultiCropDataset(data.source, build_augmentation(config), config.run.seed, build_mask_sampler(config))
     sampler = EpochBatchSampler(len(data.source), config.optim.batch_size, config.run.seed, run.epoch,
                                 config.optim.epochs, run.step_in_epoch)
-    loader = build_loader(dataset, sampler, num_workers, pin_memory=runtime.device.type == "cuda")
+    loader, render = build_data_loader(config, data.source, runtime.device, sampler, num_workers)
+    batches = device_batches(loader, runtime.device, render)
     stop.deferring = True  # from here a signal lets the current step finish and saves a checkpoint
-    _loop(run, iter(loader))
+    _loop(run, batches)
     stop.deferring = False
     export_path = _export(run) if config.run.export_backbone else None
     report = files.write_bad_files(run.bad_files) if run.bad_files else None
@@ -408,7 +439,7 @@ def _loop(run: _Run, batches: Any) -> None:
             if run.stop.received is not None:
                 _stop(run)
             wait_start = time.perf_counter()
-            batch = next(batches).to(run.runtime.device)
+            batch = next(batches)
             window.data_wait += time.perf_counter() - wait_start
             if batch.bad:
                 _note_bad_files(run, batch.bad)

@@ -28,6 +28,7 @@ class RunStarted:
     resumed_from: Path | None = None  # the checkpoint a resumed run continues
     start_step: int = 0  # global steps already done
     warnings: tuple[str, ...] = ()  # settings known to go wrong, problems found while scanning
+    augment_on: str = "workers"  # where the views are rendered: "workers" or "device"
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ def config_table(event: RunStarted) -> Table:
                         "warmup epochs)")
     table.add_row("images", Text(event.data_description))
     table.add_row("steps", f"{event.steps_per_epoch} per epoch, {event.total_steps} in all")
-    table.add_row("hardware", f"{event.device}, {event.precision}, {event.num_workers} data workers")
+    table.add_row("hardware", f"{event.device}, {event.precision}, {event.num_workers} data workers, views "
+                              f"rendered {'on the device' if event.augment_on == 'device' else 'in the workers'}")
     params = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in event.parameters.items())
     table.add_row("parameters", params)
     table.add_row("run dir", Text(str(event.run_dir)))

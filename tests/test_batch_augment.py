@@ -1,0 +1,206 @@
+"""Tests of the on-device batch augmentation (dinopre.batch_augment) against the per-image path (dinopre.augment).
+
+Both paths make the same draws from the same generator, so the tests compare them view by view: pixel ops exactly
+(same input crops), whole views up to resampling, and the statistics of many views. Everything runs on the CPU;
+the same tensor code runs on CUDA (the GPU test at the end checks that when a GPU is present).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinopre.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ColorJitterSettings,
+    MultiCropAugmentation,
+    ViewParams,
+    apply_pixel_ops,
+    gaussian_blur,
+)
+from dinopre.batch_augment import (
+    NUM_COLUMNS,
+    BatchAugmentation,
+    batch_gaussian_blur,
+    batch_pixel_ops,
+    encode_views,
+    resized_crops,
+    to_working_size,
+    working_size,
+)
+from dinopre.data import MultiCropDataset, RawBatch, SyntheticSource, collate_crops, sample_rng
+from dinopre.demo import synthetic_image
+from dinopre.masking import MaskSampler
+
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+
+
+def make_aug(**overrides: object) -> MultiCropAugmentation:
+    settings: dict[str, object] = {"global_size": 64, "local_size": 32, "num_local_crops": 3,
+                                   "global_scale": (0.4, 1.0), "local_scale": (0.05, 0.4)}
+    settings.update(overrides)
+    return MultiCropAugmentation(**settings)  # type: ignore[arg-type]
+
+
+NO_PIXEL_OPS: dict[str, object] = {"jitter": ColorJitterSettings(prob=0.0), "grayscale_prob": 0.0,
+                                   "global_blur_probs": (0.0, 0.0), "global_solarize_probs": (0.0, 0.0),
+                                   "local_blur_prob": 0.0}
+
+
+def both_paths(aug: MultiCropAugmentation, images: list[Image.Image], seed: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-image globals, per-image locals, batch globals, batch locals) of the same draws, crop-major, in [0, 1]."""
+    per_image, raw, tables = [], [], []
+    for index, image in enumerate(images):
+        per_image.append(aug(image, sample_rng(seed, 0, index)))
+        raw.append(to_working_size(image, working_size(aug.global_size)))
+        draws = aug.draw(sample_rng(seed, 0, index), *image.size)
+        tables.append(torch.from_numpy(encode_views(draws, *image.size)))
+    global_batch, local_batch = BatchAugmentation(aug)(torch.stack(raw), torch.stack(tables))
+    global_ref = torch.stack([views[0][v] for v in range(2) for views in per_image])
+    local_ref = torch.stack([views[1][v] for v in range(aug.num_local_crops) for views in per_image])
+    unnormalise = lambda t: t * STD + MEAN  # noqa: E731
+    return unnormalise(global_ref), unnormalise(local_ref), unnormalise(global_batch), unnormalise(local_batch)
+
+
+def faces(count: int, size: int = 80) -> list[Image.Image]:
+    return [synthetic_image("face", i, size) for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------- encoding the draws
+
+
+def test_working_size_is_eight_sevenths_of_the_global_view() -> None:
+    assert [working_size(s) for s in (224, 112, 32)] == [256, 128, 37]
+
+
+def test_encoded_draws_keep_every_decision() -> None:
+    views = [
+        ViewParams((10, 20, 60, 100), True, (2, 0, 3, 1), (1.2, 0.7, 0.9, -0.05), True, 1.5, True),
+        ViewParams((0, 0, 100, 200), False, None, None, False, None, False),
+    ]
+    table = encode_views(views, 100, 200)
+    assert table.shape == (2, NUM_COLUMNS) and table.dtype == np.float32
+    np.testing.assert_allclose(table[0], [0.1, 0.1, 0.6, 0.5, 1, 1, 2, 0, 3, 1, 1.2, 0.7, 0.9, -0.05, 1, 1.5, 1],
+                               rtol=1e-6)
+    # no jitter: identity order and neutral factors, so applying them would change nothing either
+    np.testing.assert_allclose(table[1], [0, 0, 1, 1, 0, 0, 0, 1, 2, 3, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_working_copy_is_uint8_of_the_working_size() -> None:
+    image = Image.new("L", (90, 40), 77)  # any mode, any aspect ratio
+    copy = to_working_size(image, 37)
+    assert copy.shape == (3, 37, 37) and copy.dtype == torch.uint8 and int(copy.float().mean()) == 77
+
+
+# ----------------------------------------------------------------------------------- pixel ops, exactly
+
+
+def test_batch_pixel_ops_equal_the_per_view_ops_for_every_draw() -> None:
+    """Jitter in each view's own order, grayscale, blur with each view's sigma, solarization: same as per view."""
+    aug = make_aug(jitter=ColorJitterSettings(prob=0.9), grayscale_prob=0.3, global_solarize_probs=(0.5, 0.5),
+                   global_blur_probs=(0.6, 0.6))
+    generator = torch.Generator().manual_seed(0)
+    crops = torch.rand(48, 3, 20, 20, generator=generator)
+    draws = [view for i in range(24) for view in aug.draw(np.random.default_rng(i), 50, 50)[:2]]
+    table = torch.from_numpy(encode_views(draws, 50, 50))
+    assert len({d.jitter_order for d in draws if d.jitter_order}) > 10 and any(d.blur_sigma is None for d in draws)
+    batched = batch_pixel_ops(crops, table, max_sigma=aug.blur_sigma[1])
+    for row, params in enumerate(draws):
+        expected = apply_pixel_ops(crops[row].clone(), params)
+        torch.testing.assert_close(batched[row], expected, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("side", [4, 9, 30])
+def test_batch_blur_equals_the_per_view_blur_including_tiny_views(side: int) -> None:
+    """Per-view radius ceil(3 sigma), clamped to side - 1 on tiny views; sigma 0 leaves a view untouched."""
+    img = torch.rand(5, 3, side, side, generator=torch.Generator().manual_seed(side))
+    sigma = torch.tensor([0.1, 0.0, 0.7, 1.3, 2.0])
+    out = batch_gaussian_blur(img, sigma, max_sigma=2.0)
+    assert torch.equal(out[1], img[1])
+    for row in (0, 2, 3, 4):
+        torch.testing.assert_close(out[row], gaussian_blur(img[row], float(sigma[row])), atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- crops
+
+
+def test_crops_sample_the_box_like_pil_and_flip_it() -> None:
+    """A linear ramp makes the geometry exact: the crop of a box reads the ramp at the output pixel centres (boxes
+    away from the edge, where bicubic taps would read the repeated border instead of the ramp)."""
+    side = 40
+    ramp = torch.linspace(0.5 / side, 1 - 0.5 / side, side)  # pixel centres of a (side x side) image
+    images = torch.stack([ramp.expand(side, side), ramp[:, None].expand(side, side), torch.zeros(side, side)])[None]
+    boxes = torch.tensor([[[0.25, 0.4, 0.75, 0.9]], [[0.25, 0.4, 0.75, 0.9]]])  # (n=2, B=1, 4)
+    flips = torch.tensor([[False], [True]])
+    out = resized_crops(images, boxes, flips, 10)  # (2, 3, 10, 10)
+    centres = 0.25 + 0.5 * (torch.arange(10) + 0.5) / 10
+    torch.testing.assert_close(out[0, 0, 3], centres, atol=1e-4, rtol=0)  # x follows the box's width
+    torch.testing.assert_close(out[0, 1, :, 3], 0.4 + 0.5 * (torch.arange(10) + 0.5) / 10, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[1, 0, 3], centres.flip(0), atol=1e-4, rtol=0)  # the flipped view mirrors
+
+
+def test_views_without_pixel_ops_match_the_per_image_crops() -> None:
+    """Same draws, only crop + resize + flip: the paths differ by resampling alone (< 1 % of the range)."""
+    g_ref, l_ref, g_out, l_out = both_paths(make_aug(**NO_PIXEL_OPS), faces(12))
+    for ref, out in ((g_ref, g_out), (l_ref, l_out)):
+        assert ref.shape == out.shape
+        assert (ref - out).abs().mean() < 0.01
+        # a wrong flip or box would show: mirrored views differ by far more than the resampling does
+        assert (ref - out.flip(-1)).abs().mean() > 3 * (ref - out).abs().mean()
+
+
+def test_fully_augmented_views_match_the_per_image_path_view_by_view() -> None:
+    """Every op on, DINO's probabilities: each view is close to its per-image twin (same draws)."""
+    g_ref, l_ref, g_out, l_out = both_paths(make_aug(), faces(16))
+    for ref, out in ((g_ref, g_out), (l_ref, l_out)):
+        per_view = (ref - out).abs().mean(dim=(1, 2, 3))
+        assert per_view.mean() < 0.01 and per_view.max() < 0.04
+
+
+def test_both_paths_draw_views_with_the_same_statistics() -> None:
+    """Over many views: the mean, spread and colourfulness of the views agree between the paths."""
+    g_ref, l_ref, g_out, l_out = both_paths(make_aug(local_size=16, global_size=32), faces(48, size=48), seed=3)
+    for ref, out in ((g_ref, g_out), (l_ref, l_out)):
+        stats = []
+        for views in (ref, out):
+            means, stds = views.mean(dim=(1, 2, 3)), views.std(dim=(1, 2, 3))
+            colour = (views - views.mean(dim=1, keepdim=True)).abs().mean(dim=(1, 2, 3))  # 0 for gray views
+            stats.append(torch.stack([means.mean(), means.std(), stds.mean(), colour.mean(), (colour < 1e-4).float()
+                                      .mean()]))
+        torch.testing.assert_close(stats[0], stats[1], atol=0.01, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- through the data pipeline
+
+
+def test_dataset_sends_working_images_and_the_same_draws_and_masks() -> None:
+    """With a working size the workers send uint8 images and encoded draws; the masks are the per-image path's."""
+    aug, sampler = make_aug(global_size=32, local_size=16), MaskSampler(4, probability=1.0)
+    source = SyntheticSource("face", 8)
+    rendered = MultiCropDataset(source, aug, seed=5, mask_sampler=sampler)
+    raw = MultiCropDataset(source, aug, seed=5, mask_sampler=sampler, working_size=working_size(32))
+    keys = [(1, i) for i in range(4)]
+    crops, batch = collate_crops([rendered[k] for k in keys]), collate_crops([raw[k] for k in keys])
+    assert isinstance(batch, RawBatch) and batch.images.dtype == torch.uint8 and batch.images.shape == (4, 3, 37, 37)
+    assert torch.equal(batch.masks, crops.masks) and torch.equal(batch.indices, crops.indices)
+    assert torch.equal(batch.mask_index.flat, crops.mask_index.flat)
+    ready = batch.to(torch.device("cpu")).render(BatchAugmentation(aug))
+    assert ready.global_crops.shape == crops.global_crops.shape and ready.local_crops.shape == crops.local_crops.shape
+    assert ((ready.global_crops - crops.global_crops) * STD).abs().mean() < 0.02
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_render_equals_cpu_render() -> None:
+    aug = make_aug()
+    images = torch.stack([to_working_size(im, working_size(64)) for im in faces(8)])
+    tables = torch.stack([torch.from_numpy(encode_views(aug.draw(np.random.default_rng(i), 80, 80), 80, 80))
+                          for i in range(8)])
+    cpu = BatchAugmentation(aug)(images, tables)
+    gpu = BatchAugmentation(aug)(images.cuda(), tables.cuda())
+    for a, b in zip(cpu, gpu, strict=True):
+        torch.testing.assert_close(b.cpu(), a, atol=2e-3, rtol=0)
