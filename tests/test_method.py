@@ -562,3 +562,29 @@ def test_ibot_train_step_freezes_patch_prototypes_and_moves_mask_token() -> None
         assert torch.equal(after[name], before[name]), name
     for name in ("backbone.mask_token", "patch_head.mlp.0.weight"):
         assert not torch.equal(after[name], before[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("algorithm", ["dino", "ibot"])
+def test_a_cuda_training_step_never_waits_for_the_host(algorithm: str) -> None:
+    """Between two log lines a step is queued without any device-to-host synchronisation (issue 6): the iBOT masks
+    are gathered with host-built indices, clipping and the EMA are foreach kernels, and losses stay on the device."""
+    runtime = setup("cuda", "bf16", 0)
+    method = tiny_method(algorithm=algorithm).to(runtime.device).train()
+    optimizer = build_optimizer(method.student, runtime.device)
+    batch = (ibot_batch() if algorithm == "ibot" else crop_batch()).pin_memory().to(runtime.device)
+    values = {"lr": 1e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp": TEACHER_TEMP,
+              "teacher_patch_temp": PATCH_TEMP}
+
+    def step() -> dict[str, torch.Tensor]:
+        return train_step(method, optimizer, batch, values, runtime=runtime, clip_grad_norm=3.0,
+                          freeze_last_layer=False)
+
+    step()  # the first step initialises kernels and optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(losses["loss"]).item()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything issue 6 needs a GPU for, in one call: the CUDA tests, then W1 and W2 with the views rendered on the
+# device (the default on CUDA) and, for comparison, in the workers. Results go to $RESULTS (default: $OUT or
+# benchmarks/results), one JSON per run plus the test log.
+#
+#     bash benchmarks/gpu_suite.sh            # from the repository root, on a machine with a CUDA GPU
+set -uo pipefail
+cd "$(dirname "$0")/.."
+results="${RESULTS:-${OUT:-benchmarks/results}}"
+mkdir -p "$results"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
+python3 -m pytest -q -p no:cacheprovider tests/test_batch_augment.py tests/test_method.py tests/test_engine.py \
+    -k "gpu or cuda or compiled or resume" 2>&1 | tee "$results/gpu_tests.log"
+workers=$(( $(nproc) - 1 ))
+for workload in W1 W2; do
+    for place in device workers; do
+        python3 benchmarks/bench.py "$workload" --steps 40 --warmup 10 --breakdown-steps 5 --images 4096 \
+            --set num_workers="$workers" --set augment_on="$place" --json "$results/${workload}_${place}.json" \
+            | python3 -c "import json,sys; r=json.load(sys.stdin); print('$workload $place', round(r['images_per_sec']), 'img/s', 'wait', round(r['data_wait_share'], 3), 'mem', round(r['peak_memory_gib'], 2), 'GiB', 'mfu', r['mfu'] and round(r['mfu'], 3), r['step_breakdown_ms'])"
+    done
+done
