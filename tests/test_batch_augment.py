@@ -22,11 +22,16 @@ from dinopre.augment import (
     gaussian_blur,
 )
 from dinopre.batch_augment import (
+    JITTER,
     NUM_COLUMNS,
+    OPS_PER_GROUP,
+    ORDER,
+    SIGMA,
     BatchAugmentation,
     batch_gaussian_blur,
     batch_pixel_ops,
     encode_views,
+    plan_rows,
     resized_crops,
     to_working_size,
     working_size,
@@ -109,7 +114,7 @@ def test_batch_pixel_ops_equal_the_per_view_ops_for_every_draw() -> None:
     draws = [view for i in range(24) for view in aug.draw(np.random.default_rng(i), 50, 50)[:2]]
     table = torch.from_numpy(encode_views(draws, 50, 50))
     assert len({d.jitter_order for d in draws if d.jitter_order}) > 10 and any(d.blur_sigma is None for d in draws)
-    batched = batch_pixel_ops(crops, table, max_sigma=aug.blur_sigma[1])
+    batched = batch_pixel_ops(crops.clone(), table, max_sigma=aug.blur_sigma[1])  # works in place
     for row, params in enumerate(draws):
         expected = apply_pixel_ops(crops[row].clone(), params)
         torch.testing.assert_close(batched[row], expected, atol=2e-5, rtol=0)
@@ -211,3 +216,23 @@ def test_gpu_render_equals_cpu_render_without_waiting_for_the_host() -> None:
         torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(cpu, gpu, strict=True):
         torch.testing.assert_close(b.cpu(), a, atol=2e-3, rtol=0)
+
+
+def test_the_plan_sends_each_view_to_exactly_the_ops_it_drew() -> None:
+    """Per resolution, view row r is in segment (position p, op k) iff it is jittered with op k at position p,
+    and in the blur segment iff it drew a blur: no view pays for an op it did not draw, none misses one."""
+    aug = make_aug()
+    views = torch.stack([torch.from_numpy(encode_views(aug.draw(np.random.default_rng(i), 60, 60), 60, 60))
+                         for i in range(10)])  # (B=10, V=5, C)
+    indices, sizes = plan_rows(views)
+    assert len(sizes) == 2 * OPS_PER_GROUP and sum(sizes) == indices.shape[0]
+    segments = torch.split(indices, list(sizes))
+    for group, table in enumerate([views[:, :2].transpose(0, 1).reshape(-1, NUM_COLUMNS),
+                                   views[:, 2:].transpose(0, 1).reshape(-1, NUM_COLUMNS)]):
+        mine = segments[group * OPS_PER_GROUP : (group + 1) * OPS_PER_GROUP]
+        for row, draw in enumerate(table):
+            for position in range(4):
+                for op in range(4):
+                    expected = bool(draw[JITTER]) and int(draw[ORDER][position]) == op
+                    assert (row in mine[position * 4 + op].tolist()) == expected
+            assert (row in mine[16].tolist()) == bool(draw[SIGMA] > 0)

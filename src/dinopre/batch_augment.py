@@ -129,23 +129,59 @@ def _per_view(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
 
-def batch_color_jitter(img: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """ColorJitter with each view's own order and factors, on (R, 3, H, W) views and (R, NUM_COLUMNS) draws.
+def op_rows(table: torch.Tensor) -> list[torch.Tensor]:
+    """The rows each costly op touches, for one resolution's (R, NUM_COLUMNS) draws: 16 index tensors for
+    (position p, jitter op k) in the order p * 4 + k, then the rows that are blurred.
 
-    At each of the 4 positions of the order, each op runs on the whole batch with a neutral factor for the views
-    that do not apply it there: brightness, contrast and saturation at factor 1 return their input exactly, so no
-    selection is needed; the hue shift is selected per view, as a shift of 0 is the identity only up to rounding.
+    Built on the host (`plan_rows` in the data step), their lengths are known without asking the device, so the
+    ops run on exactly these rows (`index_select` / `index_copy_`) and nothing synchronises: a view pays for the
+    jitter ops it draws and for its blur, not for all 16 ops and the widest blur of the batch.
     """
     jittered = table[:, JITTER] > 0.5
-    order, factors = table[:, ORDER], table[:, FACTORS]
-    linear_ops = (adjust_brightness, adjust_contrast, adjust_saturation)
+    order = table[:, ORDER]
+    rows = [(jittered & (order[:, p] == k)).nonzero().flatten() for p in range(4) for k in range(4)]
+    return rows + [(table[:, SIGMA] > 0).nonzero().flatten()]
+
+
+OPS_PER_GROUP = 17  # len(op_rows(...))
+
+
+def plan_rows(views: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """`op_rows` of the global and then the local views of a (B, V, NUM_COLUMNS) batch, concatenated.
+
+    Returns:
+        The row indices (crop-major rows within each resolution) in one int64 tensor, and the length of each of
+        the 2 * OPS_PER_GROUP segments (a tuple of Python ints, so splitting never asks the device).
+    """
+    by_view = views.transpose(0, 1)  # (V, B, C), crop-major like the rendered views
+    groups = [by_view[:2].reshape(-1, NUM_COLUMNS), by_view[2:].reshape(-1, NUM_COLUMNS)]
+    segments = [rows for table in groups for rows in op_rows(table)]
+    return torch.cat(segments), tuple(len(rows) for rows in segments)
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def _on_rows(img: torch.Tensor, rows: torch.Tensor, op, *args: torch.Tensor) -> None:
+    """img[rows] = op(img[rows], *(a[rows] for a in args)), in place; skipped for no rows (a host-side length)."""
+    if rows.shape[0] == 0:
+        return
+    picked = [a.index_select(0, rows) for a in args]
+    img.index_copy_(0, rows, op(img.index_select(0, rows), *picked))
+
+
+def batch_color_jitter(img: torch.Tensor, table: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+    """ColorJitter with each view's own order and factors, in place on (R, 3, H, W) views.
+
+    Args:
+        img: views in [0, 1], modified in place.
+        table: (R, NUM_COLUMNS) draws.
+        rows: the first 16 index tensors of `op_rows(table)`.
+    """
+    factors = table[:, FACTORS]
     for position in range(4):
-        chosen = order[:, position]
-        for op_index, op in enumerate(linear_ops):
-            here = jittered & (chosen == op_index)
-            img = op(img, _per_view(torch.where(here, factors[:, op_index], 1.0)))
-        here = _per_view(jittered & (chosen == 3))
-        img = torch.where(here, adjust_hue(img, _per_view(factors[:, 3])), img)
+        for op_index, op in enumerate(_JITTER_OPS):
+            _on_rows(img, rows[position * 4 + op_index], op, _per_view(factors[:, op_index]))
     return img
 
 
@@ -190,11 +226,21 @@ def batch_gaussian_blur(img: torch.Tensor, sigma: torch.Tensor, max_sigma: float
     return _filter_axis(_filter_axis(img, taps, max_radius, -1), taps, max_radius, -2)
 
 
-def batch_pixel_ops(img: torch.Tensor, table: torch.Tensor, max_sigma: float) -> torch.Tensor:
-    """Jitter, grayscale, blur and solarization of (R, 3, H, W) views in [0, 1], as `augment.apply_pixel_ops`."""
-    img = batch_color_jitter(img, table)
+def batch_pixel_ops(img: torch.Tensor, table: torch.Tensor, max_sigma: float,
+                    rows: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Jitter, grayscale, blur and solarization of (R, 3, H, W) views in [0, 1], as `augment.apply_pixel_ops`.
+
+    Args:
+        img: the views; modified in place.
+        table: (R, NUM_COLUMNS) draws.
+        max_sigma: the largest blur sigma the augmentation can draw.
+        rows: `op_rows(table)` on `img`'s device; computed here when None (which synchronises on a GPU).
+    """
+    if rows is None:
+        rows = [r.to(img.device) for r in op_rows(table.cpu())]
+    img = batch_color_jitter(img, table, rows)
     img = torch.where(_per_view(table[:, GRAY] > 0.5), grayscale(img), img)
-    img = batch_gaussian_blur(img, table[:, SIGMA], max_sigma)
+    _on_rows(img, rows[16], lambda views, sigma: batch_gaussian_blur(views, sigma, max_sigma), table[:, SIGMA])
     return torch.where(_per_view(table[:, SOLARIZE] > 0.5), solarize(img), img)
 
 
@@ -209,24 +255,33 @@ class BatchAugmentation:
         self.augmentation = augmentation
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, images: torch.Tensor, views: torch.Tensor,
+                 plan: tuple[torch.Tensor, tuple[int, ...]] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """All views of a batch, crop-major as `data.collate_crops` stacks them.
 
         Args:
             images: (B, 3, S, S) uint8 working-size images.
             views: (B, V, NUM_COLUMNS) encoded draws, globals first.
+            plan: `plan_rows(views)` with its indices on the images' device; the data step builds it on the host.
+                Computed here when None, which synchronises on a GPU.
 
         Returns:
             (2 * B, 3, H, H) normalised global views and (L * B, 3, h, h) local views (None without locals).
         """
         aug = self.augmentation
+        if plan is None:
+            indices, sizes = plan_rows(views.cpu())
+            plan = indices.to(images.device), sizes
+        segments = list(torch.split(plan[0], list(plan[1])))
         source = images.float().div_(255.0)
         by_view = views.transpose(0, 1)  # (V, B, C)
-        global_views = self._render(source, by_view[:2], aug.global_size)
-        local_views = self._render(source, by_view[2:], aug.local_size) if aug.num_local_crops else None
+        global_views = self._render(source, by_view[:2], aug.global_size, segments[:OPS_PER_GROUP])
+        local_views = None
+        if aug.num_local_crops:
+            local_views = self._render(source, by_view[2:], aug.local_size, segments[OPS_PER_GROUP:])
         return global_views, local_views
 
-    def _render(self, source: torch.Tensor, views: torch.Tensor, size: int) -> torch.Tensor:
+    def _render(self, source: torch.Tensor, views: torch.Tensor, size: int, rows: list[torch.Tensor]) -> torch.Tensor:
         crops = resized_crops(source, views[..., BOX], views[..., FLIP] > 0.5, size)
-        crops = batch_pixel_ops(crops, views.reshape(-1, NUM_COLUMNS), self.augmentation.blur_sigma[1])
+        crops = batch_pixel_ops(crops, views.reshape(-1, NUM_COLUMNS), self.augmentation.blur_sigma[1], rows)
         return normalize(crops, self.augmentation.mean, self.augmentation.std)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from dinopre.augment import MultiCropAugmentation
-from dinopre.batch_augment import BatchAugmentation, encode_views, to_working_size
+from dinopre.batch_augment import BatchAugmentation, encode_views, plan_rows, to_working_size
 from dinopre.errors import DataError
 from dinopre.images import BACKGROUND, BadImageError, load_rgb
 from dinopre.masking import MaskIndex, MaskSampler
@@ -217,6 +217,7 @@ class RawBatch:
         images: (B, 3, S, S) uint8 working-size images.
         views: (B, V, NUM_COLUMNS) float32 encoded view draws (`batch_augment.encode_views`).
         indices, masks, bad, mask_index: as in `CropBatch`.
+        plan: the rows each costly op touches (`batch_augment.plan_rows`), built with the batch on the host.
     """
 
     images: torch.Tensor
@@ -225,10 +226,13 @@ class RawBatch:
     masks: torch.Tensor | None = None
     bad: list[tuple[int, str]] = field(default_factory=list)
     mask_index: MaskIndex | None = None
+    plan: tuple[torch.Tensor, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.masks is not None and self.mask_index is None:
             self.mask_index = MaskIndex.from_masks(self.masks)
+        if self.plan is None:
+            self.plan = plan_rows(self.views)
 
     @property
     def batch_size(self) -> int:
@@ -237,7 +241,8 @@ class RawBatch:
     def _map(self, fn) -> RawBatch:
         masks = None if self.masks is None else fn(self.masks)
         index = None if self.mask_index is None else self.mask_index.map(fn)
-        return RawBatch(fn(self.images), fn(self.views), fn(self.indices), masks, self.bad, index)
+        plan = (fn(self.plan[0]), self.plan[1])
+        return RawBatch(fn(self.images), fn(self.views), fn(self.indices), masks, self.bad, index, plan)
 
     def pin_memory(self) -> RawBatch:
         """Called by the DataLoader's pinning thread when pin_memory is on."""
@@ -249,7 +254,7 @@ class RawBatch:
 
     def render(self, augment: BatchAugmentation) -> CropBatch:
         """The batch with its views rendered (on the images' device)."""
-        global_crops, local_crops = augment(self.images, self.views)
+        global_crops, local_crops = augment(self.images, self.views, self.plan)
         return CropBatch(global_crops, local_crops, self.indices, self.masks, self.bad, self.mask_index)
 
 
