@@ -51,9 +51,10 @@ import torch  # noqa: E402
 from dinopre.config import PretrainConfig, build_config  # noqa: E402
 from dinopre.data import EpochBatchSampler, RawBatch, check_dataset_size  # noqa: E402
 from dinopre.demo import write_synthetic_folder  # noqa: E402
-from dinopre.engine import augments_on_device, build_data_loader, build_source, train_step  # noqa: E402
+from dinopre.engine import train_step  # noqa: E402
 from dinopre.method import build_method  # noqa: E402
 from dinopre.optim import build_optimizer  # noqa: E402
+from dinopre.pipeline import augments_on_device, build_data_loader, build_source  # noqa: E402
 from dinopre.runtime import default_num_workers, setup, share_cpus  # noqa: E402
 from dinopre.schedules import build_schedules  # noqa: E402
 

@@ -317,7 +317,7 @@ def test_an_unreadable_folder_warns_at_start_and_stops_a_strict_run(tmp_path: Pa
                                                                      deny_listing: set[str]) -> None:
     """The run's start warns that the folder's images are left out; with --strict-data it is a DataError."""
     from dinopre.config import build_config
-    from dinopre.engine import build_source
+    from dinopre.pipeline import build_source
 
     root, locked = _data_with_locked_folder(tmp_path)
     deny_listing.add(str(locked))

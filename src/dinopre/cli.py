@@ -366,7 +366,7 @@ def resume(
                  "checkpoint_every": checkpoint_every}
 
     def resolve() -> tuple[Any, Path]:
-        from dinopre.engine import resume_config
+        from dinopre.resume import resume_config
 
         return resume_config(target, overrides)
 

@@ -8,12 +8,11 @@ bit for bit the uninterrupted one on a CPU (tests/test_engine.py).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,46 +20,17 @@ from typing import Any
 import torch
 
 from dinopre import __version__
-from dinopre.augment import ColorJitterSettings, MultiCropAugmentation
-from dinopre.batch_augment import BatchAugmentation, working_size
-from dinopre.checkpoint import (
-    FORMAT_VERSION,
-    KIND_TRAINING,
-    CheckpointError,
-    backbone_metadata,
-    export_backbone_slt,
-    load_training_checkpoint,
-)
-from dinopre.config import PretrainConfig, advisories, config_differences, config_from_dict, config_to_dict
-from dinopre.data import (
-    EXHAUSTED,
-    CropBatch,
-    EpochBatchSampler,
-    FolderSource,
-    ImageSource,
-    MultiCropDataset,
-    RawBatch,
-    SyntheticSource,
-    build_loader,
-    check_dataset_size,
-)
+from dinopre.checkpoint import FORMAT_VERSION, KIND_TRAINING, CheckpointError, backbone_metadata, export_backbone_slt
+from dinopre.config import PretrainConfig, advisories, config_to_dict
+from dinopre.data import EXHAUSTED, EpochBatchSampler, ImageSource, check_dataset_size
 from dinopre.errors import ConfigError, DataError, Interrupted, RunDirError, TrainingStopped
-from dinopre.events import (
-    CheckpointSaved,
-    EpochEnded,
-    Reporter,
-    RunFinished,
-    RunStarted,
-    ScanProgress,
-    StepLogged,
-    Stopped,
-)
-from dinopre.masking import MaskSampler
+from dinopre.events import CheckpointSaved, EpochEnded, Reporter, RunFinished, RunStarted, StepLogged, Stopped
 from dinopre.method import StudentTeacher, build_method
 from dinopre.optim import apply_schedules, build_optimizer, cancel_gradients, clip_gradients_per_tensor
+from dinopre.pipeline import augments_on_device, build_data_loader, build_source, device_batches
+from dinopre.resume import load_resume_state
 from dinopre.rundir import RunDirectory
 from dinopre.runtime import Runtime, StopSignals, default_num_workers, rng_state, set_rng_state, setup, share_cpus
-from dinopre.scan import scan_roots
 from dinopre.schedules import Schedules, build_schedules
 from dinopre.vit import count_parameters
 
@@ -78,91 +48,6 @@ class FitResult:
 
 
 # ============ building the run ============
-
-
-def build_augmentation(config: PretrainConfig) -> MultiCropAugmentation:
-    """The multi-crop augmentation of a configuration."""
-    d = config.data
-    return MultiCropAugmentation(
-        global_size=config.model.image_size,
-        local_size=d.local_crop_size,
-        num_local_crops=d.num_local_crops,
-        global_scale=d.global_crop_scale,
-        local_scale=d.local_crop_scale,
-        flip_prob=d.flip_prob,
-        jitter=ColorJitterSettings(d.brightness, d.contrast, d.saturation, d.hue, d.jitter_prob),
-        grayscale_prob=d.grayscale_prob,
-        blur_sigma=d.blur_sigma,
-    )
-
-
-def build_mask_sampler(config: PretrainConfig) -> MaskSampler | None:
-    """iBOT's mask generator for the global views; None for DINO."""
-    m = config.method
-    if m.algorithm != "ibot":
-        return None
-    return MaskSampler(config.model.image_size // config.model.patch_size, m.mask_probability,
-                       m.patch_mask_ratio, m.mask_shape)
-
-
-def augments_on_device(config: PretrainConfig, device: torch.device) -> bool:
-    """Whether the views are rendered on the training device (`--augment-on`; auto = on a GPU)."""
-    place = config.data.augment_on
-    return place == "device" or (place == "auto" and device.type == "cuda")
-
-
-def build_data_loader(config: PretrainConfig, source: ImageSource, device: torch.device, sampler: EpochBatchSampler,
-                      num_workers: int) -> tuple[torch.utils.data.DataLoader, BatchAugmentation | None]:
-    """The run's one loader (workers are never respawned) and, when the views are rendered on the device, the
-    renderer its `RawBatch`es need (None when the workers render them)."""
-    augmentation = build_augmentation(config)
-    render = BatchAugmentation(augmentation) if augments_on_device(config, device) else None
-    dataset = MultiCropDataset(source, augmentation, config.run.seed, build_mask_sampler(config),
-                               working_size(config.model.image_size) if render is not None else None)
-    return build_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda"), render
-
-
-def device_batches(loader: torch.utils.data.DataLoader, device: torch.device,
-                   render: BatchAugmentation | None) -> Iterator[CropBatch]:
-    """The loader's batches on `device` (copied without blocking from pinned memory), views rendered."""
-    for batch in loader:
-        moved = batch.to(device)
-        yield moved.render(render) if isinstance(moved, RawBatch) and render is not None else moved
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """The images of a run and what the scan found out about them."""
-
-    source: ImageSource
-    description: str
-    fingerprint: str  # of the file list: a resume refuses a changed folder
-    warnings: tuple[str, ...] = ()
-
-
-def build_source(config: PretrainConfig, reporter: Reporter | None = None) -> DataSource:
-    """The images of a run: the demo's synthetic crops, or a scan of the training folders (with progress)."""
-    if config.data.demo and not config.data.train_dir:
-        source = SyntheticSource(config.preset, config.data.demo_images)
-        return DataSource(source, f"{len(source)} built-in synthetic {config.preset} crops (--demo)",
-                          f"synthetic:{config.preset}:{len(source)}")
-
-    def progress(found: int) -> None:
-        if reporter is not None:
-            reporter.emit(ScanProgress(found, done=False))
-
-    scan = scan_roots(config.data.train_dir, progress)
-    if reporter is not None:
-        reporter.emit(ScanProgress(len(scan.files), done=True))
-    if scan.unreadable_dirs and config.data.strict_data:
-        folder, reason = scan.unreadable_dirs[0]
-        raise DataError(f"Folder '{folder}' cannot be read ({reason}); fix its permissions or drop --strict-data.")
-    warnings = tuple(f"Folder '{folder}' could not be read ({reason}); its images are left out."
-                     for folder, reason in scan.unreadable_dirs)
-    fingerprint = hashlib.sha256("\n".join(map(str, scan.files)).encode()).hexdigest()
-    cached = " (file index from cache)" if scan.cached_roots == len(config.data.train_dir) else ""
-    description = f"{len(scan.files)} images under {', '.join(config.data.train_dir)}{cached}"
-    return DataSource(FolderSource(tuple(scan.files)), description, fingerprint, warnings)
 
 
 def compile_backbones(method: StudentTeacher) -> None:
@@ -294,7 +179,7 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
 
 def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_from: str | Path | None,
          stop: StopSignals, started: float) -> FitResult:
-    state = _load_resume_state(resume_from, config) if resume_from is not None else None
+    state = load_resume_state(resume_from, config) if resume_from is not None else None
     runtime = setup(config.run.device, config.run.precision, config.run.seed)
     data = build_source(config, reporter)
     steps_per_epoch = check_dataset_size(len(data.source), config.optim.batch_size)
@@ -334,70 +219,6 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
     reporter.emit(RunFinished(files.path, run.best_loss, run.best_epoch, files.last, files.best, export_path,
                               time.perf_counter() - started, len(run.bad_files), report))
     return FitResult(files.path, run.best_loss, run.best_epoch, run.epoch_losses, export_path, run.epoch_parts)
-
-
-# ============ resuming ============
-
-
-def find_checkpoint(target: str | Path) -> Path:
-    """The checkpoint to resume: the file itself, or `checkpoint_last.pt` of a run directory.
-
-    Raises:
-        CheckpointError: nothing to resume at `target`.
-    """
-    target = Path(target)
-    if target.is_dir():
-        candidate = target / RunDirectory(target).last.name
-        if not candidate.is_file():
-            raise CheckpointError(f"'{target}' holds no checkpoint_last.pt; give a run directory of dinopre train "
-                                  "or the path of a checkpoint.")
-        return candidate
-    if not target.exists():
-        raise CheckpointError(f"'{target}' does not exist; give a run directory or a checkpoint file.")
-    return target
-
-
-def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[PretrainConfig, Path]:
-    """The configuration of `dinopre resume`: the checkpoint's own, writing into the checkpoint's folder, with the
-    few settings a resume may change (`epochs`, `device`, `num_workers`, `log_interval`, `checkpoint_every`).
-
-    Returns:
-        The configuration and the checkpoint path.
-    """
-    path = find_checkpoint(checkpoint)
-    state = load_training_checkpoint(path)
-    settings = config_to_dict(config_from_dict(state["config"]))
-    flat = {"output_dir": str(path.parent), **{k: v for k, v in overrides.items() if v is not None}}
-    for section in ("model", "data", "optim", "method", "run"):
-        for key in settings[section]:
-            if key in flat:
-                settings[section][key] = flat[key]
-    return config_from_dict(settings), path
-
-
-def _load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any]:
-    """Load a checkpoint and check that `config` may continue it.
-
-    Raises:
-        CheckpointError: unreadable or not a training checkpoint.
-        ConfigError: settings differ beyond what a resume may change, or the epochs are already done.
-    """
-    path = find_checkpoint(path)
-    state = load_training_checkpoint(path)
-    try:
-        saved = config_from_dict(state["config"])
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot read ({exc}).") from None
-    differences = config_differences(saved, config)
-    if differences:
-        raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
-                          "--epochs, --device, --num-workers, --log-interval, --checkpoint-every and the output paths "
-                          "may change.")
-    done, in_epoch = state["epoch"], state["step_in_epoch"]
-    if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
-        raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "
-                          f"N > {done} to train longer.")
-    return state
 
 
 def _restore(run: _Run, state: dict[str, Any]) -> None:

@@ -1,0 +1,74 @@
+"""Continuing a run: finding its checkpoint, the configuration it continues with, and the checks that the
+requested run may continue it (same settings but the few a resume may change, epochs left to do).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dinopre.checkpoint import CheckpointError, load_training_checkpoint
+from dinopre.config import PretrainConfig, config_differences, config_from_dict, config_to_dict
+from dinopre.errors import ConfigError
+from dinopre.rundir import RunDirectory
+
+
+def find_checkpoint(target: str | Path) -> Path:
+    """The checkpoint to resume: the file itself, or `checkpoint_last.pt` of a run directory.
+
+    Raises:
+        CheckpointError: nothing to resume at `target`.
+    """
+    target = Path(target)
+    if target.is_dir():
+        candidate = target / RunDirectory(target).last.name
+        if not candidate.is_file():
+            raise CheckpointError(f"'{target}' holds no checkpoint_last.pt; give a run directory of dinopre train "
+                                  "or the path of a checkpoint.")
+        return candidate
+    if not target.exists():
+        raise CheckpointError(f"'{target}' does not exist; give a run directory or a checkpoint file.")
+    return target
+
+
+def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[PretrainConfig, Path]:
+    """The configuration of `dinopre resume`: the checkpoint's own, writing into the checkpoint's folder, with the
+    few settings a resume may change (`epochs`, `device`, `num_workers`, `log_interval`, `checkpoint_every`).
+
+    Returns:
+        The configuration and the checkpoint path.
+    """
+    path = find_checkpoint(checkpoint)
+    state = load_training_checkpoint(path)
+    settings = config_to_dict(config_from_dict(state["config"]))
+    flat = {"output_dir": str(path.parent), **{k: v for k, v in overrides.items() if v is not None}}
+    for section in ("model", "data", "optim", "method", "run"):
+        for key in settings[section]:
+            if key in flat:
+                settings[section][key] = flat[key]
+    return config_from_dict(settings), path
+
+
+def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any]:
+    """Load a checkpoint and check that `config` may continue it.
+
+    Raises:
+        CheckpointError: unreadable or not a training checkpoint.
+        ConfigError: settings differ beyond what a resume may change, or the epochs are already done.
+    """
+    path = find_checkpoint(path)
+    state = load_training_checkpoint(path)
+    try:
+        saved = config_from_dict(state["config"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot read ({exc}).") from None
+    differences = config_differences(saved, config)
+    if differences:
+        raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
+                          "--epochs, --device, --num-workers, --log-interval, --checkpoint-every and the output paths "
+                          "may change.")
+    done, in_epoch = state["epoch"], state["step_in_epoch"]
+    if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
+        raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "
+                          f"N > {done} to train longer.")
+    return state

@@ -1,0 +1,46 @@
+"""The data pipeline of a run (dinopre.pipeline): where the views are rendered, and what that changes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinopre.config import build_config
+from dinopre.engine import fit
+from dinopre.pipeline import augments_on_device
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def emit(self, event: object) -> None:
+        self.events.append(event)
+
+
+def _config(settings: dict, folder: Path, **extra: object):
+    return build_config("face", cli_settings={**settings, "train_dir": [str(folder)], **extra})
+
+
+@pytest.mark.parametrize(("place", "device", "expected"), [
+    ("auto", "cuda", True), ("auto", "cpu", False), ("device", "cpu", True), ("workers", "cuda", False)])
+def test_auto_renders_on_a_gpu_and_in_the_workers_on_a_cpu(place: str, device: str, expected: bool) -> None:
+    config = build_config("face", cli_settings={"train_dir": ["d"], "augment_on": place})
+    assert augments_on_device(config, torch.device(device)) is expected
+
+
+def test_views_rendered_on_the_device_train_like_views_rendered_in_workers(tiny_settings: dict, face_folder: Path,
+                                                                           tmp_path: Path) -> None:
+    """`--augment-on device` uses the batch renderer (recorded in params.json); the same draws give nearly the
+    same losses, not identical ones (resampling differs)."""
+    losses = {}
+    for place in ("workers", "device"):
+        out = tmp_path / place
+        losses[place] = fit(_config(tiny_settings, face_folder, augment_on=place, output_dir=str(out)),
+                            Recorder()).epoch_losses
+        assert json.loads((out / "params.json").read_text())["environment"]["augment_on"] == place
+    assert losses["workers"] != losses["device"]
+    assert losses["device"] == pytest.approx(losses["workers"], rel=0.02)
