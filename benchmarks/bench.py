@@ -14,7 +14,7 @@ augmentation in DataLoader workers), `--warmup` steps first, then measures:
 - end to end: images/s over `--steps` steps and the share of that time spent waiting for data;
 - a breakdown over `--breakdown-steps` further steps, synchronising the device at each phase boundary: data
   (waiting for the workers, and the copy to the device), augment (rendering the views on the device, with
-  `--set augment_on=device`, the default on CUDA; 0 when the workers render them), forward (with losses),
+  the default; 0 with `--set augment_on=workers`, when the workers render them), forward (with losses),
   backward, optimizer (clipping + AdamW), teacher update (EMA);
 - peak memory: `torch.cuda.max_memory_allocated` on CUDA, the process's peak resident set size on CPU;
 - model FLOP utilisation: analytic FLOPs per image (below) x images/s / the device's peak (`--peak-tflops`, known
@@ -173,7 +173,7 @@ def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: in
         "torch": torch.__version__,
         "precision": runtime.precision_name,
         "num_workers": workers,
-        "augment_on": "device" if augments_on_device(config, runtime.device) else "workers",
+        "augment_on": "device" if augments_on_device(config) else "workers",
         "torch_threads": torch.get_num_threads(),
         "settings": {k: v for k, v in settings.items() if k not in ("train_dir", "output_dir")},
         "steps": steps,

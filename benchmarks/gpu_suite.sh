@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything issue 6 needs a GPU for, in one call: the CUDA tests, then W1 and W2 with the views rendered on the
-# device (the default on CUDA) and, for comparison, in the workers. Results go to $RESULTS (default: $OUT or
+# device (the default) and, for comparison, in the workers. Results go to $RESULTS (default: $OUT or
 # benchmarks/results), one JSON per run plus the test log.
 #
 #     bash benchmarks/gpu_suite.sh            # from the repository root, on a machine with a CUDA GPU

@@ -147,7 +147,7 @@ def test_ibot_settings_are_validated() -> None:
         ({"patch_mask_ratio": (0.1, 1.0)}, "--patch-mask-ratio takes MIN MAX"),
         ({"mask_probability": 1.5}, "--mask-probability must be in [0, 1]"),
         ({"mask_shape": "circle"}, "--mask-shape must be block or rand"),
-        ({"augment_on": "gpu"}, "--augment-on must be one of auto, workers, device"),
+        ({"augment_on": "gpu"}, "--augment-on must be one of device, workers"),
         ({"teacher_patch_temp": 0.0}, "--teacher-patch-temp must be positive"),
     ]
     for settings, message in bad:

@@ -49,7 +49,7 @@ def test_a_run_leaves_the_full_run_directory(tiny_settings: dict, face_folder: P
 
     params = json.loads((run_dir / "params.json").read_text())
     assert params["config"]["model"]["vit_embed_dim"] == 32 and params["environment"]["device"] == "cpu"
-    assert params["environment"]["augment_on"] == "workers"  # auto renders the views in the workers on a CPU
+    assert params["environment"]["augment_on"] == "device"  # the default, on a CPU too
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["type"] == "epoch"]

@@ -1,4 +1,4 @@
-"""Multi-crop augmentation of a whole batch on the training device (`--augment-on device`, the default on CUDA).
+"""Multi-crop augmentation of a whole batch on the training device (`--augment-on device`, the default).
 
 Decoding and augmenting every view in the data workers costs far more CPU time than a GPU step (DINO's 10 views
 per image at ~1,750 images/s are 17,500 bicubic resizes and colour jitters a second). So, on this path:

@@ -45,9 +45,8 @@ class MaskShape(str, Enum):
 
 
 class AugmentOn(str, Enum):
-    auto = "auto"
-    workers = "workers"
     device = "device"
+    workers = "workers"
 
 
 class Precision(str, Enum):
@@ -120,8 +119,9 @@ def train(
         help="Data-loading processes [default: CPUs - 1, at most 8]. Raise it if data wait is high.",
         rich_help_panel=DATA, show_default=False)] = None,
     augment_on: Annotated[AugmentOn | None, typer.Option(
-        help="Where the crops and colour augmentations run: workers (per image, on the CPU) or device (whole "
-        "batches on the GPU; workers only decode) [default: auto = device on a GPU, workers on a CPU].",
+        help="Where the crops and colour augmentations run: device (whole batches on the training device, GPU or "
+        "CPU; workers only decode) or workers (image by image in the data workers, antialiased PIL resizing from "
+        "the full-size image) [default: device].",
         rich_help_panel=DATA, show_default=False)] = None,
     strict_data: Annotated[bool | None, typer.Option(
         "--strict-data", help="Stop at the first image that cannot be decoded (or unreadable folder) instead of "

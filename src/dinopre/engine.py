@@ -197,7 +197,7 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
         _restore(run, state)
     num_workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
     share_cpus(runtime)
-    on_device = augments_on_device(config, runtime.device)
+    on_device = augments_on_device(config)
     files.write_params({"config": config_to_dict(config),
                         "environment": environment_info(runtime, num_workers, on_device)})
     reporter.emit(RunStarted(

@@ -1,8 +1,8 @@
 """The data pipeline of a run: from a configuration to batches of views on the training device.
 
 Images come from a folder scan (cached, with progress) or the built-in demo set; one DataLoader serves the whole
-run; the views are rendered in its workers or, with `--augment-on device` (auto on a GPU), on the device in whole
-batches (`dinopre.batch_augment`).
+run; the views are rendered on the device in whole batches (`dinopre.batch_augment`, the default) or, with
+`--augment-on workers`, image by image in its workers.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ def build_mask_sampler(config: PretrainConfig) -> MaskSampler | None:
                        m.patch_mask_ratio, m.mask_shape)
 
 
-def augments_on_device(config: PretrainConfig, device: torch.device) -> bool:
-    """Whether the views are rendered on the training device (`--augment-on`; auto = on a GPU)."""
-    place = config.data.augment_on
-    return place == "device" or (place == "auto" and device.type == "cuda")
+def augments_on_device(config: PretrainConfig) -> bool:
+    """Whether the views are rendered on the training device (`--augment-on device`, the default, on a CPU too:
+    see config.AUGMENT_PLACES) rather than in the workers."""
+    return config.data.augment_on == "device"
 
 
 def build_data_loader(config: PretrainConfig, source: ImageSource, device: torch.device, sampler: EpochBatchSampler,
@@ -68,7 +68,7 @@ def build_data_loader(config: PretrainConfig, source: ImageSource, device: torch
     """The run's one loader (workers are never respawned) and, when the views are rendered on the device, the
     renderer its `RawBatch`es need (None when the workers render them)."""
     augmentation = build_augmentation(config)
-    render = BatchAugmentation(augmentation) if augments_on_device(config, device) else None
+    render = BatchAugmentation(augmentation) if augments_on_device(config) else None
     dataset = MultiCropDataset(source, augmentation, config.run.seed, build_mask_sampler(config),
                                working_size(config.model.image_size) if render is not None else None)
     return build_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda"), render
