@@ -283,3 +283,47 @@ def test_count_parameters() -> None:
     model = tiny_vit()
     assert count_parameters(model) == sum(p.numel() for p in model.parameters())
     assert count_parameters(nn.Linear(3, 4)) == 16
+
+
+# ----------------------------------------------------------------------------------- activation memory
+
+
+def _saved_bytes(fn, module: nn.Module) -> int:
+    """Bytes of distinct storages autograd keeps for backward while `fn` runs, beyond `module`'s own parameters."""
+    storages: dict[int, int] = {}
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in parameters:
+            storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mlp_gradients_are_plain_autograd_s_with_the_gelu_output_not_kept(autocast: bool) -> None:
+    """The MLP recomputes GELU in backward: outputs and all gradients equal plain autograd's bit for bit (fp32 and
+    bf16 autocast), and it keeps one (tokens x hidden) activation fewer."""
+    from dinopre.vit import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(3, 7, 16)
+    outputs, saved = {}, {}
+    for name, inp, forward in (("ours", x, lambda t: mlp(t)),
+                               ("plain", x_ref, lambda t: mlp.fc2(F.gelu(mlp.fc1(t))))):
+        mlp.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            saved[name] = _saved_bytes(lambda: outputs.__setitem__(name, forward(inp)), mlp)
+        (outputs[name].float() * grad).sum().backward()
+        outputs[name + "_grads"] = [p.grad.clone() for p in mlp.parameters()]
+    assert torch.equal(outputs["ours"], outputs["plain"]) and torch.equal(x.grad, x_ref.grad)
+    assert all(torch.equal(a, b) for a, b in zip(outputs["ours_grads"], outputs["plain_grads"], strict=True))
+    hidden_bytes = 3 * 7 * 64 * (2 if autocast else 4)  # the GELU output
+    fc2_cast = 16 * 64 * 2 if autocast else 0  # autocast's bf16 copy of fc2's weight; ours refers to the parameter
+    assert saved["plain"] - saved["ours"] == hidden_bytes + fc2_cast

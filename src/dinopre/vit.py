@@ -62,17 +62,51 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
+class _GeluLinear(torch.autograd.Function):
+    """`linear(gelu(h), weight, bias)` that keeps only `h` for the backward pass and recomputes `gelu(h)` there.
+
+    Plain autograd keeps both the fc1 output (for GELU's backward) and the GELU output (for fc2's weight gradient):
+    two (tokens x 4D) tensors per block, the largest activations a ViT stores, about a fifth of all it saves for
+    DINO's multi-crop step. Recomputing the GELU is one elementwise pass; the gradients are the same ops on the same
+    values as plain autograd's (tests/test_vit.py compares them). The linear runs in `h`'s dtype, as autocast would
+    run it (fc1 under autocast already returns the autocast dtype), with autocast off inside.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(h.device.type, enabled=False):
+            out = F.linear(F.gelu(h), weight.to(h.dtype), bias.to(h.dtype))
+        ctx.save_for_backward(h, weight)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, weight = ctx.saved_tensors
+        with torch.autocast(h.device.type, enabled=False):
+            grad_out = grad_out.to(h.dtype)
+            flat_grad = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, D)
+            gelu = F.gelu(h)
+            grad_weight = flat_grad.t().mm(gelu.reshape(-1, gelu.shape[-1]))
+            grad_bias = flat_grad.sum(0)
+            grad_h = torch.ops.aten.gelu_backward(grad_out.matmul(weight.to(h.dtype)), h)
+        return grad_h, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
 class Mlp(nn.Module):
-    """Two Linear layers with exact GELU between them."""
+    """Two Linear layers with exact GELU between them (the GELU output is recomputed for backward, see
+    `_GeluLinear`)."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if not (torch.is_grad_enabled() and (h.requires_grad or self.fc2.weight.requires_grad)):
+            return self.fc2(F.gelu(h))  # inference / the teacher: nothing to save
+        return _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
