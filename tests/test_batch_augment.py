@@ -236,3 +236,9 @@ def test_the_plan_sends_each_view_to_exactly_the_ops_it_drew() -> None:
                     expected = bool(draw[JITTER]) and int(draw[ORDER][position]) == op
                     assert (row in mine[position * 4 + op].tolist()) == expected
             assert (row in mine[16].tolist()) == bool(draw[SIGMA] > 0)
+
+
+def test_a_vanishing_blur_sigma_leaves_the_view_unchanged_instead_of_nan() -> None:
+    img = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = batch_gaussian_blur(img.clone(), torch.tensor([1e-30, 1e-30]), max_sigma=1e-30)
+    assert torch.equal(out, img)

@@ -309,3 +309,19 @@ def test_compiled_and_eager_runs_agree(tiny_settings: dict, face_folder: Path, t
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
     assert "backbone.pos_embed" in _state(tmp_path / "compiled_True")["teacher"]
 
+
+
+def test_checkpoints_from_before_augment_on_continue_rendering_in_the_workers(resumable, tmp_path: Path) -> None:
+    """A checkpoint without `augment_on` (written before the option existed) resumes with the workers rendering
+    its views, as when it was written, not with the new default."""
+    from dinopre.resume import resume_config, saved_config
+
+    run = tmp_path / "old"
+    fit(resumable(run, epochs=1, augment_on="workers"), Recorder())
+    state = _state(run)
+    del state["config"]["data"]["augment_on"]
+    torch.save(state, run / "checkpoint_last.pt")
+    assert saved_config(state).data.augment_on == "workers"
+    config, _ = resume_config(run, {"epochs": 2})
+    assert config.data.augment_on == "workers"
+    assert resume_config(run, {"epochs": 2, "augment_on": "device"})[0].data.augment_on == "device"

@@ -194,7 +194,8 @@ def gaussian_taps(sigma: torch.Tensor, max_radius: int, limit: int) -> torch.Ten
     """
     offsets = torch.arange(-max_radius, max_radius + 1, device=sigma.device, dtype=sigma.dtype)  # (T,)
     blurred = sigma > 0
-    safe = torch.where(blurred, sigma, 1.0).unsqueeze(-1)  # (R, 1)
+    # Clamped: sigma**2 of a sigma below ~1e-23 underflows float32 to 0; at 1e-3 every tap but the centre is 0.
+    safe = torch.where(blurred, sigma, 1.0).clamp_min(1e-3).unsqueeze(-1)  # (R, 1)
     radius = torch.ceil(3.0 * safe).clamp(1, limit)
     taps = torch.exp(-(offsets**2) / (2.0 * safe**2)) * (offsets.abs() <= radius)
     taps = taps / taps.sum(-1, keepdim=True)

@@ -356,6 +356,9 @@ def resume(
                                                show_default=False)] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX.", show_default=False)] = None,
     num_workers: Annotated[int | None, typer.Option(help="Data-loading processes.", show_default=False)] = None,
+    augment_on: Annotated[AugmentOn | None, typer.Option(
+        help="Render the views on the device or in the workers (a change makes the continuation differ from the "
+        "uninterrupted run by float rounding).", show_default=False)] = None,
     log_interval: Annotated[int | None, typer.Option(help="Steps between log lines.", show_default=False)] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Write checkpoint_last.pt every N steps too.",
                                                          show_default=False)] = None,
@@ -363,7 +366,7 @@ def resume(
 ) -> None:
     """Continue a run exactly where it stopped: same data order, augmentations, masks, schedules and centers."""
     overrides = {"epochs": epochs, "device": device, "num_workers": num_workers, "log_interval": log_interval,
-                 "checkpoint_every": checkpoint_every}
+                 "checkpoint_every": checkpoint_every, "augment_on": augment_on.value if augment_on else None}
 
     def resolve() -> tuple[Any, Path]:
         from dinopre.resume import resume_config

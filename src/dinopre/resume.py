@@ -31,16 +31,29 @@ def find_checkpoint(target: str | Path) -> Path:
     return target
 
 
+def saved_config(state: dict[str, Any]) -> PretrainConfig:
+    """The configuration a training checkpoint was written with.
+
+    Checkpoints written before `--augment-on` existed rendered their views in the data workers; they carry no
+    `augment_on` and continue that way (the new default would change how views are resampled mid-run).
+    """
+    settings = {key: dict(value) if isinstance(value, dict) else value for key, value in state["config"].items()}
+    if isinstance(settings.get("data"), dict):
+        settings["data"].setdefault("augment_on", "workers")
+    return config_from_dict(settings)
+
+
 def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[PretrainConfig, Path]:
     """The configuration of `dinopre resume`: the checkpoint's own, writing into the checkpoint's folder, with the
-    few settings a resume may change (`epochs`, `device`, `num_workers`, `log_interval`, `checkpoint_every`).
+    few settings a resume may change (`epochs`, `device`, `num_workers`, `augment_on`, `log_interval`,
+    `checkpoint_every`).
 
     Returns:
         The configuration and the checkpoint path.
     """
     path = find_checkpoint(checkpoint)
     state = load_training_checkpoint(path)
-    settings = config_to_dict(config_from_dict(state["config"]))
+    settings = config_to_dict(saved_config(state))
     flat = {"output_dir": str(path.parent), **{k: v for k, v in overrides.items() if v is not None}}
     for section in ("model", "data", "optim", "method", "run"):
         for key in settings[section]:
@@ -59,14 +72,14 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any
     path = find_checkpoint(path)
     state = load_training_checkpoint(path)
     try:
-        saved = config_from_dict(state["config"])
+        saved = saved_config(state)
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot read ({exc}).") from None
     differences = config_differences(saved, config)
     if differences:
         raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
-                          "--epochs, --device, --num-workers, --log-interval, --checkpoint-every and the output paths "
-                          "may change.")
+                          "--epochs, --device, --num-workers, --augment-on, --log-interval, --checkpoint-every and the "
+                          "output paths may change.")
     done, in_epoch = state["epoch"], state["step_in_epoch"]
     if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
         raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "
