@@ -1,7 +1,8 @@
 """Tests of the on-device batch augmentation (dinopre.batch_augment) against the per-image path (dinopre.augment).
 
-Both paths make the same draws from the same generator, so the tests compare them view by view: pixel ops exactly
-(same input crops), whole views up to resampling, and the statistics of many views. Everything runs on the CPU;
+Both paths make the same draws from the same generator and resample with Pillow's arithmetic, so the tests compare
+them view by view: pixel ops exactly (same input crops), whole views within a level of 255 or two, and the
+statistics of many views. Everything runs on the CPU;
 the same tensor code runs on CUDA (the GPU test at the end checks that when a GPU is present).
 """
 
@@ -31,10 +32,10 @@ from dinopre.batch_augment import (
     batch_gaussian_blur,
     batch_pixel_ops,
     encode_views,
+    pad_sources,
     plan_rows,
-    resized_crops,
-    to_working_size,
-    working_size,
+    source_cap,
+    to_source,
 )
 from dinopre.data import MultiCropDataset, RawBatch, SyntheticSource, collate_crops, sample_rng
 from dinopre.demo import synthetic_image
@@ -62,10 +63,11 @@ def both_paths(aug: MultiCropAugmentation, images: list[Image.Image], seed: int 
     per_image, raw, tables = [], [], []
     for index, image in enumerate(images):
         per_image.append(aug(image, sample_rng(seed, 0, index)))
-        raw.append(to_working_size(image, working_size(aug.global_size)))
+        raw.append(to_source(image, source_cap(aug.global_size)))
         draws = aug.draw(sample_rng(seed, 0, index), *image.size)
-        tables.append(torch.from_numpy(encode_views(draws, *image.size)))
-    global_batch, local_batch = BatchAugmentation(aug)(torch.stack(raw), torch.stack(tables))
+        sent = (raw[-1].shape[2], raw[-1].shape[1])
+        tables.append(torch.from_numpy(encode_views(draws, image.size, sent)))
+    global_batch, local_batch = BatchAugmentation(aug)(pad_sources(raw), torch.stack(tables))
     global_ref = torch.stack([views[0][v] for v in range(2) for views in per_image])
     local_ref = torch.stack([views[1][v] for v in range(aug.num_local_crops) for views in per_image])
     unnormalise = lambda t: t * STD + MEAN  # noqa: E731
@@ -73,14 +75,26 @@ def both_paths(aug: MultiCropAugmentation, images: list[Image.Image], seed: int 
 
 
 def faces(count: int, size: int = 80) -> list[Image.Image]:
-    return [synthetic_image("face", i, size) for i in range(count)]
+    """Synthetic face crops, every third one stretched to a different, non-square size (batches pad them)."""
+    images = [synthetic_image("face", i, size) for i in range(count)]
+    return [im.resize((size + 7 * (i % 5), size - 3 * (i % 4))) if i % 3 == 2 else im for i, im in enumerate(images)]
 
 
 # ----------------------------------------------------------------------------------- encoding the draws
 
 
-def test_working_size_is_eight_sevenths_of_the_global_view() -> None:
-    assert [working_size(s) for s in (224, 112, 32)] == [256, 128, 37]
+def test_sources_keep_their_size_up_to_the_cap() -> None:
+    assert source_cap(224) == 896
+    small = to_source(Image.new("L", (90, 40), 77), cap=128)  # any mode: converted to RGB, size kept
+    assert small.shape == (3, 40, 90) and small.dtype == torch.uint8 and int(small.float().mean()) == 77
+    assert to_source(Image.new("RGB", (400, 100)), cap=128).shape == (3, 32, 128)  # longest side shrunk to the cap
+
+
+def test_sources_of_different_sizes_are_padded_into_one_batch() -> None:
+    batch = pad_sources([torch.full((3, 4, 6), 9, dtype=torch.uint8), torch.full((3, 5, 2), 7, dtype=torch.uint8)])
+    assert batch.shape == (2, 3, 5, 6)
+    assert batch[0, :, :4, :6].eq(9).all() and batch[0, :, 4:].eq(0).all()
+    assert batch[1, :, :5, :2].eq(7).all() and batch[1, :, :, 2:].eq(0).all()
 
 
 def test_encoded_draws_keep_every_decision() -> None:
@@ -88,18 +102,14 @@ def test_encoded_draws_keep_every_decision() -> None:
         ViewParams((10, 20, 60, 100), True, (2, 0, 3, 1), (1.2, 0.7, 0.9, -0.05), True, 1.5, True),
         ViewParams((0, 0, 100, 200), False, None, None, False, None, False),
     ]
-    table = encode_views(views, 100, 200)
+    table = encode_views(views, (100, 200), (100, 200))
     assert table.shape == (2, NUM_COLUMNS) and table.dtype == np.float32
-    np.testing.assert_allclose(table[0], [0.1, 0.1, 0.6, 0.5, 1, 1, 2, 0, 3, 1, 1.2, 0.7, 0.9, -0.05, 1, 1.5, 1],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        table[0], [10, 20, 60, 100, 100, 200, 1, 1, 2, 0, 3, 1, 1.2, 0.7, 0.9, -0.05, 1, 1.5, 1], rtol=1e-6)
     # no jitter: identity order and neutral factors, so applying them would change nothing either
-    np.testing.assert_allclose(table[1], [0, 0, 1, 1, 0, 0, 0, 1, 2, 3, 1, 1, 1, 0, 0, 0, 0])
-
-
-def test_working_copy_is_uint8_of_the_working_size() -> None:
-    image = Image.new("L", (90, 40), 77)  # any mode, any aspect ratio
-    copy = to_working_size(image, 37)
-    assert copy.shape == (3, 37, 37) and copy.dtype == torch.uint8 and int(copy.float().mean()) == 77
+    np.testing.assert_allclose(table[1], [0, 0, 100, 200, 100, 200, 0, 0, 0, 1, 2, 3, 1, 1, 1, 0, 0, 0, 0])
+    # a source sent shrunk: the boxes cover the same region of the smaller image
+    np.testing.assert_allclose(encode_views(views[:1], (100, 200), (50, 100))[0, :6], [5, 10, 30, 50, 50, 100])
 
 
 # ----------------------------------------------------------------------------------- pixel ops, exactly
@@ -112,7 +122,7 @@ def test_batch_pixel_ops_equal_the_per_view_ops_for_every_draw() -> None:
     generator = torch.Generator().manual_seed(0)
     crops = torch.rand(48, 3, 20, 20, generator=generator)
     draws = [view for i in range(24) for view in aug.draw(np.random.default_rng(i), 50, 50)[:2]]
-    table = torch.from_numpy(encode_views(draws, 50, 50))
+    table = torch.from_numpy(encode_views(draws, (50, 50), (50, 50)))
     assert len({d.jitter_order for d in draws if d.jitter_order}) > 10 and any(d.blur_sigma is None for d in draws)
     batched = batch_pixel_ops(crops.clone(), table, max_sigma=aug.blur_sigma[1])  # works in place
     for row, params in enumerate(draws):
@@ -134,37 +144,20 @@ def test_batch_blur_equals_the_per_view_blur_including_tiny_views(side: int) -> 
 # ----------------------------------------------------------------------------------- crops
 
 
-def test_crops_sample_the_box_like_pil_and_flip_it() -> None:
-    """A linear ramp makes the geometry exact: the crop of a box reads the ramp at the output pixel centres (boxes
-    away from the edge, where bicubic taps would read the repeated border instead of the ramp)."""
-    side = 40
-    ramp = torch.linspace(0.5 / side, 1 - 0.5 / side, side)  # pixel centres of a (side x side) image
-    images = torch.stack([ramp.expand(side, side), ramp[:, None].expand(side, side), torch.zeros(side, side)])[None]
-    boxes = torch.tensor([[[0.25, 0.4, 0.75, 0.9]], [[0.25, 0.4, 0.75, 0.9]]])  # (n=2, B=1, 4)
-    flips = torch.tensor([[False], [True]])
-    out = resized_crops(images, boxes, flips, 10)  # (2, 3, 10, 10)
-    centres = 0.25 + 0.5 * (torch.arange(10) + 0.5) / 10
-    torch.testing.assert_close(out[0, 0, 3], centres, atol=1e-4, rtol=0)  # x follows the box's width
-    torch.testing.assert_close(out[0, 1, :, 3], 0.4 + 0.5 * (torch.arange(10) + 0.5) / 10, atol=1e-4, rtol=0)
-    torch.testing.assert_close(out[1, 0, 3], centres.flip(0), atol=1e-4, rtol=0)  # the flipped view mirrors
-
-
-def test_views_without_pixel_ops_match_the_per_image_crops() -> None:
-    """Same draws, only crop + resize + flip: the paths differ by resampling alone (< 1 % of the range)."""
+def test_views_without_pixel_ops_are_the_per_image_crops() -> None:
+    """Same draws, only crop + resize + flip: the views are Pillow's, within one level of 255 per pixel."""
     g_ref, l_ref, g_out, l_out = both_paths(make_aug(**NO_PIXEL_OPS), faces(12))
     for ref, out in ((g_ref, g_out), (l_ref, l_out)):
         assert ref.shape == out.shape
-        assert (ref - out).abs().mean() < 0.01
-        # a wrong flip or box would show: mirrored views differ by far more than the resampling does
-        assert (ref - out.flip(-1)).abs().mean() > 3 * (ref - out).abs().mean()
+        assert (ref - out).abs().max() <= 1.01 / 255
+        assert (ref - out).abs().mean() < 1e-4
 
 
 def test_fully_augmented_views_match_the_per_image_path_view_by_view() -> None:
-    """Every op on, DINO's probabilities: each view is close to its per-image twin (same draws)."""
+    """Every op on, DINO's probabilities: each view is its per-image twin up to rounding (same draws)."""
     g_ref, l_ref, g_out, l_out = both_paths(make_aug(), faces(16))
     for ref, out in ((g_ref, g_out), (l_ref, l_out)):
-        per_view = (ref - out).abs().mean(dim=(1, 2, 3))
-        assert per_view.mean() < 0.01 and per_view.max() < 0.04
+        assert (ref - out).abs().mean() < 1e-4 and (ref - out).abs().max() < 3 / 255
 
 
 def test_both_paths_draw_views_with_the_same_statistics() -> None:
@@ -177,33 +170,33 @@ def test_both_paths_draw_views_with_the_same_statistics() -> None:
             colour = (views - views.mean(dim=1, keepdim=True)).abs().mean(dim=(1, 2, 3))  # 0 for gray views
             stats.append(torch.stack([means.mean(), means.std(), stds.mean(), colour.mean(), (colour < 1e-4).float()
                                       .mean()]))
-        torch.testing.assert_close(stats[0], stats[1], atol=0.01, rtol=0)
+        torch.testing.assert_close(stats[0], stats[1], atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------------- through the data pipeline
 
 
-def test_dataset_sends_working_images_and_the_same_draws_and_masks() -> None:
-    """With a working size the workers send uint8 images and encoded draws; the masks are the per-image path's."""
+def test_dataset_sends_images_and_the_same_draws_and_masks() -> None:
+    """With a source cap the workers send uint8 images and encoded draws; views and masks are the per-image path's."""
     aug, sampler = make_aug(global_size=32, local_size=16), MaskSampler(4, probability=1.0)
     source = SyntheticSource("face", 8)
     rendered = MultiCropDataset(source, aug, seed=5, mask_sampler=sampler)
-    raw = MultiCropDataset(source, aug, seed=5, mask_sampler=sampler, working_size=working_size(32))
+    raw = MultiCropDataset(source, aug, seed=5, mask_sampler=sampler, source_cap=source_cap(32))
     keys = [(1, i) for i in range(4)]
     crops, batch = collate_crops([rendered[k] for k in keys]), collate_crops([raw[k] for k in keys])
-    assert isinstance(batch, RawBatch) and batch.images.dtype == torch.uint8 and batch.images.shape == (4, 3, 37, 37)
+    assert isinstance(batch, RawBatch) and batch.images.dtype == torch.uint8 and batch.images.shape == (4, 3, 64, 64)
     assert torch.equal(batch.masks, crops.masks) and torch.equal(batch.indices, crops.indices)
     assert torch.equal(batch.mask_index.flat, crops.mask_index.flat)
     ready = batch.to(torch.device("cpu")).render(BatchAugmentation(aug))
     assert ready.global_crops.shape == crops.global_crops.shape and ready.local_crops.shape == crops.local_crops.shape
-    assert ((ready.global_crops - crops.global_crops) * STD).abs().mean() < 0.02
+    assert ((ready.global_crops - crops.global_crops) * STD).abs().max() < 3 / 255
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_render_equals_cpu_render_without_waiting_for_the_host() -> None:
     aug = make_aug()
-    images = torch.stack([to_working_size(im, working_size(64)) for im in faces(8)])
-    tables = torch.stack([torch.from_numpy(encode_views(aug.draw(np.random.default_rng(i), 80, 80), 80, 80))
+    images = pad_sources([to_source(im, source_cap(64)) for im in faces(8)])
+    tables = torch.stack([torch.from_numpy(encode_views(aug.draw(np.random.default_rng(i), 80, 80), (80, 80), (80, 80)))
                           for i in range(8)])
     cpu = BatchAugmentation(aug)(images, tables)
     images, tables = images.cuda(), tables.cuda()
@@ -215,14 +208,14 @@ def test_gpu_render_equals_cpu_render_without_waiting_for_the_host() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(cpu, gpu, strict=True):
-        torch.testing.assert_close(b.cpu(), a, atol=2e-3, rtol=0)
+        torch.testing.assert_close(b.cpu(), a, atol=0.02, rtol=0)  # TF32 products may round a level differently
 
 
 def test_the_plan_sends_each_view_to_exactly_the_ops_it_drew() -> None:
     """Per resolution, view row r is in segment (position p, op k) iff it is jittered with op k at position p,
     and in the blur segment iff it drew a blur: no view pays for an op it did not draw, none misses one."""
     aug = make_aug()
-    views = torch.stack([torch.from_numpy(encode_views(aug.draw(np.random.default_rng(i), 60, 60), 60, 60))
+    views = torch.stack([torch.from_numpy(encode_views(aug.draw(np.random.default_rng(i), 60, 60), (60, 60), (60, 60)))
                          for i in range(10)])  # (B=10, V=5, C)
     indices, sizes = plan_rows(views)
     assert len(sizes) == 2 * OPS_PER_GROUP and sum(sizes) == indices.shape[0]

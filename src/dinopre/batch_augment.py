@@ -5,19 +5,14 @@ per image at ~1,750 images/s are 17,500 bicubic resizes and colour jitters a sec
 
 - the workers decode each image, make every random draw exactly as the per-image path does
   (`MultiCropAugmentation.draw` on the sample's (seed, epoch, index) generator, then the iBOT masks), encode the
-  draws as one row of numbers per view (`encode_views`), and resize the image to a square working size as uint8;
-- the device crops all views of a resolution in one `grid_sample` call and applies flip, colour jitter (in each
-  view's own random order), grayscale, blur and solarization to the whole batch with per-view parameters.
+  draws as one row of numbers per view (`encode_views`) and send the image itself as uint8;
+- the device crops and resizes all views of a resolution at once with Pillow's antialiased bicubic arithmetic
+  (`dinopre.resample`), mirrors the flipped ones, and applies colour jitter (in each view's own random order),
+  grayscale, blur and solarization to the whole batch with per-view parameters.
 
-Same generators, same draws, so both paths sample the same distribution of views; from the same draws the views
-differ only by resampling (tests/test_batch_augment.py compares them view by view and in statistics). Differences:
-the crop reads the working-size copy (about 8/7 of the global view's side, so global views keep full detail;
-a small local box of a large source image is upsampled from fewer pixels than on the per-image path), and the
-bicubic resampling is not antialiased (PIL's is when it shrinks; the largest shrink here is about 1.7x).
-
-Why a working size: a fixed (S, S) uint8 image per sample makes batches of one shape that pin and copy as one
-block, 4x smaller than float views. Resizing anisotropically is harmless because boxes are stored as fractions
-of the source's width and height, so a box still covers the same region of the source.
+Same generators, same draws, same resampling: a view equals its per-image twin within a level or two of 255,
+most pixels exactly (tests/test_batch_augment.py). Images larger than `source_cap` (4x the global view's side) are shrunk first in
+the worker, which only matters for views that would shrink them by 4x or more anyway.
 """
 
 from __future__ import annotations
@@ -40,42 +35,59 @@ from dinopre.augment import (
     normalize,
     solarize,
 )
+from dinopre.resample import resize_boxes
 
-# Columns of one encoded view (float32): the crop box as fractions of the source's width and height, then the
-# pixel-op draws. Without jitter the order is the identity and the factors are neutral (1, 1, 1, 0).
+# Columns of one encoded view (float32): the crop box in the pixels of the image the worker sends and that image's
+# width and height, then the pixel-op draws. Without jitter the order is the identity and the factors are
+# neutral (1, 1, 1, 0).
 BOX = slice(0, 4)
-FLIP = 4
-JITTER = 5
-ORDER = slice(6, 10)
-FACTORS = slice(10, 14)
-GRAY = 14
-SIGMA = 15  # 0 = no blur
-SOLARIZE = 16
-NUM_COLUMNS = 17
+SIZE = slice(4, 6)
+FLIP = 6
+JITTER = 7
+ORDER = slice(8, 12)
+FACTORS = slice(12, 16)
+GRAY = 16
+SIGMA = 17  # 0 = no blur
+SOLARIZE = 18
+NUM_COLUMNS = 19
 _NEUTRAL_JITTER = ((0, 1, 2, 3), (1.0, 1.0, 1.0, 0.0))
 
 
-def working_size(global_size: int) -> int:
-    """The side of the uint8 copy workers send: 8/7 of the global view (224 -> 256, 112 -> 128), rounded up.
+def source_cap(global_size: int) -> int:
+    """The longest side an image is sent with: 4x the global view's (896 px for 224 px views).
 
-    A global view covers 40-100 % of the image area, so its box is 0.63-1.0 of the working side: 162-256 px
-    for a 224 px view, a shrink of at most 8/7 and an enlargement of at most 1.4x.
+    Bounds the batch tensor (sources are zero-padded to the largest in the batch) and the resampling work; a view
+    of an image this large shrinks its box by 1.6x or more (a global view covers at least 40 % of the area).
     """
-    return -(-global_size * 8 // 7)
+    return 4 * global_size
 
 
-def encode_views(views: list[ViewParams], width: int, height: int) -> np.ndarray:
+def to_source(image: Image.Image, cap: int) -> torch.Tensor:
+    """The image as a (3, H, W) uint8 tensor, shrunk (Pillow's antialiased bicubic) to a longest side of `cap`."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    if max(width, height) > cap:
+        factor = cap / max(width, height)
+        image = image.resize((max(1, round(width * factor)), max(1, round(height * factor))),
+                             Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def encode_views(views: list[ViewParams], source_size: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
     """The draws of one image's views as a (V, NUM_COLUMNS) float32 table (see the column constants).
 
     Args:
-        views: what `MultiCropAugmentation.draw` returned for this image.
-        width: source image width in pixels (the boxes are in its pixels).
-        height: source image height in pixels.
+        views: what `MultiCropAugmentation.draw` returned for the decoded image.
+        source_size: (width, height) of the decoded image, the pixels the boxes were drawn in.
+        image_size: (width, height) of the image sent to the device (`to_source`); boxes are scaled to it.
     """
+    scale_x, scale_y = image_size[0] / source_size[0], image_size[1] / source_size[1]
     table = np.zeros((len(views), NUM_COLUMNS), dtype=np.float32)
     for row, view in zip(table, views, strict=True):
         left, top, right, bottom = view.box
-        row[BOX] = (left / width, top / height, right / width, bottom / height)
+        row[BOX] = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
+        row[SIZE] = image_size
         row[FLIP] = view.flip
         jittered = view.jitter_order is not None and view.jitter_factors is not None
         row[JITTER] = jittered
@@ -86,43 +98,14 @@ def encode_views(views: list[ViewParams], width: int, height: int) -> np.ndarray
     return table
 
 
-def to_working_size(image: Image.Image, size: int) -> torch.Tensor:
-    """The image resized to (size, size) with PIL's antialiased bicubic filter, as a (3, size, size) uint8 tensor."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    resized = image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-
-
-def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop every view's box out of its image and resize it to (size, size), bicubic, in one `grid_sample`.
-
-    Output pixel j of a view samples the source at box_left + (j + 0.5) / size * box_width (in fractions of the
-    source), the pixel-centre convention of PIL's `resize(box=...)`; a flipped view reads column size - 1 - j.
-
-    Args:
-        images: (B, 3, S, S) float sources in [0, 1].
-        boxes: (n, B, 4) boxes (left, top, right, bottom) as fractions of the source, view-major.
-        flips: (n, B) bool.
-        size: output side.
-
-    Returns:
-        (n * B, 3, size, size) views in [0, 1], view-major (row v * B + b is view v of image b).
-    """
-    n, batch = boxes.shape[:2]
-    centres = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size  # (size,)
-    left, top, right, bottom = boxes.unbind(-1)  # (n, B) each
-    across = torch.where(flips.unsqueeze(-1), 1.0 - centres, centres)  # (n, B, size)
-    x = (left.unsqueeze(-1) + across * (right - left).unsqueeze(-1)) * 2.0 - 1.0  # grid_sample's [-1, 1]
-    y = (top.unsqueeze(-1) + centres * (bottom - top).unsqueeze(-1)) * 2.0 - 1.0
-    grid = torch.stack(torch.broadcast_tensors(x.unsqueeze(-2), y.unsqueeze(-1)), dim=-1)  # (n, B, size, size, 2)
-    # The n views of an image are stacked along the grid's height, so each source is read in place, not copied n
-    # times: (B, n * size, size, 2) -> (B, 3, n * size, size).
-    grid = grid.transpose(0, 1).reshape(batch, n * size, size, 2)
-    # "border" repeats edge pixels for the bicubic taps that fall outside, as PIL clamps at the image edge.
-    out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    out = out.view(batch, 3, n, size, size).permute(2, 0, 1, 3, 4).reshape(n * batch, 3, size, size)
-    return out.clamp_(0.0, 1.0)  # bicubic overshoots; PIL clips to the 8-bit range too
+def pad_sources(sources: list[torch.Tensor]) -> torch.Tensor:
+    """Stack (3, H_i, W_i) uint8 images into one (B, 3, max H, max W) tensor, zero-padded at the bottom right."""
+    height = max(s.shape[1] for s in sources)
+    width = max(s.shape[2] for s in sources)
+    out = torch.zeros(len(sources), 3, height, width, dtype=torch.uint8)
+    for slot, source in zip(out, sources, strict=True):
+        slot[:, : source.shape[1], : source.shape[2]] = source
+    return out
 
 
 def _per_view(values: torch.Tensor) -> torch.Tensor:
@@ -246,7 +229,7 @@ def batch_pixel_ops(img: torch.Tensor, table: torch.Tensor, max_sigma: float,
 
 
 class BatchAugmentation:
-    """Renders the views of a batch on its device from working-size images and encoded draws.
+    """Renders the views of a batch on its device from the images and the encoded draws the workers sent.
 
     Args:
         augmentation: the per-image augmentation whose draws the workers encoded (sizes, blur range, mean, std).
@@ -261,7 +244,7 @@ class BatchAugmentation:
         """All views of a batch, crop-major as `data.collate_crops` stacks them.
 
         Args:
-            images: (B, 3, S, S) uint8 working-size images.
+            images: (B, 3, H, W) uint8 images, zero-padded to a common size (`pad_sources`).
             views: (B, V, NUM_COLUMNS) encoded draws, globals first.
             plan: `plan_rows(views)` with its indices on the images' device; the data step builds it on the host.
                 Computed here when None, which synchronises on a GPU.
@@ -283,6 +266,6 @@ class BatchAugmentation:
         return global_views, local_views
 
     def _render(self, source: torch.Tensor, views: torch.Tensor, size: int, rows: list[torch.Tensor]) -> torch.Tensor:
-        crops = resized_crops(source, views[..., BOX], views[..., FLIP] > 0.5, size)
+        crops = resize_boxes(source, views[..., BOX], views[..., SIZE], views[..., FLIP] > 0.5, size)
         crops = batch_pixel_ops(crops, views.reshape(-1, NUM_COLUMNS), self.augmentation.blur_sigma[1], rows)
         return normalize(crops, self.augmentation.mean, self.augmentation.std)

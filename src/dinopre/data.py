@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from dinopre.augment import MultiCropAugmentation
-from dinopre.batch_augment import BatchAugmentation, encode_views, plan_rows, to_working_size
+from dinopre.batch_augment import BatchAugmentation, encode_views, pad_sources, plan_rows, to_source
 from dinopre.errors import DataError
 from dinopre.images import BACKGROUND, BadImageError, load_rgb
 from dinopre.masking import MaskIndex, MaskSampler
@@ -144,7 +144,7 @@ class CropBatch:
         return self._map(lambda t: t.to(device, non_blocking=True))
 
 
-# (global views, local views) or (working-size uint8 image, encoded draws), then index, masks, bad files.
+# (global views, local views) or (uint8 image, encoded draws), then index, masks, bad files.
 Sample = tuple[list[torch.Tensor] | torch.Tensor, list[torch.Tensor] | torch.Tensor, int, list[np.ndarray] | None,
                list[tuple[int, str]]]
 
@@ -152,9 +152,9 @@ Sample = tuple[list[torch.Tensor] | torch.Tensor, list[torch.Tensor] | torch.Ten
 class MultiCropDataset(torch.utils.data.Dataset):
     """Images -> (global views, local views, index, global-view masks, bad files met), keyed by (epoch, index).
 
-    With `working_size`, the views are not rendered here: a sample is (the image resized to working_size x
-    working_size as uint8, the encoded draws of its views, index, masks, bad files), for `BatchAugmentation` on the
-    training device. The draws are the same either way.
+    With `source_cap`, the views are not rendered here: a sample is (the image as uint8, shrunk to at most
+    source_cap pixels on its longest side; the encoded draws of its views; index, masks, bad files), for
+    `BatchAugmentation` on the training device. The draws are the same either way.
 
     A file that cannot be decoded is replaced by the next one that can (in dataset order, so the run stays a pure
     function of its data) and reported back with the batch; the engine lists it and, with --strict-data, stops.
@@ -164,13 +164,13 @@ class MultiCropDataset(torch.utils.data.Dataset):
         augmentation: the multi-crop augmentation.
         seed: the run's seed.
         mask_sampler: iBOT mask generator for the global views; None for DINO (no draws are made).
-        working_size: leave the rendering to the device and send images of this side instead of views.
+        source_cap: leave the rendering to the device and send images (at most this long) instead of views.
     """
 
     def __init__(self, source: ImageSource, augmentation: MultiCropAugmentation, seed: int,
-                 mask_sampler: MaskSampler | None = None, working_size: int | None = None) -> None:
+                 mask_sampler: MaskSampler | None = None, source_cap: int | None = None) -> None:
         self.source, self.augmentation, self.seed, self.mask_sampler = source, augmentation, seed, mask_sampler
-        self.working_size = working_size
+        self.source_cap = source_cap
 
     def __len__(self) -> int:
         return len(self.source)
@@ -179,11 +179,12 @@ class MultiCropDataset(torch.utils.data.Dataset):
         epoch, index = key
         image, bad = self._load(index)
         rng = sample_rng(self.seed, epoch, index)  # the slot's draws, whichever file fills it
-        if self.working_size is None:
+        if self.source_cap is None:
             first, second = self.augmentation(image, rng)  # global views, local views
         else:  # the same draws in the same order, rendered later on the device
-            first = to_working_size(image, self.working_size)
-            second = torch.from_numpy(encode_views(self.augmentation.draw(rng, *image.size), *image.size))
+            first = to_source(image, self.source_cap)
+            sent = (first.shape[2], first.shape[1])
+            second = torch.from_numpy(encode_views(self.augmentation.draw(rng, *image.size), image.size, sent))
         masks = [self.mask_sampler(rng) for _ in range(2)] if self.mask_sampler is not None else None
         return first, second, index, masks, bad
 
@@ -211,10 +212,10 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
 @dataclass
 class RawBatch:
-    """One batch before its views are rendered on the device (`MultiCropDataset` with a working size).
+    """One batch before its views are rendered on the device (`MultiCropDataset` with a source cap).
 
     Attributes:
-        images: (B, 3, S, S) uint8 working-size images.
+        images: (B, 3, H, W) uint8 images, zero-padded to the largest of the batch.
         views: (B, V, NUM_COLUMNS) float32 encoded view draws (`batch_augment.encode_views`).
         indices, masks, bad, mask_index: as in `CropBatch`.
         plan: the rows each costly op touches (`batch_augment.plan_rows`), built with the batch on the host.
@@ -270,7 +271,7 @@ def collate_crops(samples: list[Sample]) -> CropBatch | RawBatch:
 
 
 def _collate_raw(samples: list[Sample]) -> RawBatch:
-    images = torch.stack([s[0] for s in samples])  # (B, 3, S, S) uint8
+    images = pad_sources([s[0] for s in samples])  # (B, 3, H, W) uint8
     views = torch.stack([s[1] for s in samples])  # (B, V, C)
     bad = [record for s in samples for record in s[4]]
     return RawBatch(images, views, torch.tensor([s[2] for s in samples]), _collate_masks(samples), bad)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dinopre.augment import ColorJitterSettings, MultiCropAugmentation
-from dinopre.batch_augment import BatchAugmentation, working_size
+from dinopre.batch_augment import BatchAugmentation, source_cap
 from dinopre.config import PretrainConfig
 from dinopre.data import (
     CropBatch,
@@ -70,7 +70,7 @@ def build_data_loader(config: PretrainConfig, source: ImageSource, device: torch
     augmentation = build_augmentation(config)
     render = BatchAugmentation(augmentation) if augments_on_device(config) else None
     dataset = MultiCropDataset(source, augmentation, config.run.seed, build_mask_sampler(config),
-                               working_size(config.model.image_size) if render is not None else None)
+                               source_cap(config.model.image_size) if render is not None else None)
     return build_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda"), render
 
 
