@@ -327,3 +327,54 @@ def test_mlp_gradients_are_plain_autograd_s_with_the_gelu_output_not_kept(autoca
     hidden_bytes = 3 * 7 * 64 * (2 if autocast else 4)  # the GELU output
     fc2_cast = 16 * 64 * 2 if autocast else 0  # autocast's bf16 copy of fc2's weight; ours refers to the parameter
     assert saved["plain"] - saved["ours"] == hidden_bytes + fc2_cast
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_blocks_give_plain_autograd_s_gradients_and_keep_less(autocast: bool,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In training (on a GPU; here forced on the CPU) a block fuses each LayerNorm with the linear layer it feeds and
+    recomputes the norm's output in backward: output and every gradient equal plain autograd's bit for bit (fp32
+    and bf16 autocast), and it keeps two (tokens x D) activations and one (tokens x 4D) activation fewer."""
+    from dinopre import vit
+    from dinopre.vit import Block
+
+    monkeypatch.setattr(vit, "NORM_RECOMPUTE_DEVICES", frozenset({"cpu"}))
+    torch.manual_seed(0)
+    block = Block(16, 2, 4.0, drop_path_rate=0.0).train()
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(3, 7, 16)
+
+    def plain(t: torch.Tensor) -> torch.Tensor:
+        t = t + block.attn(block.norm1(t))
+        return t + block.mlp.fc2(F.gelu(block.mlp.fc1(block.norm2(t))))
+
+    results, saved = {}, {}
+    for name, inp, forward in (("ours", x, block), ("plain", x_ref, plain)):
+        block.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            saved[name] = _saved_bytes(lambda: results.__setitem__(name, forward(inp)), block)
+        (results[name].float() * grad).sum().backward()
+        results[name + "_grads"] = [p.grad.clone() for p in block.parameters()]
+    assert torch.equal(results["ours"], results["plain"]) and torch.equal(x.grad, x_ref.grad)
+    assert all(torch.equal(a, b) for a, b in zip(results["ours_grads"], results["plain_grads"], strict=True))
+    element = 2 if autocast else 4
+    weight_casts = (16 * 48 + 16 * 64 + 64 * 16) * 2 if autocast else 0  # autocast's bf16 copies of qkv/fc1/fc2
+    assert saved["plain"] - saved["ours"] == (2 * 3 * 7 * 16 + 3 * 7 * 64) * element + weight_casts
+
+
+def test_blocks_give_the_same_output_with_and_without_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without autograd (the teacher, exports) a block runs the ordinary modules, with it the fused functions: the
+    output is the same."""
+    from dinopre import vit
+    from dinopre.vit import Block
+
+    monkeypatch.setattr(vit, "NORM_RECOMPUTE_DEVICES", frozenset({"cpu"}))
+    torch.manual_seed(0)
+    block = Block(16, 2, 4.0, drop_path_rate=0.0).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        fused_free = block(x)
+    with torch.enable_grad():
+        trained = block(x.clone().requires_grad_())
+    assert torch.equal(fused_free, trained.detach())

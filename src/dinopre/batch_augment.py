@@ -11,8 +11,8 @@ per image at ~1,750 images/s are 17,500 bicubic resizes and colour jitters a sec
   grayscale, blur and solarization to the whole batch with per-view parameters.
 
 Same generators, same draws, same resampling: a view equals its per-image twin within a level or two of 255,
-most pixels exactly (tests/test_batch_augment.py). Images larger than `source_cap` (4x the global view's side) are shrunk first in
-the worker, which only matters for views that would shrink them by 4x or more anyway.
+most pixels exactly (tests/test_batch_augment.py). Images larger than `source_cap` (4x the global view's side)
+are shrunk first in the worker, which only matters for views that would shrink them by 4x or more anyway.
 """
 
 from __future__ import annotations
