@@ -378,3 +378,25 @@ def test_blocks_give_the_same_output_with_and_without_autograd(monkeypatch: pyte
     with torch.enable_grad():
         trained = block(x.clone().requires_grad_())
     assert torch.equal(fused_free, trained.detach())
+
+
+@pytest.mark.slow
+def test_fused_blocks_compile_to_the_same_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compile` traces the fused norm and GELU functions (the GPU path, forced here on the CPU): compiled and
+    eager give the same output and gradients up to float rounding."""
+    from dinopre import vit
+    from dinopre.vit import Block
+
+    monkeypatch.setattr(vit, "NORM_RECOMPUTE_DEVICES", frozenset({"cpu"}))
+    torch.manual_seed(0)
+    block = Block(16, 2, 4.0, drop_path_rate=0.0).train()
+    x = torch.randn(2, 5, 16)
+    grads = []
+    for forward in (block, torch.compile(block)):
+        block.zero_grad()
+        inp = x.clone().requires_grad_()
+        out = forward(inp)
+        out.square().sum().backward()
+        grads.append([out.detach(), inp.grad] + [p.grad.clone() for p in block.parameters()])
+    for eager, compiled in zip(*grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
