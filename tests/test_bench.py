@@ -74,3 +74,25 @@ def test_a_tiny_workload_reports_every_measure(tmp_path: Path, augment_on: str) 
     assert (breakdown["augment"] > 0) == (augment_on == "device")  # the renderer's time is its own phase
     assert 0 <= result["data_wait_share"] <= 1 and result["images_per_sec"] > 0
     assert result["mfu"] is None and result["gflop_per_image"] > 0 and result["peak_memory_gib"] > 0
+
+
+def test_activation_estimate_counts_what_the_gpu_path_saves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/activation_memory.py counts saved activations; the GPU path (fused norms) keeps less of them."""
+    import sys
+
+    from dinopre import vit
+
+    monkeypatch.syspath_prepend(str(_BENCH.parent))
+    spec = importlib.util.spec_from_file_location("activation_memory", _BENCH.parent / "activation_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "activation_memory", module)
+    monkeypatch.setitem(module.WORKLOADS, "C1", {**module.WORKLOADS["C1"], "vit_depth": 2})
+    monkeypatch.setattr(vit, "NORM_RECOMPUTE_DEVICES", frozenset())
+    plain, params = module.saved_bytes("C1", 2)
+    monkeypatch.setattr(vit, "NORM_RECOMPUTE_DEVICES", frozenset({"cpu"}))
+    fused, _ = module.saved_bytes("C1", 2)
+    tokens = 2 * 2 * 50 + 4 * 2 * 10  # 2 global views of 7x7 + 1 tokens, 4 local views of 3x3 + 1, batch 2
+    casts = (192 * 576 + 192 * 768) * 2  # autocast's bf16 copies of the qkv and fc1 weights the plain path keeps
+    assert plain - fused == 2 * (2 * tokens * 192 * 2 + casts)  # per block: two bf16 norm outputs and the casts
+    assert params > 0
