@@ -303,6 +303,25 @@ def _saved_bytes(fn, module: nn.Module) -> int:
     return sum(storages.values())
 
 
+def _bytes_saved_versus_plain(module: nn.Module, plain, autocast: bool) -> int:
+    """Run `module` and the plain-autograd `plain` on the same input and output gradient; assert their outputs and
+    every gradient are equal bit for bit, and return how many fewer bytes `module` keeps for backward."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, 16)
+    grad = torch.randn(3, 7, 16)
+    results, saved = {}, {}
+    for name, forward in (("ours", module), ("plain", plain)):
+        module.zero_grad()
+        inp = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            saved[name] = _saved_bytes(lambda: results.__setitem__(name, forward(inp)), module)
+        (results[name].float() * grad).sum().backward()
+        results[name + "_grads"] = [inp.grad] + [p.grad.clone() for p in module.parameters()]
+    assert torch.equal(results["ours"], results["plain"])
+    assert all(torch.equal(a, b) for a, b in zip(results["ours_grads"], results["plain_grads"], strict=True))
+    return saved["plain"] - saved["ours"]
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_mlp_gradients_are_plain_autograd_s_with_the_gelu_output_not_kept(autocast: bool) -> None:
     """The MLP recomputes GELU in backward: outputs and all gradients equal plain autograd's bit for bit (fp32 and
@@ -311,22 +330,10 @@ def test_mlp_gradients_are_plain_autograd_s_with_the_gelu_output_not_kept(autoca
 
     torch.manual_seed(0)
     mlp = Mlp(16, 64)
-    x = torch.randn(3, 7, 16, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    grad = torch.randn(3, 7, 16)
-    outputs, saved = {}, {}
-    for name, inp, forward in (("ours", x, lambda t: mlp(t)),
-                               ("plain", x_ref, lambda t: mlp.fc2(F.gelu(mlp.fc1(t))))):
-        mlp.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            saved[name] = _saved_bytes(lambda: outputs.__setitem__(name, forward(inp)), mlp)
-        (outputs[name].float() * grad).sum().backward()
-        outputs[name + "_grads"] = [p.grad.clone() for p in mlp.parameters()]
-    assert torch.equal(outputs["ours"], outputs["plain"]) and torch.equal(x.grad, x_ref.grad)
-    assert all(torch.equal(a, b) for a, b in zip(outputs["ours_grads"], outputs["plain_grads"], strict=True))
+    fewer = _bytes_saved_versus_plain(mlp, lambda t: mlp.fc2(F.gelu(mlp.fc1(t))), autocast)
     hidden_bytes = 3 * 7 * 64 * (2 if autocast else 4)  # the GELU output
     fc2_cast = 16 * 64 * 2 if autocast else 0  # autocast's bf16 copy of fc2's weight; ours refers to the parameter
-    assert saved["plain"] - saved["ours"] == hidden_bytes + fc2_cast
+    assert fewer == hidden_bytes + fc2_cast
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -341,26 +348,15 @@ def test_training_blocks_give_plain_autograd_s_gradients_and_keep_less(autocast:
     monkeypatch.setattr(vit, "NORM_RECOMPUTE_DEVICES", frozenset({"cpu"}))
     torch.manual_seed(0)
     block = Block(16, 2, 4.0, drop_path_rate=0.0).train()
-    x = torch.randn(3, 7, 16, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    grad = torch.randn(3, 7, 16)
 
     def plain(t: torch.Tensor) -> torch.Tensor:
         t = t + block.attn(block.norm1(t))
         return t + block.mlp.fc2(F.gelu(block.mlp.fc1(block.norm2(t))))
 
-    results, saved = {}, {}
-    for name, inp, forward in (("ours", x, block), ("plain", x_ref, plain)):
-        block.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            saved[name] = _saved_bytes(lambda: results.__setitem__(name, forward(inp)), block)
-        (results[name].float() * grad).sum().backward()
-        results[name + "_grads"] = [p.grad.clone() for p in block.parameters()]
-    assert torch.equal(results["ours"], results["plain"]) and torch.equal(x.grad, x_ref.grad)
-    assert all(torch.equal(a, b) for a, b in zip(results["ours_grads"], results["plain_grads"], strict=True))
+    fewer = _bytes_saved_versus_plain(block, plain, autocast)
     element = 2 if autocast else 4
     weight_casts = (16 * 48 + 16 * 64 + 64 * 16) * 2 if autocast else 0  # autocast's bf16 copies of qkv/fc1/fc2
-    assert saved["plain"] - saved["ours"] == (2 * 3 * 7 * 16 + 3 * 7 * 64) * element + weight_casts
+    assert fewer == (2 * 3 * 7 * 16 + 3 * 7 * 64) * element + weight_casts
 
 
 def test_blocks_give_the_same_output_with_and_without_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
