@@ -115,6 +115,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def data_throughput(name: str, overrides: dict[str, Any], *, steps: int, warmup: int, images: int,
+                    data_root: Path, device: str) -> dict[str, Any]:
+    """How fast the data loader alone delivers a workload's batches (no model): what the workers can feed.
+
+    With the views rendered on the device (the default), the workers decode and draw and the rendering is timed
+    separately on `device`; with `--set augment_on=workers` they render every view themselves.
+    """
+    settings = {**WORKLOADS[name], **overrides, "device": device, "output_dir": str(data_root / "unused")}
+    size = 256 if settings.get("image_size", 224) > 128 else 128
+    settings["train_dir"] = [str(synthetic_folder(data_root, images, size))]
+    config = build_config("face", cli_settings=settings)
+    runtime = setup(config.run.device, config.run.precision, config.run.seed)
+    source = build_source(config).source
+    steps_per_epoch = check_dataset_size(len(source), config.optim.batch_size)
+    workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
+    sampler = EpochBatchSampler(len(source), config.optim.batch_size, config.run.seed, 0,
+                                -(-(warmup + steps) // steps_per_epoch))
+    loader, render = build_data_loader(config, source, runtime.device, sampler, workers)
+    batches = iter(loader)
+    for _ in range(warmup):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch = next(batches).to(runtime.device)
+    _sync(runtime.device)
+    elapsed = time.perf_counter() - start
+    render_seconds = 0.0
+    if isinstance(batch, RawBatch) and render is not None:  # timed apart, so the workers' rate stays their own
+        batch.render(render)
+        _sync(runtime.device)
+        begin = time.perf_counter()
+        for _ in range(steps):
+            batch.render(render)
+        _sync(runtime.device)
+        render_seconds = time.perf_counter() - begin
+    count = steps * config.optim.batch_size
+    return {
+        "workload": name,
+        "mode": "data only",
+        "device": torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu",
+        "augment_on": "device" if augments_on_device(config) else "workers",
+        "num_workers": workers,
+        "images_per_sec_loader": count / max(elapsed, 1e-9),
+        "images_per_sec_per_worker": count / max(elapsed, 1e-9) / max(workers, 1),
+        "render_ms_per_batch": 1000 * render_seconds / steps,
+        "steps": steps,
+    }
+
+
 def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: int, breakdown_steps: int,
                  images: int, data_root: Path, device: str, peak_tflops: float | None) -> dict[str, Any]:
     """Run one workload and return its measurements."""
@@ -243,7 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set batch_size=64 --set global_crop_scale=[0.3,1]")
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
+    parser.add_argument("--data-only", action="store_true",
+                        help="time the data loader alone (images/s the workers deliver, and the device rendering)")
     args = parser.parse_args(argv)
+    if args.data_only:
+        result = data_throughput(args.workload, _parse_overrides(args.overrides), steps=args.steps,
+                                 warmup=args.warmup, images=args.images, data_root=args.data_root, device=args.device)
+        text = json.dumps(result, indent=2)
+        print(text)  # noqa: T201 - a benchmark script's output is its result
+        if args.json is not None:
+            args.json.write_text(text + "\n")
+        return 0
     result = run_workload(args.workload, _parse_overrides(args.overrides), steps=args.steps, warmup=args.warmup,
                           breakdown_steps=args.breakdown_steps, images=args.images, data_root=args.data_root,
                           device=args.device, peak_tflops=args.peak_tflops)

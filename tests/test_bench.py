@@ -96,3 +96,16 @@ def test_activation_estimate_counts_what_the_gpu_path_saves(monkeypatch: pytest.
     casts = (192 * 576 + 192 * 768) * 2  # autocast's bf16 copies of the qkv and fc1 weights the plain path keeps
     assert plain - fused == 2 * (2 * tokens * 192 * 2 + casts)  # per block: two bf16 norm outputs and the casts
     assert params > 0
+
+
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_data_only_reports_what_the_workers_deliver(tmp_path: Path, augment_on: str) -> None:
+    """--data-only times the loader without a model, and the device rendering apart from it."""
+    out = tmp_path / "data.json"
+    assert bench.main(["C1", "--data-only", "--steps", "2", "--warmup", "1", "--images", "64", "--data-root",
+                       str(tmp_path / "data"), "--device", "cpu", "--set", "batch_size=8", "--set", "num_workers=0",
+                       "--set", f"augment_on={augment_on}", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mode"] == "data only" and result["augment_on"] == augment_on
+    assert result["images_per_sec_loader"] > 0 and result["images_per_sec_per_worker"] > 0
+    assert (result["render_ms_per_batch"] > 0) == (augment_on == "device")
