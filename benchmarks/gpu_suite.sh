@@ -13,6 +13,8 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print
 python3 -m pytest -q -p no:cacheprovider tests/test_batch_augment.py tests/test_method.py tests/test_engine.py \
     -k "gpu or cuda or compiled or resume" 2>&1 | tee "$results/gpu_tests.log"
 workers=$(( $(nproc) - 1 ))
+python3 benchmarks/bench.py W1 --data-only --steps 20 --warmup 3 --images 4096 --set num_workers="$workers" \
+    --json "$results/W1_data_only.json"
 for workload in W1 W2; do
     for place in device workers; do
         python3 benchmarks/bench.py "$workload" --steps 40 --warmup 10 --breakdown-steps 5 --images 4096 \
