@@ -87,7 +87,18 @@ def test_sources_keep_their_size_up_to_the_cap() -> None:
     assert source_cap(224) == 896
     small = to_source(Image.new("L", (90, 40), 77), cap=128)  # any mode: converted to RGB, size kept
     assert small.shape == (3, 40, 90) and small.dtype == torch.uint8 and int(small.float().mean()) == 77
-    assert to_source(Image.new("RGB", (400, 100)), cap=128).shape == (3, 32, 128)  # longest side shrunk to the cap
+    assert to_source(Image.new("RGB", (400, 300)), cap=128).shape == (3, 128, 171)  # short side brought to the cap
+    # a panorama keeps its short side (crop boxes are sized by it), unless its area is huge
+    assert to_source(Image.new("RGB", (1000, 60)), cap=128).shape == (3, 60, 1000)
+    assert to_source(Image.new("RGB", (4000, 100)), cap=128).shape == (3, 40, 1619)
+
+
+def test_panoramas_give_the_per_image_views() -> None:
+    """A long image (boxes limited by its short side) is not shrunk, so its views are still the per-image ones."""
+    wide = Image.fromarray(np.asarray(synthetic_image("face", 3, 60).resize((600, 60))))
+    g_ref, l_ref, g_out, l_out = both_paths(make_aug(global_size=32, local_size=16, **NO_PIXEL_OPS), [wide] * 2)
+    for ref, out in ((g_ref, g_out), (l_ref, l_out)):
+        assert (ref - out).abs().max() <= 2.01 / 255
 
 
 def test_sources_of_different_sizes_are_padded_into_one_batch() -> None:

@@ -11,8 +11,9 @@ per image at ~1,750 images/s are 17,500 bicubic resizes and colour jitters a sec
   grayscale, blur and solarization to the whole batch with per-view parameters.
 
 Same generators, same draws, same resampling: a view equals its per-image twin within a level or two of 255,
-most pixels exactly (tests/test_batch_augment.py). Images larger than `source_cap` (4x the global view's side)
-are shrunk first in the worker, which only matters for views that would shrink them by 4x or more anyway.
+most pixels exactly (tests/test_batch_augment.py). Images whose short side exceeds `source_cap` (4x the global
+view's side) are shrunk first in the worker, to a size where every view still shrinks its box (`source_cap`);
+their views then differ from the per-image ones by the extra resampling step.
 """
 
 from __future__ import annotations
@@ -54,21 +55,31 @@ _NEUTRAL_JITTER = ((0, 1, 2, 3), (1.0, 1.0, 1.0, 0.0))
 
 
 def source_cap(global_size: int) -> int:
-    """The longest side an image is sent with: 4x the global view's (896 px for 224 px views).
+    """The short side beyond which an image is shrunk before it is sent: 4x the global view's (896 px for 224).
 
-    Bounds the batch tensor (sources are zero-padded to the largest in the batch) and the resampling work; a view
-    of an image this large shrinks its box by 1.6x or more (a global view covers at least 40 % of the area).
+    Crop boxes keep an aspect ratio of 3/4 to 4/3, so their size follows the image's short side: at this size the
+    smallest global box (40 % of a square image's area) still spans about 490 px and the smallest local box (5 %)
+    about 170 px, both more than their views (224 and 96 px), so every view is still a shrink of its box.
     """
     return 4 * global_size
 
 
+def source_scale(width: int, height: int, cap: int) -> float:
+    """How much `to_source` shrinks a width x height image (1.0 = not at all).
+
+    The short side is brought down to `cap`; the area is also kept under (2 cap)^2 pixels, which bounds the
+    padded batch tensor and only affects panoramas longer than about 4:1 with a short side above cap / 2.
+    """
+    return min(1.0, cap / min(width, height), 2 * cap / math.sqrt(width * height))
+
+
 def to_source(image: Image.Image, cap: int) -> torch.Tensor:
-    """The image as a (3, H, W) uint8 tensor, shrunk (Pillow's antialiased bicubic) to a longest side of `cap`."""
+    """The image as a (3, H, W) uint8 tensor, shrunk (Pillow's antialiased bicubic) as `source_scale` says."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     width, height = image.size
-    if max(width, height) > cap:
-        factor = cap / max(width, height)
+    factor = source_scale(width, height, cap)
+    if factor < 1.0:
         image = image.resize((max(1, round(width * factor)), max(1, round(height * factor))),
                              Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
