@@ -120,8 +120,8 @@ def train(
         rich_help_panel=DATA, show_default=False)] = None,
     augment_on: Annotated[AugmentOn | None, typer.Option(
         help="Where the crops and colour augmentations run: device (whole batches on the training device, GPU or "
-        "CPU; workers only decode) or workers (image by image in the data workers, antialiased PIL resizing from "
-        "the full-size image) [default: device].",
+        "CPU; workers only decode) or workers (image by image in the data workers; the same views up to rounding, "
+        "but about 14x more CPU per image) [default: device].",
         rich_help_panel=DATA, show_default=False)] = None,
     strict_data: Annotated[bool | None, typer.Option(
         "--strict-data", help="Stop at the first image that cannot be decoded (or unreadable folder) instead of "
