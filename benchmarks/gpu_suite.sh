@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything issue 6 needs a GPU for, in one call: the CUDA tests, then W1 and W2 with the views rendered on the
-# device (the default) and, for comparison, in the workers. Results go to $RESULTS (default: $OUT or
+# Everything issue 6 needs a GPU for, in one call: the CUDA tests, W1's loader alone, then W1 and W2 with the views
+# rendered on the device (the default) and, for comparison, in the workers, and W1 with --compile. Results go to $RESULTS (default: $OUT or
 # benchmarks/results), one JSON per run plus the test log.
 #
 #     bash benchmarks/gpu_suite.sh            # from the repository root, on a machine with a CUDA GPU
@@ -15,10 +15,14 @@ python3 -m pytest -q -p no:cacheprovider tests/test_batch_augment.py tests/test_
 workers=$(( $(nproc) - 1 ))
 python3 benchmarks/bench.py W1 --data-only --steps 20 --warmup 3 --images 4096 --set num_workers="$workers" \
     --json "$results/W1_data_only.json"
-for workload in W1 W2; do
-    for place in device workers; do
-        python3 benchmarks/bench.py "$workload" --steps 40 --warmup 10 --breakdown-steps 5 --images 4096 \
-            --set num_workers="$workers" --set augment_on="$place" --json "$results/${workload}_${place}.json" \
-            | python3 -c "import json,sys; r=json.load(sys.stdin); print('$workload $place', round(r['images_per_sec']), 'img/s', 'wait', round(r['data_wait_share'], 3), 'mem', round(r['peak_memory_gib'], 2), 'GiB', 'mfu', r['mfu'] and round(r['mfu'], 3), r['step_breakdown_ms'])"
-    done
-done
+summary='import json,sys; r=json.load(sys.stdin); print(sys.argv[1], round(r["images_per_sec"]), "img/s, wait", round(r["data_wait_share"], 3), "mem", round(r["peak_memory_gib"], 2), "GiB, mfu", r["mfu"] and round(r["mfu"], 3), r["step_breakdown_ms"])'
+run() {  # NAME then bench.py arguments
+    local name=$1; shift
+    python3 benchmarks/bench.py "$@" --steps 40 --warmup 10 --breakdown-steps 5 --images 4096 \
+        --set num_workers="$workers" --json "$results/$name.json" | python3 -c "$summary" "$name"
+}
+run W1_device W1
+run W2_device W2
+run W1_workers W1 --set augment_on=workers
+run W2_workers W2 --set augment_on=workers
+run W1_compiled W1 --set compile=true
