@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything issue 6 needs a GPU for, in one call: the CUDA tests, W1's loader alone, then W1 and W2 with the views
-# rendered on the device (the default) and, for comparison, in the workers, and W1 with --compile. Results go to $RESULTS (default: $OUT or
-# benchmarks/results), one JSON per run plus the test log.
+# rendered on the device (the default) and, for comparison, in the workers, and W1 with --compile. Results go to
+# $RESULTS (default: $OUT or benchmarks/results), one JSON per run plus the test log.
 #
 #     bash benchmarks/gpu_suite.sh            # from the repository root, on a machine with a CUDA GPU
 set -uo pipefail
