@@ -38,7 +38,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 _SRC = Path(__file__).resolve().parent.parent / "src"
 try:
@@ -49,13 +49,13 @@ except ModuleNotFoundError:
 import torch  # noqa: E402
 
 from dinopre.config import PretrainConfig, build_config  # noqa: E402
-from dinopre.data import EpochBatchSampler, RawBatch, check_dataset_size  # noqa: E402
+from dinopre.data import EpochBatchSampler, ImageSource, RawBatch, check_dataset_size  # noqa: E402
 from dinopre.demo import write_synthetic_folder  # noqa: E402
 from dinopre.engine import train_step  # noqa: E402
 from dinopre.method import build_method  # noqa: E402
 from dinopre.optim import build_optimizer  # noqa: E402
 from dinopre.pipeline import augments_on_device, build_data_loader, build_source  # noqa: E402
-from dinopre.runtime import default_num_workers, setup, share_cpus  # noqa: E402
+from dinopre.runtime import Runtime, default_num_workers, setup, share_cpus  # noqa: E402
 from dinopre.schedules import build_schedules  # noqa: E402
 
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -115,13 +115,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def data_throughput(name: str, overrides: dict[str, Any], *, steps: int, warmup: int, images: int,
-                    data_root: Path, device: str) -> dict[str, Any]:
-    """How fast the data loader alone delivers a workload's batches (no model): what the workers can feed.
+class _Workload(NamedTuple):
+    """A workload made ready to run: its settings, configuration, device, images and sampler."""
 
-    With the views rendered on the device (the default), the workers decode and draw and the rendering is timed
-    separately on `device`; with `--set augment_on=workers` they render every view themselves.
-    """
+    settings: dict[str, Any]
+    config: PretrainConfig
+    runtime: Runtime
+    source: ImageSource
+    steps_per_epoch: int
+    sampler: EpochBatchSampler
+    workers: int
+
+
+def _prepare(name: str, overrides: dict[str, Any], *, images: int, data_root: Path, device: str,
+             steps: int) -> _Workload:
+    """Settings, a synthetic JPEG folder of `images` crops, and a sampler covering `steps` batches."""
     settings = {**WORKLOADS[name], **overrides, "device": device, "output_dir": str(data_root / "unused")}
     size = 256 if settings.get("image_size", 224) > 128 else 128
     settings["train_dir"] = [str(synthetic_folder(data_root, images, size))]
@@ -129,10 +137,22 @@ def data_throughput(name: str, overrides: dict[str, Any], *, steps: int, warmup:
     runtime = setup(config.run.device, config.run.precision, config.run.seed)
     source = build_source(config).source
     steps_per_epoch = check_dataset_size(len(source), config.optim.batch_size)
-    workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
     sampler = EpochBatchSampler(len(source), config.optim.batch_size, config.run.seed, 0,
-                                -(-(warmup + steps) // steps_per_epoch))
-    loader, render = build_data_loader(config, source, runtime.device, sampler, workers)
+                                -(-steps // steps_per_epoch))
+    workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
+    return _Workload(settings, config, runtime, source, steps_per_epoch, sampler, workers)
+
+
+def data_throughput(name: str, overrides: dict[str, Any], *, steps: int, warmup: int, images: int,
+                    data_root: Path, device: str) -> dict[str, Any]:
+    """How fast the data loader alone delivers a workload's batches (no model): what the workers can feed.
+
+    With the views rendered on the device (the default), the workers decode and draw and the rendering is timed
+    separately on `device`; with `--set augment_on=workers` they render every view themselves.
+    """
+    w = _prepare(name, overrides, images=images, data_root=data_root, device=device, steps=warmup + steps)
+    config, runtime = w.config, w.runtime
+    loader, render = build_data_loader(config, w.source, runtime.device, w.sampler, w.workers)
     batches = iter(loader)
     for _ in range(warmup):
         next(batches)
@@ -156,9 +176,9 @@ def data_throughput(name: str, overrides: dict[str, Any], *, steps: int, warmup:
         "mode": "data only",
         "device": torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu",
         "augment_on": "device" if augments_on_device(config) else "workers",
-        "num_workers": workers,
+        "num_workers": w.workers,
         "images_per_sec_loader": count / max(elapsed, 1e-9),
-        "images_per_sec_per_worker": count / max(elapsed, 1e-9) / max(workers, 1),
+        "images_per_sec_per_worker": count / max(elapsed, 1e-9) / max(w.workers, 1),
         "render_ms_per_batch": 1000 * render_seconds / steps,
         "steps": steps,
     }
@@ -167,22 +187,14 @@ def data_throughput(name: str, overrides: dict[str, Any], *, steps: int, warmup:
 def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: int, breakdown_steps: int,
                  images: int, data_root: Path, device: str, peak_tflops: float | None) -> dict[str, Any]:
     """Run one workload and return its measurements."""
-    settings = {**WORKLOADS[name], **overrides, "device": device, "output_dir": str(data_root / "unused")}
-    size = 256 if settings.get("image_size", 224) > 128 else 128
-    settings["train_dir"] = [str(synthetic_folder(data_root, images, size))]
-    config = build_config("face", cli_settings=settings)
-    runtime = setup(config.run.device, config.run.precision, config.run.seed)
-    source = build_source(config).source
-    steps_per_epoch = check_dataset_size(len(source), config.optim.batch_size)
-    total = warmup + steps + breakdown_steps
-    epochs = -(-total // steps_per_epoch)
+    w = _prepare(name, overrides, images=images, data_root=data_root, device=device,
+                 steps=warmup + steps + breakdown_steps)
+    config, runtime, settings, workers = w.config, w.runtime, w.settings, w.workers
     method = build_method(config).to(runtime.device).train()
     optimizer = build_optimizer(method.student, runtime.device)
-    schedules = build_schedules(config, steps_per_epoch)
-    workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
+    schedules = build_schedules(config, w.steps_per_epoch)
     share_cpus(runtime)
-    sampler = EpochBatchSampler(len(source), config.optim.batch_size, config.run.seed, 0, epochs)
-    loader, render = build_data_loader(config, source, runtime.device, sampler, workers)
+    loader, render = build_data_loader(config, w.source, runtime.device, w.sampler, workers)
     batches = iter(loader)
     state = {"step": 0}
 
