@@ -174,9 +174,106 @@ def test_ibot_on_a_folder_lowers_both_loss_parts(tmp_path: Path) -> None:
     assert "mask_token" not in exported["model"] and exported["metadata"]["algorithm"] == "ibot"
 
 
+# ============ measuring the features ============
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-class probe (synthetic faces and hands, 32 px) with train/ and test/ folds."""
+    from dinopre.demo import write_synthetic_folder
+
+    root = tmp_path_factory.mktemp("probe")
+    for fold, start, count in (("train", 0, 12), ("test", 500, 6)):
+        for kind in ("face", "hands"):
+            write_synthetic_folder(root / fold / kind, kind, count, size=32, start=start)
+    return root
+
+
+def _independent_knn(backbone: torch.nn.Module, folder: Path, k: int = 20, temperature: float = 0.07) -> float:
+    """A weighted k-NN written here from scratch: numpy, PIL, the exported backbone (not dinopre.evaluation)."""
+    import numpy as np
+    from PIL import Image
+
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+    def features(fold: str) -> tuple[np.ndarray, np.ndarray]:
+        classes = sorted(p.name for p in (folder / fold).iterdir())
+        images, labels = [], []
+        for label, name in enumerate(classes):
+            for path in sorted((folder / fold / name).iterdir()):
+                pixels = np.asarray(Image.open(path).convert("RGB"), np.float64) / 255.0
+                images.append(((pixels - mean) / std).transpose(2, 0, 1))
+                labels.append(label)
+        with torch.no_grad():
+            out = backbone(torch.tensor(np.stack(images), dtype=torch.float32)).double().numpy()
+        return out / np.linalg.norm(out, axis=1, keepdims=True), np.array(labels)
+
+    (train, train_labels), (test, test_labels) = features("train"), features("test")
+    similarity = test @ train.T
+    nearest = np.argsort(-similarity, axis=1)[:, :k]
+    votes = np.zeros((len(test), 2))
+    np.add.at(votes, (np.arange(len(test))[:, None], train_labels[nearest]),
+              np.exp(np.take_along_axis(similarity, nearest, 1) / temperature))
+    return 100.0 * float((votes.argmax(1) == test_labels).mean())
+
+
+def test_the_knn_in_the_metrics_is_that_of_the_exported_backbone(tiny_settings: dict, face_folder: Path,
+                                                                  labelled_folder: Path) -> None:
+    from dinopre.export import load_dinov2_backbone
+
+    out = Path(tiny_settings["output_dir"])
+    config = _config(tiny_settings, face_folder, epochs=3, eval_dir=str(labelled_folder),
+                     export_backbone=str(out / "bb.pt"))
+    recorder = Recorder()
+    result = fit(config, recorder)
+    epochs = [r for r in _records(out) if r["type"] == "epoch"]
+    assert all({"knn", "rankme", "feature_spread", "teacher_entropy", "prototypes_used"} <= set(r) for r in epochs)
+    assert epochs[-1]["knn"] == pytest.approx(_independent_knn(load_dinov2_backbone(f"file::{out / 'bb.pt'}"),
+                                                               labelled_folder), abs=1.0)
+    # --best-by defaults to knn with an --eval-dir: checkpoint_best.pt is the epoch of the highest accuracy.
+    knn = [r["knn"] for r in epochs]
+    best = torch.load(out / "checkpoint_best.pt", weights_only=True)
+    assert best["epoch"] == knn.index(max(knn)) + 1 == result.best_epoch + 1
+    assert [r["best"] for r in epochs] == [i == knn.index(max(knn[: i + 1])) for i in range(len(knn))]
+    assert next(e for e in recorder.events if isinstance(e, RunFinished)).best_by == "knn"
+    assert [e.evaluation["knn"] for e in recorder.events if isinstance(e, EpochEnded)] == knn
+
+
+def test_eval_every_skips_epochs_but_never_the_last(tiny_settings: dict, face_folder: Path,
+                                                    labelled_folder: Path) -> None:
+    out = Path(tiny_settings["output_dir"])
+    fit(_config(tiny_settings, face_folder, epochs=3, eval_dir=str(labelled_folder), eval_every=2,
+                best_by="loss", monitor_images=0), Recorder())
+    epochs = [r for r in _records(out) if r["type"] == "epoch"]
+    assert ["knn" in r for r in epochs] == [False, True, True]
+    assert "rankme" not in epochs[0]  # monitor_images 0: no label-free signals
+    losses = [r["loss"] for r in epochs]
+    assert torch.load(out / "checkpoint_best.pt", weights_only=True)["epoch"] == losses.index(min(losses)) + 1
+
+
+def test_a_collapsed_run_says_so_in_the_metrics(tiny_settings: dict, face_folder: Path) -> None:
+    """A teacher temperature of 5 flattens the teacher: every epoch records a uniform collapse, with advice."""
+    from dinopre.events import CollapseWarning
+
+    recorder = Recorder()
+    fit(_config(tiny_settings, face_folder, teacher_temp=5.0, warmup_teacher_temp=5.0), recorder)
+    records = _records(Path(tiny_settings["output_dir"]))
+    assert [r["collapse"] for r in records if r["type"] == "epoch"] == ["uniform", "uniform"]
+    warnings = [r for r in records if r["type"] == "warning"]
+    assert [w["collapse"] for w in warnings] == ["uniform", "uniform"] and "--teacher-temp" in warnings[0]["message"]
+    assert [e.verdict for e in recorder.events if isinstance(e, CollapseWarning)] == ["uniform", "uniform"]
+
+
+def test_a_healthy_run_is_not_called_collapsed(tiny_settings: dict, face_folder: Path) -> None:
+    fit(_config(tiny_settings, face_folder), Recorder())
+    records = _records(Path(tiny_settings["output_dir"]))
+    assert [r["collapse"] for r in records if r["type"] == "epoch"] == [None, None]
+    assert not [r for r in records if r["type"] == "warning"]
+
+
 # ============ exact resume ============
 
-TIMING = {"images_per_sec", "data_wait", "seconds"}
+TIMING = {"images_per_sec", "data_wait", "seconds", "eval_seconds"}
 
 
 class StopAt(Recorder):
@@ -210,16 +307,19 @@ def resumable(tiny_settings: dict, face_folder: Path):
     return make
 
 
-@pytest.mark.parametrize(("stop_event", "stop_step", "checkpoint_step", "algorithm", "augment_on"), [
-    (CheckpointSaved, 6, 6, "dino", "workers"),  # right after an epoch-boundary checkpoint
-    (StepLogged, 10, 8, "dino", "workers"),  # mid-epoch, two steps after the checkpoint at step 8 (logs dropped)
-    (StepLogged, 10, 8, "ibot", "workers"),  # the same with masks, the patch head and the patch center
-    (StepLogged, 10, 8, "ibot", "device"),  # views rendered by the batch augmentation instead of the workers
+@pytest.mark.parametrize(("stop_event", "stop_step", "checkpoint_step", "algorithm", "augment_on", "evaluate"), [
+    (CheckpointSaved, 6, 6, "dino", "workers", False),  # right after an epoch-boundary checkpoint
+    (StepLogged, 10, 8, "dino", "workers", False),  # mid-epoch, two steps after the checkpoint at step 8 (logs dropped)
+    (StepLogged, 10, 8, "ibot", "workers", False),  # the same with masks, the patch head and the patch center
+    (StepLogged, 10, 8, "ibot", "device", False),  # views rendered by the batch augmentation instead of the workers
+    (StepLogged, 10, 8, "dino", "device", True),  # with a k-NN probe every epoch and best-by-knn checkpoints
 ])
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(resumable, tmp_path: Path, stop_event: type,
-                                                             stop_step: int, checkpoint_step: int,
-                                                             algorithm: str, augment_on: str) -> None:
-    settings = {"algorithm": algorithm, "augment_on": augment_on}
+                                                             stop_step: int, checkpoint_step: int, algorithm: str,
+                                                             augment_on: str, evaluate: bool,
+                                                             labelled_folder: Path) -> None:
+    settings = {"algorithm": algorithm, "augment_on": augment_on,
+                **({"eval_dir": str(labelled_folder)} if evaluate else {})}
     fit(resumable(tmp_path / "straight", **settings), Recorder())
     interrupted = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
@@ -235,6 +335,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(resumable, tmp_path
         assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
     assert all(torch.equal(straight["loss"][k], resumed["loss"][k]) for k in straight["loss"])
     assert straight["epoch_losses"] == resumed["epoch_losses"]
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in straight["evaluations"]] == \
+        [{k: v for k, v in r.items() if k not in TIMING} for r in resumed["evaluations"]]
     assert _records(tmp_path / "straight") == _records(interrupted)  # same logged losses, no duplicates
 
 

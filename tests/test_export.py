@@ -212,6 +212,10 @@ def test_inspect_describes_both_kinds(trained: Path, tmp_path: Path) -> None:
     assert info["kind"] == "training checkpoint" and info["epoch"] == 1 and info["algorithm"] == "dino"
     assert info["sha256"] == sha256_file(trained / "checkpoint_last.pt") and info["loss_history"]["epochs"] == 1
     assert info["parameters"]["student backbone"] == info["parameters"]["teacher backbone"] > 0
+    # the teacher's label-free signals at the last epoch, as metrics.jsonl has them
+    assert info["features"]["epoch"] == 1 and info["features"]["collapse"] is None
+    assert info["features"]["rankme"] >= 1 and 0 < info["features"]["feature_spread"] <= 1.5
+    assert info["best_by"] == "loss" and "knn_history" not in info  # no --eval-dir
     path, _ = export_checkpoint(trained / "checkpoint_last.pt", tmp_path / "b.pt")
     exported = inspect_file(path)
     assert exported["kind"] == "backbone export" and exported["format"] == "slt" and exported["stream"] == "face_left"
@@ -231,5 +235,8 @@ def test_cli_export_verify_inspect(trained: Path, tmp_path: Path) -> None:
     assert failed.exit_code == 1 and "FAIL loads strictly" in failed.output and "Traceback" not in failed.output
     as_json = runner.invoke(app, ["inspect-checkpoint", str(trained / "checkpoint_last.pt"), "--json"])
     assert json.loads(as_json.output)["kind"] == "training checkpoint"
+    assert "rankme" in json.loads(as_json.output)["features"]
+    checkpoint_table = runner.invoke(app, ["inspect-checkpoint", str(trained / "checkpoint_last.pt")])
+    assert "features" in checkpoint_table.output and "rankme" in checkpoint_table.output
     table = runner.invoke(app, ["inspect-checkpoint", str(target)])
     assert table.exit_code == 0 and "backbone export" in table.output

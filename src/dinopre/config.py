@@ -129,6 +129,19 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Measuring the features while training (dinopre.evaluation): a labelled k-NN probe and label-free signals."""
+
+    eval_dir: str | None = None
+    eval_every: int = 1
+    best_by: str | None = None  # knn | loss; unset: knn with an eval_dir, else loss
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    eval_test_share: float = 0.25
+    monitor_images: int = 1024
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """The whole, resolved configuration of one run."""
 
@@ -138,6 +151,12 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def resolved_best_by(self) -> str:
+        """What chooses checkpoint_best.pt: `best_by`, else k-NN accuracy with an --eval-dir, else the loss."""
+        return self.eval.best_by or ("knn" if self.eval.eval_dir else "loss")
 
     @property
     def resolved_patch_out_dim(self) -> int:
@@ -158,7 +177,9 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "method": MethodConfig,
     "run": RunConfig,
+    "eval": EvalConfig,
 }
+BEST_BY = ("knn", "loss")
 FIELD_SECTION: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
 # What each preset changes from the DINO reference defaults, and why. Both keep ViT-S/16, the model the
@@ -409,7 +430,7 @@ def validate(config: PretrainConfig) -> None:
     Raises:
         ConfigError: the first invalid setting, with what to do about it.
     """
-    for check in (_validate_model, _validate_data, _validate_optim, _validate_method, _validate_run):
+    for check in (_validate_model, _validate_data, _validate_optim, _validate_method, _validate_run, _validate_eval):
         check(config)
 
 
@@ -523,12 +544,26 @@ def _validate_run(config: PretrainConfig) -> None:
              f"--checkpoint-every must be 0 (epoch ends only) or a positive number of steps, got {r.checkpoint_every}.")
 
 
+def _validate_eval(config: PretrainConfig) -> None:
+    e = config.eval
+    _require(e.eval_every >= 1, f"--eval-every must be a positive number of epochs, got {e.eval_every}.")
+    _require(e.best_by is None or e.best_by in BEST_BY,
+             f"--best-by must be one of {', '.join(BEST_BY)}, got '{e.best_by}'.")
+    _require(not (e.best_by == "knn" and not e.eval_dir),
+             "--best-by knn needs labelled images to measure: pass --eval-dir DIR (one sub-folder per class).")
+    _require(e.knn_k >= 1, f"knn_k must be a positive number of neighbours, got {e.knn_k}.")
+    _require(e.knn_temperature > 0, f"knn_temperature must be positive, got {e.knn_temperature}.")
+    _require(0.0 < e.eval_test_share < 1.0,
+             f"eval_test_share is the share of each class held out for testing, in (0, 1); got {e.eval_test_share}.")
+    _require(e.monitor_images >= 0, f"monitor_images must be 0 (off) or more, got {e.monitor_images}.")
+
+
 # Settings that may differ between a checkpoint and the run that resumes it: none of them changes what is learned
 # in the steps already planned (more epochs redefine the schedules over the new total, see `dinopre resume --help`).
 # Where the views are rendered only changes their resampling, like a change of device changes rounding.
 RESUME_MAY_CHANGE = frozenset(
     {"epochs", "device", "num_workers", "augment_on", "log_interval", "checkpoint_every", "output_dir",
-     "export_backbone", "stream"}
+     "export_backbone", "stream", "eval_every"}
 )
 
 

@@ -24,7 +24,17 @@ from dinopre.checkpoint import FORMAT_VERSION, KIND_TRAINING, CheckpointError, b
 from dinopre.config import PretrainConfig, advisories, config_to_dict
 from dinopre.data import EXHAUSTED, EpochBatchSampler, ImageSource, check_dataset_size
 from dinopre.errors import ConfigError, DataError, Interrupted, RunDirError, TrainingStopped
-from dinopre.events import CheckpointSaved, EpochEnded, Reporter, RunFinished, RunStarted, StepLogged, Stopped
+from dinopre.evaluation import Evaluator, collapse_message, collapse_verdict, monitor_indices, scan_labelled
+from dinopre.events import (
+    CheckpointSaved,
+    CollapseWarning,
+    EpochEnded,
+    Reporter,
+    RunFinished,
+    RunStarted,
+    StepLogged,
+    Stopped,
+)
 from dinopre.method import StudentTeacher, build_method
 from dinopre.optim import apply_schedules, build_optimizer, cancel_gradients, clip_gradients_per_tensor
 from dinopre.pipeline import augments_on_device, build_data_loader, build_source, device_batches
@@ -45,6 +55,7 @@ class FitResult:
     epoch_losses: list[float]
     export_path: Path | None = None
     epoch_parts: list[dict[str, float]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # per epoch: signals, k-NN, collapse
 
 
 # ============ building the run ============
@@ -79,6 +90,19 @@ def environment_info(runtime: Runtime, num_workers: int, augment_on_device: bool
     if runtime.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(runtime.device)
     return info
+
+
+def build_evaluator(config: PretrainConfig, source: ImageSource, num_workers: int) -> Evaluator:
+    """The probe images of a run: its `--eval-dir` (if any) and the monitored subset of its training images.
+
+    Raises:
+        DataError: the --eval-dir cannot be used.
+    """
+    e = config.eval
+    labelled = scan_labelled(e.eval_dir, config.run.seed, e.eval_test_share) if e.eval_dir else None
+    monitored = monitor_indices(len(source), e.monitor_images, config.run.seed)
+    return Evaluator(config.model.image_size, [lambda i=i: source.load(i) for i in monitored], labelled,
+                     k=e.knn_k, temperature=e.knn_temperature, threads=max(1, num_workers))
 
 
 # ============ one training step ============
@@ -142,6 +166,7 @@ class _Run:
     data_fingerprint: str
     source: ImageSource
     stop: StopSignals
+    evaluator: Evaluator
     bad_files: dict[str, str] = field(default_factory=dict)  # {file: reason} of files that could not be used
     last_saved_step: int = -1
     epoch: int = 0  # completed epochs
@@ -151,7 +176,9 @@ class _Run:
     epoch_losses: list[float] = field(default_factory=list)
     epoch_parts: list[dict[str, float]] = field(default_factory=list)
     best_loss: float = math.inf
-    best_epoch: int = -1
+    best_epoch: int = -1  # of checkpoint_best.pt, 0-based
+    best_knn: float | None = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # one record per completed epoch
 
 
 def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
@@ -183,6 +210,8 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
     runtime = setup(config.run.device, config.run.precision, config.run.seed)
     data = build_source(config, reporter)
     steps_per_epoch = check_dataset_size(len(data.source), config.optim.batch_size)
+    num_workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
+    evaluator = build_evaluator(config, data.source, num_workers)
     files = RunDirectory(Path(config.run.output_dir))
     files.prepare(overwrite=overwrite, resuming=state is not None)
     if config.run.export_backbone:
@@ -192,10 +221,9 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
         compile_backbones(method)
     run = _Run(config, files, runtime, method, build_optimizer(method.student, runtime.device),
                build_schedules(config, steps_per_epoch), steps_per_epoch, reporter, data.fingerprint, data.source,
-               stop)
+               stop, evaluator)
     if state is not None:
         _restore(run, state)
-    num_workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
     share_cpus(runtime)
     on_device = augments_on_device(config)
     files.write_params({"config": config_to_dict(config),
@@ -205,7 +233,8 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
         steps_per_epoch * config.optim.epochs, str(runtime.device), runtime.precision_name, num_workers,
         {f"student {name.replace('_', ' ')}": count_parameters(module) for name, module in method.student.items()},
         Path(resume_from) if resume_from is not None else None, run.global_step,
-        tuple(advisories(config, len(data.source))) + data.warnings, "device" if on_device else "workers",
+        tuple(advisories(config, len(data.source))) + data.warnings + _evaluation_notes(evaluator),
+        "device" if on_device else "workers",
     ))
     sampler = EpochBatchSampler(len(data.source), config.optim.batch_size, config.run.seed, run.epoch,
                                 config.optim.epochs, run.step_in_epoch)
@@ -217,8 +246,18 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
     export_path = _export(run) if config.run.export_backbone else None
     report = files.write_bad_files(run.bad_files) if run.bad_files else None
     reporter.emit(RunFinished(files.path, run.best_loss, run.best_epoch, files.last, files.best, export_path,
-                              time.perf_counter() - started, len(run.bad_files), report))
-    return FitResult(files.path, run.best_loss, run.best_epoch, run.epoch_losses, export_path, run.epoch_parts)
+                              time.perf_counter() - started, len(run.bad_files), report,
+                              config.resolved_best_by, run.best_knn))
+    return FitResult(files.path, run.best_loss, run.best_epoch, run.epoch_losses, export_path, run.epoch_parts,
+                     run.evaluations)
+
+
+def _evaluation_notes(evaluator: Evaluator) -> tuple[str, ...]:
+    if not evaluator.skipped:
+        return ()
+    name, reason = evaluator.skipped[0]
+    return (f"{len(evaluator.skipped)} image(s) of --eval-dir could not be decoded and are left out of the k-NN "
+            f"(e.g. '{name}': {reason}).",)
 
 
 def _restore(run: _Run, state: dict[str, Any]) -> None:
@@ -240,6 +279,8 @@ def _restore(run: _Run, state: dict[str, Any]) -> None:
     run.loss_sums = {k: v.to(run.runtime.device) for k, v in state["loss_sums"].items()}
     run.epoch_losses, run.epoch_parts = list(state["epoch_losses"]), list(state["epoch_parts"])
     run.best_loss, run.best_epoch = state["best_loss"], state["best_epoch"] - 1
+    run.best_knn = state.get("best_knn")
+    run.evaluations = [dict(record) for record in state.get("evaluations", [])]
     run.files.truncate_metrics(run.global_step)
     run.bad_files = run.files.read_bad_files()
     run.last_saved_step = run.global_step
@@ -320,16 +361,49 @@ def _end_epoch(run: _Run, epoch: int, seconds: float) -> None:
                               f"in '{run.files.path}' is kept. Lower --learning-rate or use --precision fp32.")
     run.epoch_losses.append(loss)
     run.epoch_parts.append(means)
-    is_best = loss < run.best_loss
+    evaluation = _evaluate(run, epoch)
+    knn = evaluation.get("knn")
+    if run.config.resolved_best_by == "knn":
+        is_best = knn is not None and (run.best_knn is None or knn > run.best_knn)
+    else:
+        is_best = loss < run.best_loss
+    run.best_loss = min(run.best_loss, loss)
+    if knn is not None:
+        run.best_knn = knn if run.best_knn is None else max(run.best_knn, knn)
     if is_best:
-        run.best_loss, run.best_epoch = loss, epoch
+        run.best_epoch = epoch
+    run.evaluations.append({"epoch": epoch + 1, **evaluation})
     run.epoch, run.step_in_epoch, run.loss_sums = epoch + 1, 0, {}
     images_per_sec = run.steps_per_epoch * run.config.optim.batch_size / max(seconds, 1e-9)
     # The record goes first: a crash before the checkpoint is written drops it again on resume.
     run.files.append_metrics({"type": "epoch", "epoch": epoch + 1, "step": run.global_step, **means,
-                              "best": is_best, "seconds": seconds, "images_per_sec": images_per_sec})
+                              "best": is_best, "seconds": seconds, "images_per_sec": images_per_sec, **evaluation})
+    verdict = evaluation.get("collapse")
+    if verdict is not None:
+        message = collapse_message(verdict, evaluation)
+        run.files.append_metrics({"type": "warning", "kind": "collapse", "collapse": verdict, "epoch": epoch + 1,
+                                  "step": run.global_step, "message": message})
     _save(run, best=is_best, mid_epoch=False)
-    run.reporter.emit(EpochEnded(epoch, run.config.optim.epochs, loss, is_best, seconds, images_per_sec, means))
+    run.reporter.emit(EpochEnded(epoch, run.config.optim.epochs, loss, is_best, seconds, images_per_sec, means,
+                                 evaluation))
+    if verdict is not None:
+        run.reporter.emit(CollapseWarning(epoch, verdict, message))
+
+
+def _evaluate(run: _Run, epoch: int) -> dict[str, Any]:
+    """The teacher's label-free signals (every epoch) and k-NN accuracy (every --eval-every epochs and at the
+    end), with the collapse verdict; evaluation draws no random numbers, so a resumed run stays identical."""
+    e, started = run.config.eval, time.perf_counter()
+    teacher, device = run.method.teacher, run.runtime.device
+    temp = run.schedules.at(max(run.global_step - 1, 0))["teacher_temp"]
+    out: dict[str, Any] = run.evaluator.signals(teacher["backbone"], teacher["head"], run.method.dino_loss.center,
+                                                temp, device)
+    last = epoch + 1 == run.config.optim.epochs
+    if run.evaluator.has_knn and ((epoch + 1) % e.eval_every == 0 or last):
+        out["knn"] = run.evaluator.knn(teacher["backbone"], device)
+    out["collapse"] = collapse_verdict(out)
+    out["eval_seconds"] = time.perf_counter() - started
+    return out
 
 
 def _save(run: _Run, *, best: bool, mid_epoch: bool) -> None:
@@ -393,6 +467,8 @@ def _training_state(run: _Run) -> dict[str, Any]:
         "best_epoch": run.best_epoch + 1,
         "epoch_losses": list(run.epoch_losses),
         "epoch_parts": [dict(p) for p in run.epoch_parts],
+        "best_knn": run.best_knn,
+        "evaluations": [dict(record) for record in run.evaluations],
         "data": {"fingerprint": run.data_fingerprint},
     }
 

@@ -6,9 +6,9 @@ Imports no torch, so reporters stay light.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from dinopre.config import PretrainConfig
 
@@ -66,6 +66,16 @@ class EpochEnded:
     seconds: float
     images_per_sec: float
     parts: dict[str, float]  # epoch means of the loss and its parts
+    evaluation: dict[str, Any] = field(default_factory=dict)  # label-free signals, k-NN, collapse verdict
+
+
+@dataclass(frozen=True)
+class CollapseWarning:
+    """The epoch's signals say the run has collapsed; `message` says which way and what to change."""
+
+    epoch: int  # 0-based
+    verdict: str  # "uniform" or "one-hot"
+    message: str
 
 
 @dataclass(frozen=True)
@@ -87,10 +97,12 @@ class RunFinished:
     seconds: float
     bad_files: int = 0
     bad_files_report: Path | None = None
+    best_by: str = "loss"  # what chose checkpoint_best.pt
+    best_knn: float | None = None
 
 
 class Reporter(Protocol):
-    """Receives the engine's events (ScanProgress, RunStarted, StepLogged, EpochEnded, CheckpointSaved, Stopped,
-    RunFinished)."""
+    """Receives the engine's events (ScanProgress, RunStarted, StepLogged, EpochEnded, CollapseWarning,
+    CheckpointSaved, Stopped, RunFinished)."""
 
     def emit(self, event: object) -> None: ...

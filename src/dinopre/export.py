@@ -291,4 +291,24 @@ def _inspect_training(state: dict[str, Any]) -> dict[str, Any]:
         },
         "parameters": counts,
         "loss_history": history,
+        **_inspect_evaluations(state, config),
     }
+
+
+def _inspect_evaluations(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The last epoch's feature signals and the k-NN history of a training checkpoint (none before version 0.2)."""
+    records = [r for r in state.get("evaluations", []) if isinstance(r, dict)]
+    if not records:
+        return {}
+    last = records[-1]
+    shown = ("knn", "rankme", "feature_spread", "teacher_entropy", "entropy_max", "prototypes_used",
+             "top_prototype_share", "collapse")
+    out: dict[str, Any] = {"features": {"epoch": last.get("epoch"), **{k: last[k] for k in shown if k in last}}}
+    knn = [(r["epoch"], r["knn"]) for r in records if r.get("knn") is not None]
+    if knn:
+        best_epoch, best = max(knn, key=lambda pair: pair[1])
+        out["knn_history"] = {"evaluations": len(knn), "first": knn[0][1], "last": knn[-1][1], "best": best,
+                              "best_epoch": best_epoch}
+    eval_config = config.get("eval", {})
+    out["best_by"] = eval_config.get("best_by") or ("knn" if eval_config.get("eval_dir") else "loss")
+    return out

@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from dinopre.config import config_to_dict
-from dinopre.events import EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged, Stopped
+from dinopre.config import SECTIONS, config_to_dict
+from dinopre.events import CollapseWarning, EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged, Stopped
 
 _SHOWN = (
     ("loss", "loss", "{:.4f}"),
@@ -44,13 +44,28 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return " · ".join(parts)
 
 
+def format_evaluation(evaluation: dict[str, Any]) -> str:
+    """`k-NN 45.2% · RankMe 37.1 · spread 0.62 · t-entropy 5.10/9.01 · protos 812 (top 3%)` for what was measured."""
+    parts = []
+    if evaluation.get("knn") is not None:
+        parts.append(f"k-NN {evaluation['knn']:.1f}%")
+    if "rankme" in evaluation:
+        parts.append(f"RankMe {evaluation['rankme']:.1f}")
+        parts.append(f"spread {evaluation['feature_spread']:.2f}")
+        parts.append(f"t-entropy {evaluation['teacher_entropy']:.2f}/{evaluation['entropy_max']:.2f}")
+        parts.append(f"protos {evaluation['prototypes_used']:.0f} (top {evaluation['top_prototype_share']:.0%})")
+    if evaluation.get("collapse"):
+        parts.append(f"COLLAPSED ({evaluation['collapse']})")
+    return " · ".join(parts)
+
+
 def config_table(event: RunStarted) -> Table:
     """The resolved configuration, one row per section, plus the data and hardware."""
     table = Table(title=f"dinopre train {event.config.preset}", show_header=False, box=None, padding=(0, 1))
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
     settings = config_to_dict(event.config)
-    for section in ("model", "data", "optim", "method", "run"):
+    for section in SECTIONS:
         values = " ".join(f"{k}={_plain(v)}" for k, v in settings[section].items())
         table.add_row(section, Text(values))  # Text: paths are shown as they are, never read as markup
     table.add_row("lr", f"peak {event.config.peak_learning_rate:.3g} (after {event.config.optim.warmup_epochs} "
@@ -75,9 +90,13 @@ def _plain(value: Any) -> str:
 
 def summary_lines(event: RunFinished) -> list[str]:
     """What the run produced and what to run next, one plain line each."""
+    if event.best_by == "knn":
+        best = f"k-NN {event.best_knn:.1f}% (epoch {event.best_epoch + 1})" if event.best_knn is not None else "-"
+    else:
+        best = f"loss {event.best_loss:.4f} (epoch {event.best_epoch + 1})"
     lines = [
         f"run directory   {event.run_dir}",
-        f"best loss       {event.best_loss:.4f} (epoch {event.best_epoch + 1})",
+        f"best            {best}",
         f"checkpoints     {event.last_checkpoint.name}, {event.best_checkpoint.name}",
         f"time            {event.seconds:.1f} s",
     ]
@@ -90,23 +109,6 @@ def summary_lines(event: RunFinished) -> list[str]:
         lines.append(f"skipped files   {event.bad_files} could not be decoded; listed in {event.bad_files_report}")
     lines.append(f"continue with   dinopre resume {event.run_dir} --epochs N")
     return lines
-
-
-def collapse_warning(loss: float, out_dim: int, prototypes_used: float | None) -> str | None:
-    """A hint when an epoch ends in one of DINO's two collapses (dino_ibot.md section 5, problem 1).
-
-    Args:
-        loss: the epoch's CLS loss (the whole loss for DINO, the CLS part for iBOT).
-        out_dim: prototypes K.
-        prototypes_used: winning prototypes in the last logged batch.
-    """
-    if abs(loss - math.log(out_dim)) < 0.01:
-        return (f"The loss is ln K = {math.log(out_dim):.3f}: the teacher is uniform (collapse). Lower "
-                "--teacher-temp or --out-dim, or raise --learning-rate; see Troubleshooting in the README.")
-    if prototypes_used == 1:
-        return ("Every image picks the same prototype (one-hot collapse). Raise --teacher-momentum-base, lower "
-                "--learning-rate or keep --norm-last-layer on; see Troubleshooting in the README.")
-    return None
 
 
 class NullReporter:
@@ -124,8 +126,6 @@ class PlainReporter:
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(highlight=False, soft_wrap=True)
-        self.out_dim = 0
-        self.last_prototypes_used: float | None = None
 
     def emit(self, event: object) -> None:
         if isinstance(event, ScanProgress):
@@ -137,12 +137,13 @@ class PlainReporter:
             self.console.print(f"stopped by {event.signal_name} at step {event.global_step}; checkpoint saved in "
                                f"{event.checkpoint}", style="yellow", markup=False)
         elif isinstance(event, StepLogged):
-            self.last_prototypes_used = event.metrics.get("prototypes_used")
             self.console.print(f"epoch {event.epoch + 1}/{event.epochs} step {event.step_in_epoch}/"
                                f"{event.steps_per_epoch} (global {event.global_step}/{event.total_steps}) "
                                f"{format_metrics(event.metrics)}")
         elif isinstance(event, EpochEnded):
             self._epoch_line(event)
+        elif isinstance(event, CollapseWarning):
+            self.console.print(f"warning: {event.message}", style="yellow", markup=False)
         elif isinstance(event, RunFinished):
             self._summary(event)
 
@@ -151,7 +152,6 @@ class PlainReporter:
             self.console.print(line, markup=False, highlight=False)
 
     def _started(self, event: RunStarted) -> None:
-        self.out_dim = event.config.model.out_dim
         self.console.print(config_table(event))
         for warning in event.warnings:
             self.console.print(f"warning: {warning}", style="yellow", markup=False)
@@ -161,10 +161,9 @@ class PlainReporter:
         parts = "".join(f" {name} {value:.4f}" for name, value in event.parts.items() if name in ("cls", "patch"))
         self.console.print(f"epoch {event.epoch + 1}/{event.epochs} done: loss {event.loss:.4f}{best}{parts}, "
                            f"{event.seconds:.1f} s, {event.images_per_sec:.0f} img/s")
-        cls_loss = event.parts.get("cls", event.parts.get("dino", event.loss))
-        warning = collapse_warning(cls_loss, self.out_dim, self.last_prototypes_used)
-        if warning:
-            self.console.print(f"warning: {warning}", style="yellow", markup=False)
+        if format_evaluation(event.evaluation):
+            self.console.print(f"epoch {event.epoch + 1}/{event.epochs} features: {format_evaluation(event.evaluation)}",
+                               markup=False)
 
     def close(self) -> None:
         pass
@@ -183,9 +182,13 @@ class RichReporter(PlainReporter):
         self.status: Any = None
         self.epoch_task = self.step_task = None
         self.metrics_text = "waiting for the first log step..."
+        self.evaluation_text = ""
 
     def _render(self) -> Group:
-        return Group(self.progress, self.metrics_text)
+        lines = [self.progress, Text(self.metrics_text)]
+        if self.evaluation_text:
+            lines.append(Text(f"features (epoch end): {self.evaluation_text}"))
+        return Group(*lines)
 
     def emit(self, event: object) -> None:
         if isinstance(event, ScanProgress):
@@ -201,7 +204,6 @@ class RichReporter(PlainReporter):
             self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
             self.live.start()
         elif isinstance(event, StepLogged):
-            self.last_prototypes_used = event.metrics.get("prototypes_used")
             self.progress.update(self.step_task, completed=event.step_in_epoch)
             self.metrics_text = format_metrics(event.metrics)
             self.live.update(self._render())
@@ -209,6 +211,8 @@ class RichReporter(PlainReporter):
             self.progress.update(self.epoch_task, completed=event.epoch + 1)
             self.progress.reset(self.step_task)
             self._epoch_line(event)
+            self.evaluation_text = format_evaluation(event.evaluation)
+            self.live.update(self._render())
         elif isinstance(event, RunFinished):
             self.close()
             self._summary(event)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dinopre.checkpoint import CheckpointError, load_training_checkpoint
-from dinopre.config import PretrainConfig, config_differences, config_from_dict, config_to_dict
+from dinopre.config import RESUME_MAY_CHANGE, SECTIONS, PretrainConfig, config_differences, config_from_dict, config_to_dict
 from dinopre.errors import ConfigError
 from dinopre.rundir import RunDirectory
 
@@ -55,7 +55,7 @@ def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[Pr
     state = load_training_checkpoint(path)
     settings = config_to_dict(saved_config(state))
     flat = {"output_dir": str(path.parent), **{k: v for k, v in overrides.items() if v is not None}}
-    for section in ("model", "data", "optim", "method", "run"):
+    for section in SECTIONS:
         for key in settings[section]:
             if key in flat:
                 settings[section][key] = flat[key]
@@ -77,9 +77,9 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any
         raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot read ({exc}).") from None
     differences = config_differences(saved, config)
     if differences:
+        may_change = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(RESUME_MAY_CHANGE))
         raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
-                          "--epochs, --device, --num-workers, --augment-on, --log-interval, --checkpoint-every and the "
-                          "output paths may change.")
+                          f"{may_change} may change.")
     done, in_epoch = state["epoch"], state["step_in_epoch"]
     if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
         raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "
