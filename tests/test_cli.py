@@ -44,7 +44,8 @@ def test_demo_trains_and_leaves_a_run_directory(tmp_path: Path, preset: str) -> 
     result = invoke("train", preset, "--demo", "--epochs", "1", "--output-dir", str(out))
     assert result.exit_code == 0, result.output
     assert f"dinopre train {preset}" in result.output  # the resolved configuration is printed
-    assert "epoch 1/1 done" in result.output and "best loss" in result.output
+    assert "epoch 1/1 done" in result.output and "best            loss " in result.output
+    assert "epoch 1/1 features: RankMe" in result.output  # the label-free signals of the teacher
     assert f"dinopre resume {out}" in result.output  # what to run next
     assert (out / "checkpoint_last.pt").is_file() and (out / "params.json").is_file()
 
@@ -53,6 +54,18 @@ def test_quiet_prints_nothing(tmp_path: Path) -> None:
     result = invoke("train", "face", "--demo", "--epochs", "1", "--quiet", "--output-dir", str(tmp_path / "q"))
     assert result.exit_code == 0
     assert result.output == ""
+
+
+def test_a_collapse_is_recorded_even_with_quiet(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "collapsed"
+    result = invoke("train", "face", "--demo", "--epochs", "1", "--quiet", "--teacher-temp", "5",
+                    "--warmup-teacher-temp", "5", "--output-dir", str(out))
+    assert result.exit_code == 0 and result.output == ""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warning = next(r for r in records if r["type"] == "warning")
+    assert warning["collapse"] == "uniform" and "lower --teacher-temp" in warning["message"]
 
 
 def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path: Path,
@@ -149,3 +162,95 @@ def test_ibot_demo_shows_both_loss_parts(tmp_path: Path) -> None:
                     "--output-dir", str(tmp_path / "i"))
     assert result.exit_code == 0, result.output
     assert " cls " in result.output and " patch " in result.output and "t-patch-temp" in result.output
+
+
+# ============ one list of flags ============
+
+# Options of `train` that are not settings of the configuration.
+TRAIN_ONLY = {"preset", "demo", "config", "resume", "overwrite", "quiet"}
+
+
+def _options(command: str) -> set[str]:
+    import typer
+
+    return {param.name for param in typer.main.get_command(app).commands[command].params}
+
+
+def _file_only_in_readme() -> set[str]:
+    """The settings the README says only a config file reaches."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    paragraph = text.split("Settings only reachable through a file:", 1)[1].split("\n\n", 1)[0]
+    return set(re.findall(r"`([a-z_]+)`", paragraph))
+
+
+def test_train_options_settings_and_the_readme_agree() -> None:
+    """Every `train` option is a setting (so it reaches the configuration, none is dropped), and every setting
+    without an option is listed in the README as reachable through a config file only."""
+    from dinopre.config import FIELD_SECTION
+
+    options = _options("train")
+    assert options - TRAIN_ONLY <= set(FIELD_SECTION), options - TRAIN_ONLY - set(FIELD_SECTION)
+    assert set(FIELD_SECTION) - options == _file_only_in_readme()
+
+
+def test_resume_options_are_exactly_the_settings_a_resume_may_change() -> None:
+    from dinopre.config import RESUME_MAY_CHANGE
+
+    options = _options("resume") - {"target", "quiet"}
+    paths = {"output_dir", "export_backbone", "stream"}  # fixed by the run directory being resumed
+    assert options == RESUME_MAY_CHANGE - paths
+
+
+def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give every setting-option a non-default value on the command line: each arrives in the config."""
+    from dinopre.config import FIELD_SECTION
+
+    seen = {}
+
+    def fake_fit(config, reporter, **kwargs):
+        seen["config"] = config
+        from dinopre.engine import FitResult
+
+        return FitResult(Path("x"), 0.0, 0, [])
+
+    monkeypatch.setattr("dinopre.engine.fit", fake_fit)
+    values = {"train_dir": ["d"], "num_local_crops": "3", "local_crop_size": "32", "global_crop_scale": ["0.3", "0.9"],
+              "local_crop_scale": ["0.1", "0.3"], "flip_prob": "0.25", "num_workers": "3", "augment_on": "workers",
+              "strict_data": None, "image_size": "64", "patch_size": "8", "vit_embed_dim": "48", "vit_depth": "2",
+              "vit_num_heads": "3", "vit_mlp_ratio": "2.0", "drop_path_rate": "0.05", "out_dim": "128",
+              "head_hidden_dim": "96", "norm_last_layer": False, "shared_head": False, "patch_out_dim": "64",
+              "epochs": "3", "batch_size": "16", "learning_rate": "0.002", "min_lr": "1e-5", "warmup_epochs": "2",
+              "weight_decay": "0.05", "weight_decay_end": "0.3", "clip_grad_norm": "1.5",
+              "freeze_last_layer_epochs": "2", "algorithm": "ibot", "student_temp": "0.2", "teacher_temp": "0.05",
+              "warmup_teacher_temp": "0.03", "warmup_teacher_temp_epochs": "2", "center_momentum": "0.8",
+              "teacher_momentum_base": "0.99", "teacher_momentum_final": "0.999", "patch_mask_ratio": ["0.2", "0.4"],
+              "mask_probability": "0.7", "mask_shape": "rand", "patch_loss_weight": "0.5",
+              "teacher_patch_temp": "0.06", "eval_dir": "probe", "eval_every": "2", "best_by": "loss",
+              "output_dir": "out", "export_backbone": "bb.pt", "checkpoint_every": "5", "stream": "hand_left",
+              "compile": None, "seed": "7", "device": "cpu", "precision": "fp32", "log_interval": "3"}
+    settings = _options("train") - TRAIN_ONLY
+    assert settings == set(values), settings ^ set(values)  # a new option needs a value here
+    args = ["train", "hands"]
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            args.append(flag)
+        elif value is False:
+            args.append("--no-" + name.replace("_", "-"))
+        else:
+            args += [flag, *value] if isinstance(value, list) else [flag, value]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    defaults = build_default("hands")
+    for name in values:
+        section = FIELD_SECTION[name]
+        assert getattr(getattr(config, section), name) != getattr(getattr(defaults, section), name), name
+
+
+def build_default(preset: str):
+    from dinopre.config import build_config
+
+    return build_config(preset, cli_settings={"train_dir": ["elsewhere"]})

@@ -42,18 +42,6 @@ _ensure_dinopre_importable()
 from dinopre.cli import train_with_settings  # noqa: E402
 from dinopre.config import FIELD_SECTION, PRESETS, SECTIONS  # noqa: E402
 
-# The original scripts' value flags, as `dinopre train` setting names (flag without `--`, dashes as underscores).
-# Each maps one to one onto the setting of the same name; `patch_mask_ratio` is widened from R to (R, R).
-LEGACY_SETTINGS: tuple[str, ...] = (
-    "train_dir", "num_local_crops", "local_crop_size", "global_crop_scale", "local_crop_scale", "num_workers",
-    "image_size", "patch_size", "vit_embed_dim", "vit_depth", "vit_num_heads", "vit_mlp_ratio", "out_dim",
-    "head_hidden_dim", "patch_out_dim", "epochs", "batch_size", "learning_rate", "warmup_epochs", "weight_decay",
-    "clip_grad_norm", "algorithm", "student_temp", "teacher_temp", "center_momentum", "teacher_momentum_base",
-    "teacher_momentum_final", "patch_mask_ratio", "patch_loss_weight", "output_dir", "export_backbone", "seed",
-    "device", "log_interval", "stream",
-)
-
-
 def preset_default(preset: str, name: str) -> Any:
     """The value a setting takes under `preset` when no flag sets it.
 
@@ -221,10 +209,9 @@ def settings_from_args(preset: str, args: argparse.Namespace) -> dict[str, Any]:
         Settings for `train_with_settings`: unset flags are absent so that the preset decides.
     """
     settings: dict[str, Any] = {}
-    for name in LEGACY_SETTINGS:
-        value = getattr(args, name)
-        if value is None:
-            continue
+    for name, value in vars(args).items():
+        if name not in FIELD_SECTION or value is None:
+            continue  # --resume, --overwrite and --quiet are not settings; unset flags leave the preset's value
         if name == "patch_mask_ratio":
             value = (value, value)  # the original single ratio R was a fixed share: dinopre's range [R, R]
         elif name in ("global_crop_scale", "local_crop_scale"):
@@ -237,6 +224,11 @@ def settings_from_args(preset: str, args: argparse.Namespace) -> dict[str, Any]:
             # separate head; dinopre shares the head by default and would refuse the combination otherwise.
             settings["shared_head"] = False
     return settings
+
+
+# The original scripts' value flags, as `dinopre train` setting names: every parser option named like a setting.
+LEGACY_SETTINGS: tuple[str, ...] = tuple(action.dest for action in build_parser("face")._actions
+                                         if action.dest in FIELD_SECTION)
 
 
 def main(preset: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:

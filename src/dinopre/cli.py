@@ -26,7 +26,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-DATA, MODEL, OPTIM, METHOD, RUN = "Data", "Model", "Optimization", "Method", "Output and hardware"
+DATA, MODEL, OPTIM, METHOD, EVAL, RUN = ("Data", "Model", "Optimization", "Method", "Evaluation",
+                                        "Output and hardware")
 
 
 class Preset(str, Enum):
@@ -47,6 +48,11 @@ class MaskShape(str, Enum):
 class AugmentOn(str, Enum):
     device = "device"
     workers = "workers"
+
+
+class BestBy(str, Enum):
+    knn = "knn"
+    loss = "loss"
 
 
 class Precision(str, Enum):
@@ -212,6 +218,16 @@ def train(
     teacher_patch_temp: Annotated[float | None, typer.Option(
         help="iBOT: teacher temperature of the patch loss after its warmup.", rich_help_panel=METHOD,
         show_default=False)] = None,
+    eval_dir: Annotated[Path | None, typer.Option(
+        help="Labelled images to measure the features on: one sub-folder per class (or train/ and test/ holding "
+        "those). Every --eval-every epochs a weighted 20-NN of the teacher's features is scored and logged; the loss "
+        "alone does not tell a useful run from a useless one.", rich_help_panel=EVAL, show_default=False)] = None,
+    eval_every: Annotated[int | None, typer.Option(
+        help="Epochs between two k-NN evaluations (the last epoch is always evaluated) [default: 1].",
+        rich_help_panel=EVAL, show_default=False)] = None,
+    best_by: Annotated[BestBy | None, typer.Option(
+        help="What makes checkpoint_best.pt: the highest k-NN accuracy or the lowest loss [default: knn with "
+        "--eval-dir, else loss].", rich_help_panel=EVAL, show_default=False)] = None,
     output_dir: Annotated[Path | None, typer.Option(
         help="Run directory for checkpoints and logs [default: work_dirs/dino_PRESET].", rich_help_panel=RUN,
         show_default=False)] = None,
@@ -251,24 +267,17 @@ def train(
                                         rich_help_panel=RUN)] = False,
 ) -> None:
     """Train a backbone with DINO or iBOT on folders of crops (or on built-in demo data with --demo)."""
-    cli_settings = {
-        key: value.value if isinstance(value, Enum) else value
-        for key, value in locals().items()
-        if key in _CONFIG_FLAGS and value is not None
-    }
+    cli_settings = _settings_given(locals())
     _run_training(preset.value, demo, config, cli_settings, overwrite=overwrite, quiet=quiet, resume_from=resume)
 
 
-_CONFIG_FLAGS = frozenset(
-    "train_dir strict_data num_local_crops local_crop_size global_crop_scale local_crop_scale flip_prob num_workers "
-    "augment_on "
-    "image_size patch_size vit_embed_dim vit_depth vit_num_heads vit_mlp_ratio drop_path_rate out_dim "
-    "head_hidden_dim norm_last_layer shared_head patch_out_dim patch_mask_ratio mask_probability mask_shape "
-    "patch_loss_weight teacher_patch_temp epochs batch_size learning_rate min_lr warmup_epochs weight_decay "
-    "weight_decay_end clip_grad_norm freeze_last_layer_epochs algorithm student_temp teacher_temp "
-    "warmup_teacher_temp warmup_teacher_temp_epochs center_momentum teacher_momentum_base teacher_momentum_final "
-    "output_dir export_backbone seed device precision log_interval checkpoint_every stream compile".split()
-)
+def _settings_given(options: dict[str, Any]) -> dict[str, Any]:
+    """The configuration settings among a command's options that the user gave (every option named like a
+    setting is one: the options and the configuration cannot drift apart)."""
+    from dinopre.config import FIELD_SECTION
+
+    return {key: value.value if isinstance(value, Enum) else value
+            for key, value in options.items() if key in FIELD_SECTION and value is not None}
 
 
 def _run_training(preset: str, demo: bool, config_file: Path | None, cli_settings: dict[str, Any], *,
@@ -362,11 +371,12 @@ def resume(
     log_interval: Annotated[int | None, typer.Option(help="Steps between log lines.", show_default=False)] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Write checkpoint_last.pt every N steps too.",
                                                          show_default=False)] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Epochs between two k-NN evaluations (with --eval-dir).",
+                                                   show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Continue a run exactly where it stopped: same data order, augmentations, masks, schedules and centers."""
-    overrides = {"epochs": epochs, "device": device, "num_workers": num_workers, "log_interval": log_interval,
-                 "checkpoint_every": checkpoint_every, "augment_on": augment_on.value if augment_on else None}
+    overrides = _settings_given(locals())
 
     def resolve() -> tuple[Any, Path]:
         from dinopre.resume import resume_config
