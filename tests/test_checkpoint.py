@@ -14,7 +14,6 @@ from dinopre.checkpoint import (
     CheckpointError,
     atomic_save,
     backbone_metadata,
-    export_backbone_slt,
     load_file,
     load_training_checkpoint,
     sha256_file,
@@ -22,6 +21,7 @@ from dinopre.checkpoint import (
 )
 from dinopre.config import build_config, config_to_dict
 from dinopre.errors import RunDirError
+from dinopre.export import write_backbone
 from dinopre.vit import VisionTransformer
 
 
@@ -41,7 +41,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytes
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(RunDirError, match="No space left on device.*previous checkpoint is intact"):
+    with pytest.raises(RunDirError, match="the disk is full.*previous version of the file is intact"):
         atomic_save({"version": 2}, path)
     assert sha256_file(path) == before
     assert os.listdir(tmp_path) == ["state.pt"]
@@ -107,7 +107,7 @@ def test_slt_export_has_the_consumers_keys_and_metadata(tmp_path: Path) -> None:
                                  use_mask_token=True)
     path = tmp_path / "backbone.pt"
     metadata = backbone_metadata(config_to_dict(config), epoch=3, weights="teacher")
-    sidecar = export_backbone_slt(backbone.state_dict(), metadata, path)
+    _, sidecar = write_backbone(backbone.state_dict(), metadata, path)
     exported = torch.load(path, weights_only=True)
     keys = set(exported["model"])
     assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight", "blocks.1.attn.in_proj_weight",

@@ -98,7 +98,7 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_the_pipelines_vit_loads_the_export_exactly_and_gives_the_teachers_features(trained: Path,
                                                                                     tmp_path: Path) -> None:
-    path, _ = export_checkpoint(trained / "checkpoint_last.pt", tmp_path / "backbone.pt")
+    path, *_ = export_checkpoint(trained / "checkpoint_last.pt", tmp_path / "backbone.pt")
     exported = torch.load(path, weights_only=True)  # what the pipeline does (PyTorch >= 2.6 default)
     consumer = ConsumerViT(**exported["metadata"]["backbone"])
     missing, unexpected = consumer.load_state_dict(exported["model"], strict=False)
@@ -117,7 +117,7 @@ def test_train_export_backbone_writes_the_same_format(face_folder: Path, tmp_pat
     fit(build_config("face", cli_settings={**TINY, "epochs": 1, "train_dir": [str(face_folder)],
                                            "output_dir": str(run_dir), "export_backbone": str(run_dir / "end.pt")}),
         NullReporter())
-    exported, _ = export_checkpoint(run_dir / "checkpoint_last.pt", tmp_path / "later.pt")
+    exported, *_ = export_checkpoint(run_dir / "checkpoint_last.pt", tmp_path / "later.pt")
     at_end, later = torch.load(run_dir / "end.pt", weights_only=True), torch.load(exported, weights_only=True)
     assert at_end["model"].keys() == later["model"].keys()
     assert all(torch.equal(at_end["model"][k], later["model"][k]) for k in at_end["model"])
@@ -127,7 +127,7 @@ def test_train_export_backbone_writes_the_same_format(face_folder: Path, tmp_pat
 
 def test_export_refuses_to_overwrite_and_records_artifacts(trained: Path) -> None:
     target = trained / "bb.pt"
-    path, sidecar = export_checkpoint(trained / "checkpoint_last.pt", target)
+    path, sidecar, _ = export_checkpoint(trained / "checkpoint_last.pt", target)
     with pytest.raises(RunDirError, match="already exists; pass --force"):
         export_checkpoint(trained / "checkpoint_last.pt", target)
     export_checkpoint(trained / "checkpoint_last.pt", target, weights="student", force=True)
@@ -137,7 +137,7 @@ def test_export_refuses_to_overwrite_and_records_artifacts(trained: Path) -> Non
 
 
 def test_timm_export_uses_official_names(trained: Path, tmp_path: Path) -> None:
-    path, _ = export_checkpoint(trained / "checkpoint_last.pt", tmp_path / "timm.pt", fmt="timm")
+    path, *_ = export_checkpoint(trained / "checkpoint_last.pt", tmp_path / "timm.pt", fmt="timm")
     state = torch.load(path, weights_only=True)
     assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias",
             "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.bias", "norm.weight"} <= set(state)
@@ -182,16 +182,16 @@ def test_spec_loader_errors(trained: Path, tmp_path: Path, spec: str, message: s
 
 
 def test_spec_loader_refuses_mismatched_keys(trained: Path, tmp_path: Path) -> None:
-    path, _ = export_checkpoint(trained / "checkpoint_last.pt", tmp_path / "b.pt")
+    path, *_ = export_checkpoint(trained / "checkpoint_last.pt", tmp_path / "b.pt")
     exported = torch.load(path, weights_only=True)
     exported["model"]["blocks.0.attn.in_proj_weightX"] = exported["model"].pop("blocks.0.attn.in_proj_weight")
     torch.save(exported, path)
-    with pytest.raises(CheckpointError, match="does not match the ViT its metadata describes"):
+    with pytest.raises(CheckpointError, match="match the ViT its metadata describes"):
         dinopre.load_dinov2_backbone(f"file::{path}:slt_vitsmall_patch16")
 
 
 def test_verify_passes_and_catches_another_runs_weights(trained: Path, tmp_path: Path, face_folder: Path) -> None:
-    path, _ = export_checkpoint(trained / "checkpoint_last.pt", tmp_path / "b.pt")
+    path, *_ = export_checkpoint(trained / "checkpoint_last.pt", tmp_path / "b.pt")
     report = verify_backbone(path, checkpoint=trained / "checkpoint_last.pt", image_size=48)
     assert report.ok and [row[0] for row in report.rows] == [
         "loads strictly", "forward at 32 px", "forward at 48 px", "same features as the checkpoint"]
@@ -216,7 +216,7 @@ def test_inspect_describes_both_kinds(trained: Path, tmp_path: Path) -> None:
     assert info["features"]["epoch"] == 1 and info["features"]["collapse"] is None
     assert info["features"]["rankme"] >= 1 and 0 < info["features"]["feature_spread"] <= 1.5
     assert info["best_by"] == "loss" and "knn_history" not in info  # no --eval-dir
-    path, _ = export_checkpoint(trained / "checkpoint_last.pt", tmp_path / "b.pt")
+    path, *_ = export_checkpoint(trained / "checkpoint_last.pt", tmp_path / "b.pt")
     exported = inspect_file(path)
     assert exported["kind"] == "backbone export" and exported["format"] == "slt" and exported["stream"] == "face_left"
 

@@ -92,6 +92,59 @@ def test_symlink_loops_do_not_hang_or_duplicate(tmp_path: Path, cache: Path) -> 
     assert _rel(result, root) == ["a/1.png", "b/2.png"]
 
 
+def test_linked_sub_folders_are_followed_and_counted(tmp_path: Path, cache: Path) -> None:
+    """A dataset assembled from links to folders elsewhere finds every image, once."""
+    store = tmp_path / "store"
+    _touch(store, "signer1/1.png", "signer1/2.png", "signer2/3.jpg")
+    root = tmp_path / "dataset"
+    root.mkdir()
+    (root / "s1").symlink_to(store / "signer1", target_is_directory=True)
+    (root / "s2").symlink_to(store / "signer2", target_is_directory=True)
+    (root / "again").symlink_to(store / "signer1", target_is_directory=True)  # the same folder twice: listed once
+    _touch(root, "own.png")
+    result = scan_roots([str(root)])
+    assert sorted(p.name for p in result.files) == ["1.png", "2.png", "3.jpg", "own.png"]
+    assert result.linked_dirs == 3
+    cached = scan_roots([str(root)])
+    assert cached.cached_roots == 1 and cached.files == result.files and cached.linked_dirs == 3
+
+
+def test_files_named_like_images_that_are_not_regular_files_are_skipped_and_reported(tmp_path: Path,
+                                                                                    cache: Path) -> None:
+    """A FIFO would block its reader forever; a broken link cannot be read: both are skipped at scan time."""
+    root = tmp_path / "data"
+    _touch(root, "good.png", "real.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    (root / "gone.png").symlink_to(tmp_path / "missing.png")
+    (root / "alias.jpg").symlink_to(root / "real.jpg")  # a link to a regular file is an image
+    result = scan_roots([str(root)])
+    assert _rel(result, root) == ["alias.jpg", "good.png", "real.jpg"]
+    reasons = {Path(path).name: reason for path, reason in result.skipped_files}
+    assert set(reasons) == {"pipe.jpg", "gone.png"}
+    assert "FIFO" in reasons["pipe.jpg"] and "broken" in reasons["gone.png"]
+    assert scan_roots([str(root)]).skipped_files == result.skipped_files  # kept in the cached index too
+
+
+def test_names_that_are_not_utf8_are_kept_as_the_os_gives_them(tmp_path: Path, cache: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    (root / odd).write_bytes(b"x")
+    _touch(root, "plain.png")
+    result = scan_roots([str(root)])
+    assert sorted(os.fsencode(p.name) for p in result.files) == [b"caf\xe9.png", b"plain.png"]
+    assert all(p.exists() for p in result.files)
+    assert scan_roots([str(root)]).files == result.files  # through the JSON cache and back
+
+
+def test_sizes_and_modification_times_are_recorded(tmp_path: Path, cache: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.png").write_bytes(b"12345")
+    result = scan_roots([str(root)])
+    assert result.stats == [(5, (root / "a.png").stat().st_mtime_ns)]
+
+
 # ============ the cached index ============
 
 
@@ -179,7 +232,8 @@ def test_each_root_has_its_own_cache_entry(tmp_path: Path, cache: Path) -> None:
     b"\x00\xff garbage \x13",
     b'{"version": 1, "root": ',
     b"[1, 2, 3]",
-    b'{"version": 1, "root": "/elsewhere", "as_given": "/elsewhere", "dirs": {}, "files": ["/elsewhere/x.png"]}',
+    b'{"version": 2, "root": "/elsewhere", "as_given": "/elsewhere", "dirs": {}, '
+    b'"files": [["/elsewhere/x.png", 1, 1]], "skipped": [], "linked_dirs": 0}',
     b'{"version": 99}',
 ], ids=["binary", "truncated-json", "a-list", "another-root", "other-version"])
 def test_a_corrupt_cache_file_is_ignored_and_replaced(tmp_path: Path, cache: Path, content: bytes) -> None:
@@ -191,7 +245,7 @@ def test_a_corrupt_cache_file_is_ignored_and_replaced(tmp_path: Path, cache: Pat
     index.write_bytes(content)
     result = scan_roots([str(root)])
     assert result.cached_roots == 0 and _rel(result, root) == ["2.png", "a/1.png"]
-    assert json.loads(index.read_text())["files"] == [str(p) for p in result.files]
+    assert [entry[0] for entry in json.loads(index.read_text())["files"]] == [str(p) for p in result.files]
     assert scan_roots([str(root)]).cached_roots == 1
 
 

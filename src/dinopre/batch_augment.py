@@ -109,6 +109,43 @@ def encode_views(views: list[ViewParams], source_size: tuple[int, int], image_si
     return table
 
 
+def bound_padding(sources: list[torch.Tensor], views: list[torch.Tensor]) -> tuple[list[torch.Tensor],
+                                                                                  list[torch.Tensor]]:
+    """Keep the padded batch within 4 times its largest image by shrinking the images that make it larger.
+
+    Each image is capped on its own (`source_scale`), but a tall and a wide one together would pad to the square of
+    their long sides (a 1 x 65,000 and a 65,000 x 1 image to 65,000^2 pixels). The images whose long side exceeds
+    the side of that budget are shrunk (Pillow's antialiased bicubic) and their view boxes scaled with them, so
+    they give the same views from fewer pixels.
+
+    Args:
+        sources: (3, H_i, W_i) uint8 images of a batch.
+        views: their (V, NUM_COLUMNS) encoded draws, boxes in the images' pixels.
+
+    Returns:
+        The images and draws to pad and render.
+    """
+    budget = 4 * max(s.shape[1] * s.shape[2] for s in sources)
+    if max(s.shape[1] for s in sources) * max(s.shape[2] for s in sources) <= budget:
+        return sources, views
+    side = math.isqrt(budget)
+    out_sources, out_views = [], []
+    for source, table in zip(sources, views, strict=True):
+        height, width = source.shape[1], source.shape[2]
+        if max(height, width) > side:
+            factor = side / max(height, width)
+            size = (max(1, round(width * factor)), max(1, round(height * factor)))
+            image = Image.fromarray(source.permute(1, 2, 0).numpy()).resize(size, Image.Resampling.BICUBIC)
+            source = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+            table = table.clone()
+            scale = torch.tensor([size[0] / width, size[1] / height] * 2, dtype=table.dtype)
+            table[:, BOX] *= scale
+            table[:, SIZE] = torch.tensor(size, dtype=table.dtype)
+        out_sources.append(source)
+        out_views.append(table)
+    return out_sources, out_views
+
+
 def pad_sources(sources: list[torch.Tensor]) -> torch.Tensor:
     """Stack (3, H_i, W_i) uint8 images into one (B, 3, max H, max W) tensor, zero-padded at the bottom right."""
     height = max(s.shape[1] for s in sources)

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from dinopre import __version__
-from dinopre.errors import RunDirError, UserError
+from dinopre.errors import CheckpointError, RunDirError, UserError
+from dinopre.outputs import write_error
 
 FORMAT_VERSION = 1
 KIND_TRAINING = "dinopre-training-checkpoint"
@@ -31,22 +32,27 @@ KIND_BACKBONE = "dinopre-backbone"
 SLT_MODEL_NAME = "slt_vitsmall_patch16"
 
 
-class CheckpointError(UserError):
-    """A checkpoint or export file that cannot be used: missing, corrupt, unsafe, or of another kind."""
-
-
 TMP_MARK = ".tmp-"  # temporary files are named .NAME.tmp-PID next to their target
 
 
 class _HashingWriter:
-    """A binary file that also hashes what goes through it, so a checkpoint is not read back for its sha256."""
+    """A binary file that also hashes what goes through it, so a checkpoint is not read back for its sha256.
+
+    torch.save turns an error of this writer into a RuntimeError; the OSError is kept in `error`, so a full disk is
+    reported as one, wherever in the file the write failed.
+    """
 
     def __init__(self, handle: Any) -> None:
         self.handle, self.digest = handle, hashlib.sha256()
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
         self.digest.update(data)
-        return self.handle.write(data)
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
     def flush(self) -> None:
         self.handle.flush()
@@ -63,6 +69,7 @@ def atomic_save(obj: Any, path: Path) -> str:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    writer: _HashingWriter | None = None
     try:
         with open(tmp, "wb") as handle:
             writer = _HashingWriter(handle)
@@ -72,8 +79,11 @@ def atomic_save(obj: Any, path: Path) -> str:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
-        raise RunDirError(f"Could not write '{path}': {exc.strerror or exc}; free disk space or choose another "
-                          "--output-dir (the previous checkpoint is intact).") from None
+        raise _kept(write_error(path, exc)) from None
+    except RuntimeError:
+        if writer is None or writer.error is None:
+            raise
+        raise _kept(write_error(path, writer.error)) from None
     finally:
         tmp.unlink(missing_ok=True)  # also after a KeyboardInterrupt in the middle of the write
     return writer.digest.hexdigest()
@@ -90,9 +100,13 @@ def atomic_write_text(text: str, path: Path) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        raise RunDirError(f"Could not write '{path}': {exc.strerror or exc}.") from None
+        raise _kept(write_error(path, exc)) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _kept(error: RunDirError) -> RunDirError:
+    return RunDirError(f"{str(error).rstrip('.')} (any previous version of the file is intact).")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -152,13 +166,26 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         CheckpointError: not a dinopre training checkpoint, or written by a newer format version.
     """
+    from dinopre.config import config_from_dict
+    from dinopre.schema import check_training_state
+
     state = load_file(path)
     if state.get("kind") != KIND_TRAINING:
         raise CheckpointError(f"'{path}' is not a dinopre training checkpoint.")
-    if state.get("format_version", 0) > FORMAT_VERSION:
+    check_training_state(state, path)
+    if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"'{path}' was written by a newer dinopre (format {state['format_version']}); "
                               "upgrade dinopre to read it.")
+    try:
+        config_from_dict(state["config"])
+    except (UserError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot use ({_first_line(exc)}).") from None
     return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # (our / timm name part, the pipeline's `nn.MultiheadAttention` / `nn.Sequential` name part)
@@ -220,20 +247,3 @@ def backbone_metadata(config: dict[str, Any], *, epoch: int, weights: str) -> di
         "layer_norm_eps": 1e-5,
         "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     }
-
-
-def export_backbone_slt(backbone_state: dict[str, torch.Tensor], metadata: dict[str, Any], path: Path) -> Path:
-    """Write the backbone in the `slt` format and its JSON sidecar (same stem, `.json`).
-
-    Returns:
-        The sidecar path.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunDirError(f"Cannot create the folder of '{path}': {exc.strerror or exc}.") from None
-    atomic_save({"model": slt_state_dict(backbone_state), "metadata": metadata}, path)
-    sidecar = path.with_suffix(".json")
-    atomic_write_text(json.dumps(metadata, indent=2) + "\n", sidecar)
-    return sidecar

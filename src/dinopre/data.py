@@ -9,6 +9,7 @@ run (the reference code respawns its workers every epoch and loses seconds each 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from dinopre.augment import MultiCropAugmentation
-from dinopre.batch_augment import BatchAugmentation, encode_views, pad_sources, plan_rows, to_source
+from dinopre.batch_augment import BatchAugmentation, bound_padding, encode_views, pad_sources, plan_rows, to_source
 from dinopre.errors import DataError
 from dinopre.images import BACKGROUND, BadImageError, load_rgb
 from dinopre.masking import MaskIndex, MaskSampler
@@ -62,7 +63,8 @@ class FolderSource:
         return load_rgb(self.files[index])
 
     def describe(self, index: int) -> str:
-        return str(self.files[index])
+        # Printable even when the name is not valid UTF-8 (the bytes become U+FFFD).
+        return os.fsencode(self.files[index]).decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True)
@@ -271,8 +273,9 @@ def collate_crops(samples: list[Sample]) -> CropBatch | RawBatch:
 
 
 def _collate_raw(samples: list[Sample]) -> RawBatch:
-    images = pad_sources([s[0] for s in samples])  # (B, 3, H, W) uint8
-    views = torch.stack([s[1] for s in samples])  # (B, V, C)
+    sources, tables = bound_padding([s[0] for s in samples], [s[1] for s in samples])
+    images = pad_sources(sources)  # (B, 3, H, W) uint8
+    views = torch.stack(tables)  # (B, V, C)
     bad = [record for s in samples for record in s[4]]
     return RawBatch(images, views, torch.tensor([s[2] for s in samples]), _collate_masks(samples), bad)
 

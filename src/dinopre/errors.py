@@ -16,6 +16,11 @@ class DataError(UserError):
     """The training data cannot be used: a missing or empty folder, no supported images."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint or export file that cannot be used: missing, corrupt, unsafe, of another kind, or holding
+    values that are not what its kind promises."""
+
+
 class RunDirError(UserError):
     """The output folder cannot be used as asked (it holds a run already, or it is not writable)."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ from dinopre.checkpoint import (
     sha256_file,
     slt_state_dict,
 )
-from dinopre.errors import ConfigError, RunDirError
+from dinopre.errors import ConfigError
+from dinopre.outputs import check_export_paths, check_parent_writable
+from dinopre.schema import check_backbone_metadata, check_backbone_tensors
 from dinopre.vit import VisionTransformer, count_parameters
 
 FORMATS = ("slt", "timm")
@@ -62,52 +65,85 @@ def _from_slt(name: str) -> str:
     return name
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, *, fmt: str = "slt", weights: str = "teacher",
-                      force: bool = False) -> tuple[Path, Path]:
-    """Write a checkpoint's backbone as a file the pipeline (slt) or timm loads, plus its JSON sidecar.
+def write_backbone(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], output: str | Path, *,
+                   fmt: str = "slt", force: bool = False, inputs: Iterable[Path] = (), what: str = "The export",
+                   flag: str = "--force") -> tuple[Path, Path]:
+    """The one writer of backbone files (`train --export-backbone` and `dinopre export`): check both paths, write
+    the export and its JSON sidecar atomically, then load the export back strictly into a fresh ViT.
 
-    The written file is loaded back strictly into a fresh ViT before this returns. Inside a run directory the
-    export and its sha256 are recorded in artifacts.json.
+    Args:
+        tensors: the backbone's state dict with dinopre's names (no `backbone.` prefix; the mask token is dropped).
+        metadata: what `backbone_metadata` gives, completed by the caller.
+        output: the export's path; the sidecar gets the same stem and `.json`.
+        fmt: `slt` (the pipeline's key names) or `timm`.
+        force: an existing export (and sidecar) may be replaced.
+        inputs: files the command reads, never to be replaced.
+        what: how to name the output in messages.
+        flag: the option that allows replacing.
 
     Returns:
         The export path and the sidecar path.
 
     Raises:
-        RunDirError: the output exists and `force` is False.
-        CheckpointError: the checkpoint is not a readable dinopre training checkpoint.
+        RunDirError: a path must not or cannot be written.
+        CheckpointError: the written file does not load back strictly (a bug, never silently).
     """
-    checkpoint, output = Path(checkpoint), Path(output)
-    if output.exists() and not force:
-        raise RunDirError(f"'{output}' already exists; pass --force to replace it or choose another path.")
-    state = load_training_checkpoint(checkpoint)
-    tensors = backbone_state(state, weights)
-    metadata = backbone_metadata(state["config"], epoch=state["epoch"], weights=weights)
-    metadata["format"] = fmt
-    metadata["source_checkpoint"] = str(checkpoint)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunDirError(f"Cannot create the folder of '{output}': {exc.strerror or exc}.") from None
+    output = Path(output)
+    sidecar = check_export_paths(output, force=force, inputs=inputs, what=what, flag=flag)
+    check_parent_writable(output, what.lower())
+    tensors = {name: tensor for name, tensor in tensors.items() if name != "mask_token"}
+    metadata = {**metadata, "format": fmt}
     if fmt == "slt":
         atomic_save({"model": slt_state_dict(tensors), "metadata": metadata}, output)
     else:
-        atomic_save({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, output)
-    sidecar = output.with_suffix(".json")
+        atomic_save({k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}, output)
     atomic_write_text(json.dumps(metadata, indent=2) + "\n", sidecar)
     load_backbone_file(output)  # strict reload: a wrong key fails here, not silently in the pipeline
-    _record_in_run_dir(checkpoint.parent, output, sidecar, fmt, state["epoch"])
     return output, sidecar
 
 
-def _record_in_run_dir(folder: Path, output: Path, sidecar: Path, fmt: str, epoch: int) -> None:
+def export_checkpoint(checkpoint: str | Path, output: str | Path, *, fmt: str = "slt", weights: str = "teacher",
+                      force: bool = False) -> tuple[Path, Path, str | None]:
+    """Write a checkpoint's backbone as a file the pipeline (slt) or timm loads, plus its JSON sidecar.
+
+    The written file is loaded back strictly into a fresh ViT before this returns. When the checkpoint is in a run
+    directory whose run has ended, the export and its sha256 are recorded in its artifacts.json; a live run's
+    folder is left to that run.
+
+    Returns:
+        The export path, the sidecar path, and a note when the export could not be recorded in the run directory.
+
+    Raises:
+        RunDirError: an output path must not be written (exists without `force`, is the checkpoint, ...).
+        CheckpointError: the checkpoint is not a readable dinopre training checkpoint.
+    """
+    checkpoint, output = Path(checkpoint), Path(output)
+    check_export_paths(output, force=force, inputs=[checkpoint])  # before the (slow) load
+    state = load_training_checkpoint(checkpoint)
+    metadata = backbone_metadata(state["config"], epoch=state["epoch"], weights=weights)
+    metadata["source_checkpoint"] = str(checkpoint)
+    output, sidecar = write_backbone(backbone_state(state, weights), metadata, output, fmt=fmt, force=force,
+                                     inputs=[checkpoint])
+    return output, sidecar, _record_in_run_dir(checkpoint.parent, output, sidecar, fmt, state["epoch"])
+
+
+def _record_in_run_dir(folder: Path, output: Path, sidecar: Path, fmt: str, epoch: int) -> str | None:
+    """Add an export to the run directory's artifacts.json, unless a live run holds the folder."""
     from dinopre.rundir import ARTIFACTS, RunDirectory
 
     if not (folder / ARTIFACTS).exists():
-        return
+        return None
     files = RunDirectory(folder)
-    files.prepare(overwrite=False, resuming=True)
-    files.record(output, f"export-{fmt}", epoch=epoch)
-    files.record(sidecar, "export-metadata", epoch=epoch)
+    if not files.try_lock():
+        return (f"The run in '{folder}' is still training, so the export is not recorded in its artifacts.json "
+                "(only the run writes its folder).")
+    try:
+        files.load_artifacts()
+        files.record(output, f"export-{fmt}", epoch=epoch)
+        files.record(sidecar, "export-metadata", epoch=epoch)
+    finally:
+        files.unlock()
+    return None
 
 
 def load_backbone_file(path: str | Path) -> tuple[VisionTransformer, dict[str, Any]]:
@@ -122,21 +158,24 @@ def load_backbone_file(path: str | Path) -> tuple[VisionTransformer, dict[str, A
         raise CheckpointError(f"'{path}' is a training checkpoint, not a backbone; export it first with "
                               f"`dinopre export {path} backbone.pt`.")
     if "model" in obj and "metadata" in obj:
-        metadata, tensors = obj["metadata"], {_from_slt(k): v for k, v in obj["model"].items()}
+        metadata, tensors = obj["metadata"], obj["model"]
+        if isinstance(tensors, dict):
+            tensors = {_from_slt(k) if isinstance(k, str) else k: v for k, v in tensors.items()}
     else:
         sidecar = path.with_suffix(".json")
         if not ("cls_token" in obj and sidecar.is_file()):
             raise CheckpointError(f"'{path}' is not a backbone export (no 'model' and 'metadata' entries, and no "
                                   "timm-style state dict with a .json sidecar).")
-        metadata, tensors = json.loads(sidecar.read_text(encoding="utf-8")), obj
-    if not isinstance(metadata, dict) or "backbone" not in metadata:
-        raise CheckpointError(f"'{path}' has no backbone metadata (metadata['backbone']); it cannot be rebuilt.")
-    try:
-        model = build_backbone(metadata)
-        model.load_state_dict(tensors, strict=True)
-    except (RuntimeError, KeyError, TypeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"'{path}' does not match the ViT its metadata describes: {first}") from None
+        try:
+            metadata, tensors = json.loads(sidecar.read_text(encoding="utf-8")), obj
+        except (OSError, ValueError, RecursionError):
+            raise CheckpointError(f"The metadata sidecar '{sidecar}' of '{path}' is not readable JSON.") from None
+    # Numbers and shapes are checked against each other before anything is built: a file cannot make this
+    # allocate a ViT its tensors do not back up.
+    description = check_backbone_metadata(metadata, path)
+    check_backbone_tensors(description, tensors, path)
+    model = build_backbone(metadata)
+    model.load_state_dict(tensors, strict=True)
     return model.eval(), metadata
 
 
@@ -249,7 +288,7 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     obj = load_file(path)
     info: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     if obj.get("kind") == KIND_TRAINING:
-        return {**info, **_inspect_training(obj)}
+        return {**info, **_inspect_training(load_training_checkpoint(path))}
     model, metadata = load_backbone_file(path)
     if metadata.get("kind") != KIND_BACKBONE:
         raise CheckpointError(f"'{path}' is not a dinopre file.")

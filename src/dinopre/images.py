@@ -54,8 +54,14 @@ def load_rgb(path: Path) -> Image.Image:
     except PermissionError:
         raise BadImageError("permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated data, broken headers, bad EXIF
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadImageError(f"cannot decode: {reason}") from None
+        raise BadImageError(f"cannot decode: {_reason(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - any other decoder failure is this file's problem, not the run's
+        raise BadImageError(f"the decoder failed ({type(exc).__name__}: {_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

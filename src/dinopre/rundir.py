@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from dinopre.checkpoint import TMP_MARK, atomic_save, atomic_write_text, sha256_file
 from dinopre.errors import RunDirError
+from dinopre.outputs import write_error
 
 CHECKPOINT_LAST, CHECKPOINT_BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 PARAMS, METRICS, ARTIFACTS, BAD_FILES = "params.json", "metrics.jsonl", "artifacts.json", "bad_files.json"
+LOCK = ".dinopre.lock"  # held (flock) by the one process that writes the folder
 
 
 class RunDirectory:
@@ -31,6 +34,58 @@ class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.artifacts: dict[str, Any] = {}
+        self._lock: Any = None  # the open lock file while this process holds the folder
+
+    # ---- one live writer per folder
+
+    def lock(self) -> None:
+        """Hold the folder for this process: an OS lock (flock) on `.dinopre.lock`, which the kernel releases when
+        the process ends however it ends (kill -9 included), so nothing stale is ever left to clean up.
+
+        Raises:
+            RunDirError: another live process holds the folder (named with its host and process id).
+        """
+        if not self.try_lock():
+            holder = self._holder()
+            raise RunDirError(f"'{self.path}' is in use by a live run ({holder}); wait for it to end or stop it "
+                              "first, or choose another --output-dir.")
+
+    def try_lock(self) -> bool:
+        """Take the folder's lock if no live process holds it; False when one does."""
+        import fcntl
+
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise write_error(self.path / LOCK, exc, "the run's lock file") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        except OSError:  # a file system without locks: one writer cannot be enforced, training still works
+            pass
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        handle.flush()
+        self._lock = handle
+        return True
+
+    def unlock(self) -> None:
+        """Let the folder go (the lock also goes with the process)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads((self.path / LOCK).read_text(encoding="utf-8"))
+            return f"process {info['pid']} on {info['host']}, since {info['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
 
     @property
     def last(self) -> Path:
@@ -41,34 +96,39 @@ class RunDirectory:
         return self.path / CHECKPOINT_BEST
 
     def prepare(self, *, overwrite: bool, resuming: bool) -> None:
-        """Create the folder; refuse to start a new run over one that has checkpoints unless `overwrite`.
+        """Create the folder and hold it (`lock`); refuse to start a new run over one that has checkpoints unless
+        `overwrite`. The caller releases the folder with `unlock` when the run ends.
 
         Raises:
-            RunDirError: checkpoints exist (new run without overwrite), or the folder cannot be written.
+            RunDirError: a live run holds the folder, checkpoints exist (new run without overwrite), or the folder
+                cannot be written.
         """
-        existing = [p.name for p in (self.last, self.best) if p.exists()]
-        if existing and not (overwrite or resuming):
-            raise RunDirError(
-                f"'{self.path}' already holds a run ({existing[0]}); continue it with `dinopre resume {self.path}`, "
-                "start over with --overwrite, or choose another --output-dir."
-            )
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
+            probe = self.path / f".write-test-{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
             raise RunDirError(f"Cannot write to output folder '{self.path}': {exc.strerror or exc}; "
                               "choose another --output-dir.") from None
+        self.lock()  # before anything in the folder is changed: a live run's files are its own
+        existing = [p.name for p in (self.last, self.best) if p.exists()]
+        if existing and not (overwrite or resuming):
+            self.unlock()
+            raise RunDirError(
+                f"'{self.path}' already holds a run ({existing[0]}); continue it with `dinopre resume {self.path}`, "
+                "start over with --overwrite, or choose another --output-dir."
+            )
         for stale in self.path.glob(f".*{TMP_MARK}*"):  # left by a process killed in the middle of a write
             stale.unlink(missing_ok=True)
         if resuming:
-            self._load_artifacts()
+            self.load_artifacts()
         else:  # a new run: logs of a run that died before its first checkpoint (or was overwritten) go
             for name in (METRICS, ARTIFACTS, BAD_FILES, CHECKPOINT_LAST, CHECKPOINT_BEST):
                 (self.path / name).unlink(missing_ok=True)
 
-    def _load_artifacts(self) -> None:
+    def load_artifacts(self) -> None:
+        """Read artifacts.json (a missing or damaged one starts empty)."""
         try:
             self.artifacts = json.loads((self.path / ARTIFACTS).read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -96,7 +156,7 @@ class RunDirectory:
             with open(self.path / METRICS, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
         except OSError as exc:
-            raise RunDirError(f"Could not append to '{self.path / METRICS}': {exc.strerror or exc}.") from None
+            raise write_error(self.path / METRICS, exc, "the metrics log") from None
 
     def truncate_metrics(self, global_step: int) -> None:
         """Drop records after `global_step` (written by a run that was interrupted after its last checkpoint)."""
@@ -132,8 +192,8 @@ class RunDirectory:
                 os.fsync(handle.fileno())
             tmp.replace(target)
         except OSError as exc:
-            raise RunDirError(f"Could not write '{target}': {exc.strerror or exc}; free disk space or choose "
-                              "another --output-dir (the previous checkpoint is intact).") from None
+            raise RunDirError(f"{str(write_error(target, exc, 'the checkpoint')).rstrip('.')} (the previous "
+                              "checkpoint is intact).") from None
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -8,8 +8,10 @@ Collectives are no-ops in a single process, so every piece of maths runs in a CP
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from types import FrameType
@@ -115,6 +117,20 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor across processes in place; returns it unchanged in a single process."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum across processes, in place; unchanged in a single process."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     """The global torch generator states (drop path draws come from them), as tensors for a checkpoint.
 
@@ -174,10 +190,26 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker init: leave SIGINT/SIGTERM to the trainer, which stops the workers itself after saving.
+    """DataLoader worker init: leave SIGINT/SIGTERM to the trainer, which stops the workers itself after saving
+    (`pipeline.worker_processes`), and die with the trainer.
 
     A Ctrl-C reaches the whole process group; a worker killed by it would make the loader raise in the trainer
-    while it writes its checkpoint.
+    while it writes its checkpoint. A trainer killed with SIGKILL cannot stop its workers, so on Linux each worker
+    asks the kernel for a SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG), even one blocked in a read.
     """
     for signum in StopSignals.SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent()
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the loader's own watchdog still notices within seconds
+        pass
