@@ -48,23 +48,23 @@ except ModuleNotFoundError:
 
 import torch  # noqa: E402
 
+from dinopre.build import RunParts, build_run  # noqa: E402
 from dinopre.config import PretrainConfig, build_config  # noqa: E402
-from dinopre.data import EpochBatchSampler, ImageSource, RawBatch, check_dataset_size  # noqa: E402
+from dinopre.data import EpochBatchSampler, ImageSource, RawBatch  # noqa: E402
 from dinopre.demo import write_synthetic_folder  # noqa: E402
 from dinopre.engine import train_step  # noqa: E402
-from dinopre.method import build_method  # noqa: E402
-from dinopre.optim import build_optimizer  # noqa: E402
-from dinopre.pipeline import augments_on_device, build_data_loader, build_source  # noqa: E402
-from dinopre.runtime import Runtime, default_num_workers, setup, share_cpus  # noqa: E402
-from dinopre.schedules import build_schedules  # noqa: E402
+from dinopre.pipeline import augments_on_device, build_data_loader  # noqa: E402
+from dinopre.runtime import Runtime, share_cpus  # noqa: E402
 
+# The reference recipe: the official code's head (2048-wide MLP) and drop path, whatever the auto recipe derives.
 WORKLOADS: dict[str, dict[str, Any]] = {
     "W1": {"image_size": 224, "local_crop_size": 96, "num_local_crops": 8, "out_dim": 65536, "batch_size": 128,
-           "algorithm": "dino"},
+           "algorithm": "dino", "recipe": "reference"},
     "W2": {"image_size": 224, "local_crop_size": 96, "num_local_crops": 8, "out_dim": 8192, "batch_size": 128,
-           "algorithm": "ibot", "shared_head": True, "mask_probability": 0.5, "patch_mask_ratio": (0.1, 0.5)},
+           "algorithm": "ibot", "shared_head": True, "mask_probability": 0.5, "patch_mask_ratio": (0.1, 0.5),
+           "recipe": "reference"},
     "C1": {"image_size": 112, "local_crop_size": 48, "num_local_crops": 4, "vit_embed_dim": 192, "vit_depth": 6,
-           "vit_num_heads": 3, "patch_size": 16, "batch_size": 32, "algorithm": "dino"},
+           "vit_num_heads": 3, "patch_size": 16, "batch_size": 32, "algorithm": "dino", "recipe": "reference"},
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (NVIDIA data sheets, SXM)
 PHASES = ("data", "augment", "forward", "backward", "optimizer", "teacher")
@@ -116,15 +116,28 @@ def _sync(device: torch.device) -> None:
 
 
 class _Workload(NamedTuple):
-    """A workload made ready to run: its settings, configuration, device, images and sampler."""
+    """A workload made ready to run: its settings, the run built from them (`dinopre.build.build_run`, as
+    training builds it) and a sampler."""
 
     settings: dict[str, Any]
-    config: PretrainConfig
-    runtime: Runtime
-    source: ImageSource
-    steps_per_epoch: int
+    parts: RunParts
     sampler: EpochBatchSampler
-    workers: int
+
+    @property
+    def config(self) -> PretrainConfig:
+        return self.parts.config
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.parts.runtime
+
+    @property
+    def source(self) -> ImageSource:
+        return self.parts.data.source
+
+    @property
+    def workers(self) -> int:
+        return self.parts.num_workers
 
 
 def _prepare(name: str, overrides: dict[str, Any], *, images: int, data_root: Path, device: str,
@@ -133,14 +146,11 @@ def _prepare(name: str, overrides: dict[str, Any], *, images: int, data_root: Pa
     settings = {**WORKLOADS[name], **overrides, "device": device, "output_dir": str(data_root / "unused")}
     size = 256 if settings.get("image_size", 224) > 128 else 128
     settings["train_dir"] = [str(synthetic_folder(data_root, images, size))]
-    config = build_config("face", cli_settings=settings)
-    runtime = setup(config.run.device, config.run.precision, config.run.seed)
-    source = build_source(config).source
-    steps_per_epoch = check_dataset_size(len(source), config.optim.batch_size)
-    sampler = EpochBatchSampler(len(source), config.optim.batch_size, config.run.seed, 0,
-                                -(-steps // steps_per_epoch))
-    workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
-    return _Workload(settings, config, runtime, source, steps_per_epoch, sampler, workers)
+    parts = build_run(build_config("face", cli_settings=settings))
+    config = parts.config
+    sampler = EpochBatchSampler(len(parts.data.source), config.optim.batch_size, config.run.seed, 0,
+                                -(-steps // parts.steps_per_epoch))
+    return _Workload(settings, parts, sampler)
 
 
 def data_throughput(name: str, overrides: dict[str, Any], *, steps: int, warmup: int, images: int,
@@ -190,9 +200,7 @@ def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: in
     w = _prepare(name, overrides, images=images, data_root=data_root, device=device,
                  steps=warmup + steps + breakdown_steps)
     config, runtime, settings, workers = w.config, w.runtime, w.settings, w.workers
-    method = build_method(config).to(runtime.device).train()
-    optimizer = build_optimizer(method.student, runtime.device)
-    schedules = build_schedules(config, w.steps_per_epoch)
+    method, optimizer, schedules = w.parts.method.train(), w.parts.optimizer, w.parts.schedules
     share_cpus(runtime)
     loader, render = build_data_loader(config, w.source, runtime.device, w.sampler, workers)
     batches = iter(loader)

@@ -72,7 +72,7 @@ def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     monkeypatch.setattr("dinopre.engine.fit",
-                        lambda config, reporter, overwrite=False, resume_from=None: seen.setdefault("c", config))
+                        lambda config, reporter, overwrite=False, resume_from=None, inputs=(): seen.setdefault("c", config))
     config_file = tmp_path / "c.toml"
     config_file.write_text("epochs = 9\nbatch_size = 12\n[data]\nnum_local_crops = 3\n")
     result = invoke("train", "hands", "--train-dir", "a", "--train-dir", "b", "--config", str(config_file),
@@ -107,11 +107,26 @@ def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path: Pat
     (["inspect-checkpoint", "{tmp}/texts/notes.txt"], "not a readable checkpoint"),
     (["verify-backbone", "{tmp}/a.pt"], "does not exist"),
     (["train", "face", "--demo", "--checkpoint-every", "-1"], "--checkpoint-every must be"),
+    # settings out of any sensible range: one sentence before anything is allocated
+    (["train", "face", "--demo", "--seed", "-1"], "--seed must be 0 or more"),
+    (["train", "face", "--demo", "--seed", str(2**64)], "--seed 18446744073709551616 is beyond"),
+    (["train", "face", "--demo", "--vit-mlp-ratio", "0.01"], "gives an MLP of 0 units"),
+    (["train", "face", "--demo", "--vit-mlp-ratio", "inf"], "must be a finite number"),
+    (["train", "face", "--demo", "--learning-rate", "1e308"], "--learning-rate 1e+308 is beyond"),
+    (["train", "face", "--demo", "--warmup-epochs", "1000000000"], "--warmup-epochs 1000000000.0 is beyond"),
+    (["train", "face", "--demo", "--epochs", "10000000000000"], "--epochs 10000000000000 is beyond"),
+    (["train", "face", "--demo", "--image-size", "1000000000"], "--image-size 1000000000 is beyond"),
+    (["train", "face", "--demo", "--config", "{tmp}/infinite.json"], "must be a finite number"),
+    (["train", "face", "--demo", "--config", "{tmp}/deep.json"], "nested too deeply"),
+    (["train", "face", "--demo", "--config", "{tmp}/deep.toml"], "nested too deeply"),
 ])
 def test_user_errors_exit_2_with_one_sentence(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "notes.txt").write_text("x")
+    (tmp_path / "infinite.json").write_text('{"learning_rate": Infinity}')
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "deep.toml").write_text("x = " + "[" * 100_000 + "]" * 100_000)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if args[0] == "train":
         args += ["--output-dir", str(tmp_path / "out")]
@@ -145,7 +160,7 @@ def test_an_existing_run_is_refused_with_what_to_do(tmp_path: Path) -> None:
 def test_ibot_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     monkeypatch.setattr("dinopre.engine.fit",
-                        lambda config, reporter, overwrite=False, resume_from=None: seen.setdefault("c", config))
+                        lambda config, reporter, overwrite=False, resume_from=None, inputs=(): seen.setdefault("c", config))
     result = invoke("train", "face", "--train-dir", "d", "--algorithm", "ibot", "--no-shared-head",
                     "--patch-out-dim", "4096", "--patch-mask-ratio", "0.2", "0.4", "--mask-probability", "0.7",
                     "--mask-shape", "rand", "--patch-loss-weight", "0.5", "--teacher-patch-temp", "0.06")
@@ -225,6 +240,7 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
               "weight_decay": "0.05", "weight_decay_end": "0.3", "clip_grad_norm": "1.5",
               "freeze_last_layer_epochs": "2", "algorithm": "ibot", "student_temp": "0.2", "teacher_temp": "0.05",
               "warmup_teacher_temp": "0.03", "warmup_teacher_temp_epochs": "2", "center_momentum": "0.8",
+              "centering": "sinkhorn", "koleo_weight": "0.1", "teacher_view": "gray", "recipe": "reference", "contrast_weight": "0.5",
               "teacher_momentum_base": "0.99", "teacher_momentum_final": "0.999", "patch_mask_ratio": ["0.2", "0.4"],
               "mask_probability": "0.7", "mask_shape": "rand", "patch_loss_weight": "0.5",
               "teacher_patch_temp": "0.06", "eval_dir": "probe", "eval_every": "2", "best_by": "loss",

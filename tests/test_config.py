@@ -142,7 +142,7 @@ def test_ibot_settings_are_validated() -> None:
                                                    "patch_out_dim": 1024})
     assert separate.resolved_patch_out_dim == 1024
     bad = [
-        ({"patch_out_dim": 1024}, "pass --no-shared-head"),
+        ({"patch_out_dim": 1024, "out_dim": 8192}, "pass --no-shared-head"),
         ({"patch_mask_ratio": (0.6, 0.2)}, "--patch-mask-ratio takes MIN MAX"),
         ({"patch_mask_ratio": (0.1, 1.0)}, "--patch-mask-ratio takes MIN MAX"),
         ({"mask_probability": 1.5}, "--mask-probability must be in [0, 1]"),

@@ -63,9 +63,13 @@ def test_feature_spread_is_one_for_spread_features_and_zero_for_a_point() -> Non
     assert feature_spread(torch.ones(100, 64) + 1e-9 * torch.randn(100, 64)) == pytest.approx(0.0, abs=1e-6)
 
 
+def _targets(logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax((logits - center) / temperature, dim=-1)
+
+
 def test_prototype_signals_and_the_collapse_verdict() -> None:
     k = 256
-    flat = prototype_signals(torch.zeros(100, k), torch.zeros(1, k), 0.04)
+    flat = prototype_signals(_targets(torch.zeros(100, k), torch.zeros(1, k), 0.04))
     assert flat["teacher_entropy"] == pytest.approx(math.log(k)) and flat["entropy_max"] == pytest.approx(math.log(k))
     assert collapse_verdict(flat) == "uniform"
     assert "--teacher-temp" in collapse_message("uniform", flat)
@@ -73,16 +77,16 @@ def test_prototype_signals_and_the_collapse_verdict() -> None:
     one_hot = torch.zeros(100, k)
     one_hot[:95, 7] = 1.0  # 95 of 100 images pick prototype 7
     one_hot[95:, :5] = torch.eye(5)
-    signals = prototype_signals(one_hot, torch.zeros(1, k), 0.04)
+    signals = prototype_signals(_targets(one_hot, torch.zeros(1, k), 0.04))
     assert signals["top_prototype_share"] == pytest.approx(0.95) and signals["prototypes_used"] == 6
     assert collapse_verdict(signals) == "one-hot"
     assert "95%" in collapse_message("one-hot", signals)
 
-    healthy = prototype_signals(torch.randn(512, k) * 0.2, torch.zeros(1, k), 0.04)
+    healthy = prototype_signals(_targets(torch.randn(512, k) * 0.2, torch.zeros(1, k), 0.04))
     assert healthy["teacher_entropy"] < 0.8 * math.log(k) and collapse_verdict(healthy) is None
     # The centering matters: the same sharp logits with their common part as the center are not one-hot.
     shared = torch.randn(1, k) * 3
-    assert collapse_verdict(prototype_signals(torch.randn(512, k) * 0.2 + shared, shared, 0.04)) is None
+    assert collapse_verdict(prototype_signals(_targets(torch.randn(512, k) * 0.2 + shared, shared, 0.04))) is None
 
 
 def test_monitor_subset_is_fixed_by_the_seed() -> None:
@@ -153,7 +157,8 @@ def test_the_evaluator_scores_a_backbone_and_skips_broken_probe_images(tmp_path:
     assert evaluator.monitor.images.shape == (8, 3, 16, 16)  # resized to the input size, kept as uint8
     assert evaluator.knn(_MeanColour(), torch.device("cpu")) == 100.0
     head = torch.nn.Linear(3, 16)
-    signals = evaluator.signals(_MeanColour(), head, torch.zeros(1, 16), 0.04, torch.device("cpu"))
+    signals = evaluator.signals(_MeanColour(), head, lambda logits: torch.softmax(logits / 0.04, -1),
+                                torch.device("cpu"))
     assert set(signals) == {"rankme", "feature_spread", "teacher_entropy", "entropy_max", "prototypes_used",
                             "top_prototype_share"}
     assert 1.0 <= signals["rankme"] <= 3.0  # three colour channels, one of which varies

@@ -188,9 +188,16 @@ def test_gradient_reaches_student_only_and_matches_reference(center: torch.Tenso
 # ----------------------------------------------------------------------------------- diagnostics
 
 
+def _diagnose(logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> dict[str, torch.Tensor]:
+    """The diagnostics of the teacher targets the DINO loss computes with this center."""
+    loss = DINOLoss(logits.shape[1])
+    loss.center.copy_(center)
+    return teacher_diagnostics(loss.teacher_targets(logits, teacher_temp))
+
+
 def test_diagnostics_uniform_teacher_has_entropy_ln_k() -> None:
     """Constant teacher logits (uniform collapse): entropy is ln K."""
-    out = teacher_diagnostics(torch.full((8, K), 2.0), torch.zeros(1, K), teacher_temp=0.04)
+    out = _diagnose(torch.full((8, K), 2.0), torch.zeros(1, K), teacher_temp=0.04)
     assert out["teacher_entropy"].item() == pytest.approx(math.log(K), rel=1e-6)
 
 
@@ -198,7 +205,7 @@ def test_diagnostics_one_dominant_prototype_counts_one() -> None:
     """Every row picks the same prototype (one-hot collapse): prototypes_used = 1, entropy ~ 0."""
     logits = torch.randn(10, K, generator=torch.Generator().manual_seed(0))
     logits[:, 17] += 100.0
-    out = teacher_diagnostics(logits, torch.zeros(1, K), teacher_temp=0.04)
+    out = _diagnose(logits, torch.zeros(1, K), teacher_temp=0.04)
     assert out["prototypes_used"].item() == 1
     assert out["teacher_entropy"].item() < 1e-6
 
@@ -207,10 +214,10 @@ def test_diagnostics_distinct_winners_and_center_is_subtracted() -> None:
     """Each of 8 rows winning a different prototype counts 8; the center is subtracted before the argmax."""
     logits = torch.zeros(8, K)
     logits[torch.arange(8), torch.arange(8)] = 5.0
-    assert teacher_diagnostics(logits, torch.zeros(1, K), 0.04)["prototypes_used"].item() == 8
+    assert _diagnose(logits, torch.zeros(1, K), 0.04)["prototypes_used"].item() == 8
     center = torch.zeros(1, K)
     center[0, 40] = -10.0  # subtracting it makes prototype 40 win in every row
-    assert teacher_diagnostics(logits, center, 0.04)["prototypes_used"].item() == 1
+    assert _diagnose(logits, center, 0.04)["prototypes_used"].item() == 1
 
 
 def test_diagnostics_entropy_formula(center: torch.Tensor) -> None:
@@ -218,7 +225,7 @@ def test_diagnostics_entropy_formula(center: torch.Tensor) -> None:
     _, teacher = random_logits(0, seed=10)
     p = F.softmax((teacher.double() - center.double()) / 0.07, dim=-1)
     expected = -(p * p.clamp_min(1e-300).log()).sum(-1).mean()
-    out = teacher_diagnostics(teacher, center, 0.07)
+    out = _diagnose(teacher, center, 0.07)
     assert out["teacher_entropy"].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 
 
@@ -414,3 +421,120 @@ def test_ibot_bf16_inputs_fp32_loss_and_center_is_state(center: torch.Tensor) ->
     fresh = IBOTPatchLoss(48)
     assert fresh.state_dict()["center"].shape == (1, 48) and torch.count_nonzero(fresh.center) == 0
     assert list(fresh.parameters()) == []
+
+
+# ----------------------------------------------------------------------------------- Sinkhorn-Knopp and KoLeo
+
+
+def reference_sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """dinov2 loss/dino_clstoken_loss.py `sinkhorn_knopp_teacher` for one process, in float64 (no max shift)."""
+    q = torch.exp(teacher_output.double() / teacher_temp).t()
+    b, k = q.shape[1], q.shape[0]
+    q /= torch.sum(q)
+    for _ in range(n_iterations):
+        q /= torch.sum(q, dim=1, keepdim=True)
+        q /= k
+        q /= torch.sum(q, dim=0, keepdim=True)
+        q /= b
+    q *= b
+    return q.t()
+
+
+def test_sinkhorn_knopp_equals_dinov2() -> None:
+    from dinopre.losses import sinkhorn_knopp
+
+    _, teacher = random_logits(0, seed=3)
+    teacher = teacher / 10  # cosine-like logits in about [-1, 1]
+    got = sinkhorn_knopp(teacher, 0.04)
+    torch.testing.assert_close(got.double(), reference_sinkhorn_knopp(teacher, 0.04), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got.sum(-1), torch.ones(len(teacher)))  # one distribution per image
+    # the prototypes' shares are close to equal, unlike a plain softmax of the same logits
+    shares = got.sum(0) / got.sum()
+    plain = F.softmax(teacher / 0.04, dim=-1).sum(0) / len(teacher)
+    assert (shares - 1 / K).abs().max() < (plain - 1 / K).abs().max()
+
+
+def test_sinkhorn_knopp_survives_logits_that_would_overflow_exp() -> None:
+    """With trainable prototype norms (g = 4 here) logits leave [-1, 1]; exp(4 / 0.04) is inf in fp32 without the
+    max shift. With it the targets stay finite distributions."""
+    from dinopre.losses import sinkhorn_knopp
+
+    _, teacher = random_logits(0, seed=4)
+    grown = (teacher / 3).clamp(-1, 1) * 4
+    assert not torch.isfinite(torch.exp(grown.max() / 0.04))
+    got = sinkhorn_knopp(grown, 0.04)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.sum(-1), torch.ones(len(teacher)))
+
+
+def test_sinkhorn_centering_leaves_the_center_alone_and_changes_the_targets() -> None:
+    student, teacher = random_logits(2, seed=5)
+    teacher = teacher / 10  # cosine-like logits
+    ema, sk = DINOLoss(K), DINOLoss(K, centering="sinkhorn")
+    expected_targets = reference_sinkhorn_knopp(teacher, 0.04)
+    loss = sk(student, teacher, num_student_views=4, teacher_temp=0.04)
+    assert torch.equal(sk.center, torch.zeros(1, K))  # unused and not moved
+    assert loss.item() != pytest.approx(ema(student, teacher, num_student_views=4, teacher_temp=0.04).item())
+    # the loss is the DINO cross-entropy against the Sinkhorn-Knopp targets
+    logp = F.log_softmax(student.double() / 0.1, dim=-1).unflatten(0, (4, B))
+    q = expected_targets.unflatten(0, (2, B))
+    pairs = [-(q[i] * logp[v]).sum(-1).mean() for i in range(2) for v in range(4) if v != i]
+    assert loss.item() == pytest.approx(float(sum(pairs) / len(pairs)), rel=1e-5)
+
+
+def reference_koleo(features: torch.Tensor, eps: float = 1e-8) -> float:
+    """dinov2 loss/koleo_loss.py `KoLeoLoss` written out with loops, in float64."""
+    x = F.normalize(features.double(), dim=-1, eps=eps)
+    total = 0.0
+    for i in range(len(x)):
+        others = [j for j in range(len(x)) if j != i]
+        j = max(others, key=lambda j: float(x[i] @ x[j]))
+        total += -math.log(float(torch.linalg.vector_norm(x[i] - x[j] + eps)) + eps)
+    return total / len(x)
+
+
+def test_koleo_equals_the_formula_and_stays_finite_on_duplicates() -> None:
+    from dinopre.losses import koleo_loss
+
+    features = torch.randn(12, 8, generator=torch.Generator().manual_seed(6))
+    assert koleo_loss(features).item() == pytest.approx(reference_koleo(features), rel=1e-4)
+    duplicates = torch.cat([features[:3], features[:3]])
+    assert math.isfinite(koleo_loss(duplicates).item())  # near-identical video frames (dinov2#143)
+    spread = koleo_loss(torch.eye(8) * 3)
+    squeezed = koleo_loss(torch.eye(8) * 3 + 10)  # the same points crowded into one direction
+    assert spread.item() < squeezed.item()  # KoLeo prefers features spread apart
+    features.requires_grad_(True)
+    koleo_loss(features).backward()
+    assert torch.isfinite(features.grad).all()
+
+
+def reference_nt_xent(z: torch.Tensor, num_views: int, temperature: float) -> float:
+    """SimCLR's NT-Xent written out row by row in float64: each row against every other row of the batch."""
+    z = F.normalize(z.double(), dim=-1)
+    rows, images = z.shape[0], z.shape[0] // num_views
+    total, count = 0.0, 0
+    for i in range(rows):
+        others = [j for j in range(rows) if j != i]
+        denominator = sum(math.exp(float(z[i] @ z[j]) / temperature) for j in others)
+        for j in others:
+            if j % images == i % images:  # another view of the same image
+                total += -math.log(math.exp(float(z[i] @ z[j]) / temperature) / denominator)
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("num_views", [2, 3])
+def test_info_nce_equals_nt_xent(num_views: int) -> None:
+    from dinopre.losses import info_nce
+
+    z = torch.randn(num_views * 5, 8, generator=torch.Generator().manual_seed(7))
+    assert info_nce(z, num_views, 0.2).item() == pytest.approx(reference_nt_xent(z, num_views, 0.2), rel=1e-5)
+
+
+def test_info_nce_rewards_views_that_agree() -> None:
+    from dinopre.losses import info_nce
+
+    images = torch.randn(6, 16, generator=torch.Generator().manual_seed(8))
+    agreeing = info_nce(torch.cat([images, images + 0.01]), 2, 0.2)
+    random = info_nce(torch.randn(12, 16, generator=torch.Generator().manual_seed(9)), 2, 0.2)
+    assert agreeing.item() < 0.5 < 2.0 < random.item()

@@ -15,6 +15,7 @@ from dinopre.data import CropBatch
 from dinopre.engine import train_step
 from dinopre.method import StudentTeacher, build_method
 from dinopre.optim import build_optimizer
+from dinopre.recipe import resolve
 from dinopre.runtime import setup
 
 B, K, D = 3, 64, 32
@@ -33,9 +34,10 @@ def _single_thread() -> Iterator[None]:
 def tiny_config(**overrides: Any) -> PretrainConfig:
     """The face demo config shrunk to a 32-wide, 2-block ViT with K = 64 prototypes and 2 local crops."""
     settings: dict[str, Any] = dict(vit_embed_dim=D, vit_depth=2, vit_num_heads=2, out_dim=K, head_hidden_dim=64,
-                                    head_bottleneck_dim=16, num_local_crops=2)
+                                    head_bottleneck_dim=16, num_local_crops=2, drop_path_rate=0.0,
+                                    recipe="reference")
     settings.update(overrides)
-    return build_config("face", demo=True, cli_settings=settings)
+    return resolve(build_config("face", demo=True, cli_settings=settings), num_images=512).config
 
 
 def tiny_method(seed: int = 0, **overrides: Any) -> StudentTeacher:
@@ -588,3 +590,110 @@ def test_a_cuda_training_step_never_waits_for_the_host(algorithm: str) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(losses["loss"]).item()
+
+
+# ----------------------------------------------------------------------------------- KoLeo, contrast, teacher views
+
+
+def test_koleo_adds_its_weighted_term_on_each_global_view() -> None:
+    from dinopre.losses import koleo_loss
+
+    plain, regularised = tiny_method(), tiny_method(koleo_weight=0.5)
+    batch = crop_batch()
+    base = plain(batch, TEACHER_TEMP)
+    out = regularised(batch, TEACHER_TEMP)
+    with torch.no_grad():
+        views = regularised.student["backbone"](batch.global_crops).chunk(2)
+    expected = sum(koleo_loss(v) for v in views)
+    assert out["koleo"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(base["loss"].item() + 0.5 * expected.item(), rel=1e-5)
+    assert regularised.loss_names == ("loss", "dino", "koleo")
+
+
+def test_the_contrastive_head_trains_with_the_student_and_is_never_exported() -> None:
+    from dinopre.export import backbone_state
+    from dinopre.losses import info_nce
+
+    method = tiny_method(contrast_weight=2.0).train()
+    assert "contrast_head" in method.student and method.loss_names[-1] == "contrast"
+    batch = crop_batch()
+    out = method(batch, TEACHER_TEMP)
+    with torch.no_grad():
+        z = method.student["contrast_head"](method.student["backbone"](batch.global_crops))
+    assert out["contrast"].item() == pytest.approx(info_nce(z, 2, 0.2).item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["dino"].item() + 2.0 * out["contrast"].item(), rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in method.student["contrast_head"].parameters())
+    state = {"teacher": method.teacher.state_dict(), "student": method.student.state_dict()}
+    assert not any("contrast" in key for key in backbone_state(state, "teacher"))
+
+
+@pytest.mark.parametrize("view", ["gray", "pattern"])
+def test_the_teacher_can_see_its_views_without_colour(view: str) -> None:
+    from dinopre.augment import grayscale_normalized
+
+    method = tiny_method(teacher_view=view)
+    batch = crop_batch()
+    calls: list[torch.Tensor] = []
+    handle = method.teacher["backbone"].register_forward_hook(lambda _m, args, _o: calls.append(args[0]))
+    try:
+        method(batch, TEACHER_TEMP)
+    finally:
+        handle.remove()
+    seen = calls[0]
+    if view == "gray":
+        torch.testing.assert_close(seen, grayscale_normalized(batch.global_crops))
+        pixels = seen * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
+            3, 1, 1)
+        torch.testing.assert_close(pixels[:, 0], pixels[:, 2])  # the same gray in every channel: no colour left
+    else:  # standardised per view: brightness and contrast are gone too
+        assert torch.equal(seen[:, 0], seen[:, 2])
+        torch.testing.assert_close(seen.mean(dim=(1, 2, 3)), torch.zeros(2 * B), atol=1e-5, rtol=0)
+        torch.testing.assert_close(seen.square().mean(dim=(1, 2, 3)), torch.ones(2 * B), atol=1e-4, rtol=0)
+        brighter = CropBatch(batch.global_crops * 1.5 + 0.3, batch.local_crops, batch.indices)
+        calls.clear()
+        handle = method.teacher["backbone"].register_forward_hook(lambda _m, args, _o: calls.append(args[0]))
+        try:
+            method(brighter, TEACHER_TEMP)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(calls[0], seen, atol=1e-4, rtol=0)
+
+
+def test_sinkhorn_centering_through_the_method_leaves_the_center() -> None:
+    method = tiny_method(centering="sinkhorn")
+    method(crop_batch(), TEACHER_TEMP)
+    assert torch.equal(method.dino_loss.center, torch.zeros(1, K))
+
+
+# ----------------------------------------------------------------------------------- zero-mean patch filters
+
+
+def test_zero_mean_patches_make_features_blind_to_a_colour_offset_through_training() -> None:
+    """With --zero-mean-patches, adding a constant to one colour channel of an image changes neither the student's
+    nor the teacher's features, at the start and after optimizer steps; without it, it does."""
+    runtime = setup("cpu", "fp32", 0)
+    torch.set_num_threads(1)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    shifted = images + torch.tensor([0.7, -0.3, 0.2]).view(1, 3, 1, 1)
+    for on in (True, False):
+        torch.manual_seed(0)
+        method = build_method(tiny_config(zero_mean_patches=on)).train()
+        optimizer = build_optimizer(method.student, torch.device("cpu"))
+        values = {"lr": 1e-2, "weight_decay": 0.04, "momentum": 0.5, "teacher_temp": TEACHER_TEMP}
+        for _ in range(2):
+            train_step(method, optimizer, crop_batch(), values, runtime=runtime, clip_grad_norm=0.0,
+                       freeze_last_layer=False)
+        for model in (method.student, method.teacher):
+            backbone = model["backbone"].eval()
+            with torch.no_grad():
+                same = torch.allclose(backbone(images), backbone(shifted), atol=1e-4)
+            assert same is on
+            weight = backbone.patch_embed.proj.weight
+            assert (weight.mean(dim=(2, 3)).abs().max().item() < 1e-6) is on
+
+
+def test_reference_recipe_leaves_patch_filters_free_and_auto_constrains_them() -> None:
+    assert resolve(build_config("face", demo=True, cli_settings={"recipe": "reference"}), 512).config.model \
+        .zero_mean_patches is False
+    assert resolve(build_config("face", demo=True), 512).config.model.zero_mean_patches is True

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dinopre.config import PretrainConfig, build_config
+from dinopre.recipe import resolve
 from dinopre.schedules import Schedule, build_schedules, cosine_schedule, teacher_temp_schedule
 
 
@@ -137,11 +138,32 @@ def test_build_schedules_follows_the_config() -> None:
 
 
 def test_peak_learning_rate_defaults_to_linear_scaling_rule() -> None:
-    """Without --learning-rate the peak is dino's 5e-4 * batch / 256, and the lr schedule reaches it."""
-    config = demo_config(learning_rate=None, batch_size=64)
+    """Under the reference recipe, without --learning-rate the peak is dino's 5e-4 * batch / 256, reached at the
+    end of the 10 warmup epochs."""
+    config = resolve(demo_config(learning_rate=None, batch_size=64, recipe="reference"), 512).config
     assert config.peak_learning_rate == pytest.approx(5e-4 * 64 / 256)
     steps_per_epoch = 3
     lr = build_schedules(config, steps_per_epoch).lr
-    assert lr(config.optim.warmup_epochs * steps_per_epoch - 1) == pytest.approx(1.25e-4, rel=1e-12)
+    assert config.optim.warmup_epochs == 10
+    assert lr(10 * steps_per_epoch - 1) == pytest.approx(1.25e-4, rel=1e-12)
     assert max(values(lr)) == pytest.approx(1.25e-4, rel=1e-12)
     assert demo_config(learning_rate=3e-4, batch_size=64).peak_learning_rate == 3e-4
+
+
+def test_fractional_warmups_last_their_rounded_steps() -> None:
+    """Epoch counts may be fractional (the auto recipe sets steps): 1.5 epochs of 4 steps warm up for 6 steps."""
+    config = resolve(demo_config(epochs=4, warmup_epochs=1.5, learning_rate=1e-3, recipe="auto",
+                                 warmup_teacher_temp=0.02, teacher_temp=0.06, warmup_teacher_temp_epochs=0.5),
+                     num_images=128).config
+    s = build_schedules(config, 4)
+    assert s.lr(4) < s.lr(5) == pytest.approx(1e-3)  # the warmup's 6th and last step reaches the peak
+    assert s.lr(6) == pytest.approx(1e-3) and s.lr(7) < 1e-3  # where the cosine starts, as in dino
+    # under the auto recipe the teacher temperature warms up per step (here over 2 steps), not per epoch
+    assert [s.teacher_temp(i) for i in (0, 1, 2, 15)] == pytest.approx([0.02, 0.06, 0.06, 0.06])
+
+
+def test_the_reference_recipe_warms_the_teacher_up_per_epoch() -> None:
+    config = resolve(demo_config(epochs=4, recipe="reference", warmup_teacher_temp=0.02, teacher_temp=0.06,
+                                 warmup_teacher_temp_epochs=3), num_images=64).config
+    s = build_schedules(config, 2)
+    assert [s.teacher_temp(i) for i in range(8)] == pytest.approx([0.02, 0.02, 0.04, 0.04, 0.06, 0.06, 0.06, 0.06])

@@ -112,7 +112,7 @@ FLAG_TABLE: list[tuple[list[str], str, Any]] = [
     (["--clip-grad-norm", "1.5"], "clip_grad_norm", 1.5),
     (["--out-dim", "4096"], "out_dim", 4096),
     (["--head-hidden-dim", "512"], "head_hidden_dim", 512),
-    (["--patch-out-dim", "8192"], "patch_out_dim", 8192),  # equal to the preset's out_dim: the head stays shared
+    (["--patch-out-dim", "8192"], "patch_out_dim", 8192),  # a separate patch head, as in the original tool
     (["--patch-mask-ratio", "0.3"], "patch_mask_ratio", (0.3, 0.3)),
     (["--patch-loss-weight", "0.5"], "patch_loss_weight", 0.5),
     (["--student-temp", "0.2"], "student_temp", 0.2),
@@ -140,7 +140,8 @@ FLAG_TABLE: list[tuple[list[str], str, Any]] = [
 @pytest.mark.parametrize(("argv", "name", "expected"), FLAG_TABLE, ids=[row[0][0] for row in FLAG_TABLE])
 def test_each_flag_sets_its_setting_and_nothing_else(preset: str, argv: list[str], name: str, expected: Any) -> None:
     settings = parse(preset, "--train-dir", "a", *argv)
-    assert settings == {"train_dir": ["a"], name: expected}
+    separate = {"shared_head": False} if name == "patch_out_dim" else {}  # the original always had its own
+    assert settings == {"train_dir": ["a"], name: expected, **separate}
     config = build_config(preset, cli_settings=settings)  # validates the mapped value the way a run would
     assert config_value(config, name) == expected
     assert config.preset == preset
@@ -167,7 +168,8 @@ def test_unset_flags_are_absent_so_the_preset_decides() -> None:
     assert parse("hands", "--train-dir", "a") == {"train_dir": ["a"]}
     config = build_config("hands", cli_settings=parse("hands", "--train-dir", "a"))
     assert config.data.flip_prob == 0.0 and config.data.global_crop_scale == PRESETS["hands"]["global_crop_scale"]
-    assert config.run.output_dir == "work_dirs/dino_hands" and config.model.out_dim == 8192
+    assert config.run.output_dir == "work_dirs/dino_hands"
+    assert config.model.out_dim is None  # left to the recipe, like every setting the user did not give
 
 
 def test_a_single_patch_mask_ratio_is_a_fixed_share() -> None:
@@ -177,15 +179,16 @@ def test_a_single_patch_mask_ratio_is_a_fixed_share() -> None:
 
 
 @pytest.mark.parametrize(("argv", "shared"), [
-    (["--patch-out-dim", "4096"], False),  # differs from the face preset's out_dim 8192
+    (["--patch-out-dim", "4096"], False),  # the original tool always had its own patch head
     (["--out-dim", "1024", "--patch-out-dim", "4096"], False),
     (["--out-dim", "4096", "--patch-out-dim", "4096"], None),  # the same size: dinopre's shared head is kept
-    (["--patch-out-dim", "8192"], None),
 ])
 def test_a_different_patch_out_dim_gives_a_separate_patch_head(argv: list[str], shared: bool | None) -> None:
+    from dinopre.recipe import resolve
+
     settings = parse("face", "--train-dir", "a", "--algorithm", "ibot", *argv)
     assert settings.get("shared_head") is shared
-    config = build_config("face", cli_settings=settings)
+    config = resolve(build_config("face", cli_settings=settings), 2000).config
     assert config.model.shared_head is (shared is None)
     assert config.resolved_patch_out_dim == int(argv[-1])
 
@@ -208,9 +211,11 @@ def test_main_passes_preset_settings_and_run_options(monkeypatch: pytest.MonkeyP
 
 
 def test_help_shows_the_preset_defaults() -> None:
-    hands_help = legacy.build_parser("hands").format_help()
-    assert "[hands default: 0.5 1.0]" in hands_help and "[hands default: 8192]" in hands_help
-    assert "[face default: 0.4 1.0]" in legacy.build_parser("face").format_help()
+    hands_help = " ".join(legacy.build_parser("hands").format_help().split())
+    assert "[hands default: 0.5 1.0]" in hands_help
+    assert "[hands default: derived from the data by the auto recipe; the reference recipe's is 8192]" in hands_help
+    face_help = " ".join(legacy.build_parser("face").format_help().split())
+    assert "the reference recipe's is 0.4 1.0]" in face_help
 
 
 # ============ the scripts as a user runs them ============

@@ -40,7 +40,7 @@ _ensure_dinopre_importable()
 
 # Both imports are cheap (no torch): `--help` and malformed flags answer at once; torch loads only to train.
 from dinopre.cli import train_with_settings  # noqa: E402
-from dinopre.config import FIELD_SECTION, PRESETS, SECTIONS  # noqa: E402
+from dinopre.config import FIELD_SECTION, PRESETS, RECIPE_SETTINGS, SECTIONS, reference_value  # noqa: E402
 
 def preset_default(preset: str, name: str) -> Any:
     """The value a setting takes under `preset` when no flag sets it.
@@ -87,6 +87,10 @@ def build_parser(preset: str, prog: str | None = None) -> argparse.ArgumentParse
     """
 
     def default(name: str, shown: str | None = None) -> str:
+        if shown is None and name in RECIPE_SETTINGS and preset_default(preset, name) is None:
+            reference = reference_value(preset, name)
+            shown = "derived from the data by the auto recipe" + (
+                f"; the reference recipe's is {_shown(reference)}" if reference is not None else "")
         return f" [{preset} default: {shown if shown is not None else _shown(preset_default(preset, name))}]"
 
     parser = _LegacyParser(
@@ -140,7 +144,7 @@ def build_parser(preset: str, prog: str | None = None) -> argparse.ArgumentParse
     optim.add_argument("--batch-size", type=int, metavar="N",
                        help="Images per step (each gives 2 global + local views)." + default("batch_size"))
     optim.add_argument("--learning-rate", type=float, metavar="LR",
-                       help="Peak learning rate after warmup." + default("learning_rate", "5e-4 x batch / 256"))
+                       help="Peak learning rate after warmup." + default("learning_rate"))
     decay_end = _shown(preset_default(preset, "weight_decay_end"))
     optim.add_argument("--weight-decay", type=float, metavar="WD",
                        help=f"AdamW weight decay at the start (cosine to {decay_end} at the end)."
@@ -218,8 +222,7 @@ def settings_from_args(preset: str, args: argparse.Namespace) -> dict[str, Any]:
             value = tuple(value)
         settings[name] = value
     if "patch_out_dim" in settings:
-        out_dim = settings.get("out_dim", preset_default(preset, "out_dim"))
-        if settings["patch_out_dim"] != out_dim:
+        if settings["patch_out_dim"] != settings.get("out_dim"):
             # The original tool always had its own patch head, so a patch size other than the CLS head's means a
             # separate head; dinopre shares the head by default and would refuse the combination otherwise.
             settings["shared_head"] = False

@@ -183,6 +183,27 @@ def solarize(img: torch.Tensor) -> torch.Tensor:
     return (img - 0.5).abs_().neg_().add_(0.5)
 
 
+def grayscale_normalized(img: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
+                         std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+    """The 3-channel gray version of normalised ``(..., 3, H, W)`` views, normalised again (luma of the pixels)."""
+    mean_t = _channel_constants(tuple(mean), img.dtype, img.device)
+    std_t = _channel_constants(tuple(std), img.dtype, img.device)
+    luma = rgb_to_grayscale(img * std_t + mean_t)  # (..., 1, H, W) in pixel units
+    return (luma - mean_t) / std_t
+
+
+def standardized_luma(img: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
+                      std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+    """The luma of normalised ``(B, 3, H, W)`` views, standardised per view (mean 0, std 1) on 3 equal channels: what
+    is left of a view once colour, brightness and contrast are taken away."""
+    mean_t = _channel_constants(tuple(mean), img.dtype, img.device)
+    std_t = _channel_constants(tuple(std), img.dtype, img.device)
+    luma = rgb_to_grayscale(img * std_t + mean_t)  # (B, 1, H, W)
+    centered = luma - luma.mean(dim=(-2, -1), keepdim=True)
+    scale = centered.square().mean(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1e-3)
+    return (centered / scale).expand_as(img)
+
+
 def normalize(img: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """Per-channel ``(img - mean) / std`` for ``(..., C, H, W)`` tensors."""
     mean_t = _channel_constants(tuple(mean), img.dtype, img.device)

@@ -50,6 +50,22 @@ class AugmentOn(str, Enum):
     workers = "workers"
 
 
+class Recipe(str, Enum):
+    auto = "auto"
+    reference = "reference"
+
+
+class TeacherView(str, Enum):
+    rgb = "rgb"
+    gray = "gray"
+    pattern = "pattern"
+
+
+class Centering(str, Enum):
+    ema = "ema"
+    sinkhorn = "sinkhorn"
+
+
 class BestBy(str, Enum):
     knn = "knn"
     loss = "loss"
@@ -156,6 +172,10 @@ def train(
         "--norm-last-layer/--no-norm-last-layer",
         help="Freeze the prototype norms (stable; turn off only for ViT-S if training is slow to improve).",
         rich_help_panel=MODEL, show_default=False)] = None,
+    zero_mean_patches: Annotated[bool | None, typer.Option(
+        "--zero-mean-patches/--no-zero-mean-patches",
+        help="Keep each patch filter at zero mean per colour channel, so tokens see structure, not a patch's mean "
+             "colour (auto: on).", rich_help_panel=MODEL, show_default=False)] = None,
     shared_head: Annotated[bool | None, typer.Option(
         "--shared-head/--no-shared-head",
         help="iBOT: one head for CLS and patch tokens (the iBOT ViT-S recipe) or a separate patch head.",
@@ -172,7 +192,7 @@ def train(
         rich_help_panel=OPTIM, show_default=False)] = None,
     min_lr: Annotated[float | None, typer.Option(help="lr at the end of the cosine decay.", rich_help_panel=OPTIM,
                                                  show_default=False)] = None,
-    warmup_epochs: Annotated[int | None, typer.Option(help="Epochs of linear lr warmup from 0.",
+    warmup_epochs: Annotated[float | None, typer.Option(help="Epochs of linear lr warmup from 0 (fractions allowed).",
                                                       rich_help_panel=OPTIM, show_default=False)] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay at the start (cosine to the end value).",
                                                        rich_help_panel=OPTIM, show_default=False)] = None,
@@ -181,11 +201,16 @@ def train(
     clip_grad_norm: Annotated[float | None, typer.Option(
         help="Clip each parameter's gradient norm to this (0 disables). Lower it if the loss spikes.",
         rich_help_panel=OPTIM, show_default=False)] = None,
-    freeze_last_layer_epochs: Annotated[int | None, typer.Option(
+    freeze_last_layer_epochs: Annotated[float | None, typer.Option(
         help="Epochs during which the prototype layer is frozen (stabilises the start).",
         rich_help_panel=OPTIM, show_default=False)] = None,
     algorithm: Annotated[Algorithm | None, typer.Option(help="Self-supervision method.", rich_help_panel=METHOD,
                                                         show_default=False)] = None,
+    recipe: Annotated[Recipe | None, typer.Option(
+        help="Where the settings you leave unset come from: auto derives them from the number of images, the batch, "
+        "the number of steps and the model width (printed at start, saved in params.json); reference uses DINO's "
+        "and iBOT's published values, tuned for ImageNet and 10^5 steps [default: auto].", rich_help_panel=METHOD,
+        show_default=False)] = None,
     student_temp: Annotated[float | None, typer.Option(help="Student softmax temperature.",
                                                        rich_help_panel=METHOD, show_default=False)] = None,
     teacher_temp: Annotated[float | None, typer.Option(
@@ -193,10 +218,26 @@ def train(
         rich_help_panel=METHOD, show_default=False)] = None,
     warmup_teacher_temp: Annotated[float | None, typer.Option(help="Teacher temperature at the start.",
                                                               rich_help_panel=METHOD, show_default=False)] = None,
-    warmup_teacher_temp_epochs: Annotated[int | None, typer.Option(
+    warmup_teacher_temp_epochs: Annotated[float | None, typer.Option(
         help="Epochs of linear teacher temperature warmup.", rich_help_panel=METHOD, show_default=False)] = None,
     center_momentum: Annotated[float | None, typer.Option(help="EMA momentum of the teacher center.",
                                                           rich_help_panel=METHOD, show_default=False)] = None,
+    centering: Annotated[Centering | None, typer.Option(
+        help="How the teacher's targets are balanced: ema (DINO: subtract a running mean) or sinkhorn (DINOv2's "
+        "Sinkhorn-Knopp: every prototype gets an equal share of each batch, which rules out collapse) "
+        "[default: ema].", rich_help_panel=METHOD, show_default=False)] = None,
+    koleo_weight: Annotated[float | None, typer.Option(
+        help="Weight of DINOv2's KoLeo term, which spreads the student's features apart (0.1 in DINOv2; 0 is off) "
+        "[default: 0].", rich_help_panel=METHOD, show_default=False)] = None,
+    teacher_view: Annotated[TeacherView | None, typer.Option(
+        help="How the teacher sees its views: rgb (as rendered, DINO), gray (so its targets, and the features the "
+        "student learns, cannot depend on colour: skin tone, lighting, clothing) or pattern (gray, standardised per "
+        "view: nor on brightness and contrast) [default: the recipe's].", rich_help_panel=METHOD,
+        show_default=False)] = None,
+    contrast_weight: Annotated[float | None, typer.Option(
+        help="Weight of a contrastive loss (SimCLR's InfoNCE) between the student's two global views, through a "
+        "training-only head that is never exported; 0 is off [default: the recipe's].", rich_help_panel=METHOD,
+        show_default=False)] = None,
     teacher_momentum_base: Annotated[float | None, typer.Option(
         help="Teacher EMA momentum at the start (cosine to the final value); raise it (0.999) for small batches.",
         rich_help_panel=METHOD, show_default=False)] = None,
@@ -294,7 +335,7 @@ def _run_training(preset: str, demo: bool, config_file: Path | None, cli_setting
             settings["output_dir"] = str(folder)
         return build_config(preset, demo=demo, file_settings=file_settings, cli_settings=settings), resume_from
 
-    _call_fit(resolve, overwrite=overwrite, quiet=quiet)
+    _call_fit(resolve, overwrite=overwrite, quiet=quiet, inputs=(config_file,) if config_file is not None else ())
 
 
 def train_with_settings(preset: str, settings: dict[str, Any], *, overwrite: bool = False, quiet: bool = False,
@@ -319,15 +360,31 @@ def train_with_settings(preset: str, settings: dict[str, Any], *, overwrite: boo
     return 0
 
 
-def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool) -> None:
+class _SaveWatch:
+    """Passes events on to a reporter and remembers the last checkpoint saved, for the message after a Ctrl-C."""
+
+    def __init__(self, reporter: Any) -> None:
+        self.reporter, self.saved = reporter, None
+
+    def emit(self, event: object) -> None:
+        from dinopre.events import CheckpointSaved
+
+        if isinstance(event, CheckpointSaved):
+            self.saved = event
+        self.reporter.emit(event)
+
+
+def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool, inputs: tuple[Path, ...] = ()) -> None:
     """Run `engine.fit` with a reporter suited to the terminal; map errors to one sentence and an exit code."""
+    watch = None
     try:
         config, resume_from = resolve()
         from dinopre.engine import fit  # torch is imported only now: --help and bad flags stay instant
 
         reporter = _make_reporter(quiet)
+        watch = _SaveWatch(reporter)
         try:
-            fit(config, reporter, overwrite=overwrite, resume_from=resume_from)
+            fit(config, watch, overwrite=overwrite, resume_from=resume_from, inputs=inputs)
         finally:
             reporter.close()
     except UserError as exc:
@@ -338,6 +395,10 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool) -> None:
         typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
+        saved = watch.saved if watch is not None else None
+        if saved is not None:
+            fail(f"Interrupted before the next checkpoint; the last one (step {saved.global_step}) is in "
+                 f"'{saved.path}'. Continue with: dinopre resume {saved.path.parent}", code=130)
         fail("Interrupted before a new checkpoint could be written; nothing was saved by this command, and an "
              "earlier checkpoint_last.pt, if any, is intact.", code=130)
 
@@ -411,10 +472,13 @@ def export(
     try:
         from dinopre.export import export_checkpoint
 
-        path, sidecar = export_checkpoint(checkpoint, output, fmt=format.value, weights=weights.value, force=force)
+        path, sidecar, note = export_checkpoint(checkpoint, output, fmt=format.value, weights=weights.value,
+                                                force=force)
     except UserError as exc:
         fail(str(exc))
     typer.echo(f"Wrote {path} ({format.value}, {weights.value} weights) and {sidecar}.")
+    if note:
+        typer.echo(note)
     if format is ExportFormat.slt:
         typer.echo(f'Load it with load_dinov2_backbone("file::{path}:slt_vitsmall_patch16"); check it with '
                    f"`dinopre verify-backbone {path} --checkpoint {checkpoint}`.")

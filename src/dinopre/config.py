@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # C1 workload it measured 36-38 img/s against 34 img/s for per-image rendering in the workers, and the face demo
 # 13 s against 18 s, because rendering in workers competes with the training threads for the same cores.
 AUGMENT_PLACES = ("device", "workers")
+CENTERINGS = ("ema", "sinkhorn")  # how the teacher's targets are balanced (dinopre.losses)
+RECIPES = ("auto", "reference")  # where unset settings come from (dinopre.recipe)
+TEACHER_VIEWS = ("rgb", "gray", "pattern")  # how the teacher sees its views (dinopre.method)
 
 
 @dataclass(frozen=True)
@@ -42,13 +46,16 @@ class ModelConfig:
     vit_depth: int = 12
     vit_num_heads: int = 6
     vit_mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.1
-    out_dim: int = 65536
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
+    # None: the recipe decides (REFERENCE_VALUES under `reference`, derived under `auto`); also below.
+    drop_path_rate: float | None = None
+    out_dim: int | None = None
+    head_hidden_dim: int | None = None
+    head_bottleneck_dim: int | None = None
     norm_last_layer: bool = True
     shared_head: bool = True
     patch_out_dim: int | None = None
+    # Patch filters with zero mean per colour channel: a token ignores a patch's mean colour (dinopre.method).
+    zero_mean_patches: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,8 @@ class DataConfig:
     strict_data: bool = False
     num_local_crops: int = 8
     local_crop_size: int = 96
-    global_crop_scale: tuple[float, float] = (0.4, 1.0)
-    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    global_crop_scale: tuple[float, float] | None = None
+    local_crop_scale: tuple[float, float] | None = None
     flip_prob: float = 0.5
     jitter_prob: float = 0.8
     brightness: float = 0.4
@@ -83,11 +90,11 @@ class OptimConfig:
     batch_size: int = 64
     learning_rate: float | None = None
     min_lr: float = 1e-6
-    warmup_epochs: int = 10
+    warmup_epochs: float | None = None
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad_norm: float = 3.0
-    freeze_last_layer_epochs: int = 1
+    freeze_last_layer_epochs: float | None = None
 
 
 @dataclass(frozen=True)
@@ -96,11 +103,17 @@ class MethodConfig:
 
     algorithm: str = "dino"
     student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
+    recipe: str | None = None  # auto (unset) | reference: where unset settings come from (dinopre.recipe)
+    teacher_temp: float | None = None
+    warmup_teacher_temp: float | None = None
+    warmup_teacher_temp_epochs: float | None = None
     center_momentum: float = 0.9
-    teacher_momentum_base: float = 0.996
+    centering: str | None = None  # ema (DINO) | sinkhorn (DINOv2's Sinkhorn-Knopp)
+    koleo_weight: float | None = None  # DINOv2 uses 0.1
+    teacher_view: str | None = None  # rgb | gray | pattern: how the teacher sees its views
+    contrast_weight: float | None = None  # a training-only contrastive head between the global views (0: off)
+    contrast_temperature: float = 0.2
+    teacher_momentum_base: float | None = None
     teacher_momentum_final: float = 1.0
     # iBOT only (bytedance/ibot ViT-S recipe)
     patch_loss_weight: float = 1.0
@@ -110,7 +123,7 @@ class MethodConfig:
     mask_shape: str = "block"
     teacher_patch_temp: float = 0.07
     warmup_teacher_patch_temp: float = 0.04
-    warmup_teacher_patch_temp_epochs: int = 30
+    warmup_teacher_patch_temp_epochs: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -193,9 +206,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_local_crops": 6,
         # dino's blur sigma (0.1-2 px) is meant for 224 px views; halve it to blur a 112 px view as much.
         "blur_sigma": (0.05, 1.0),
-        # Few thousand crops per signer: 8192 prototypes converge much faster than 65536 on small custom data
-        # (dino#279, dino#246) and is the iBOT ViT-S recipe's size.
-        "out_dim": 8192,
         "output_dir": "work_dirs/dino_face",
     },
     "hands": {
@@ -203,7 +213,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "local_crop_size": 48,
         "num_local_crops": 6,
         "blur_sigma": (0.05, 1.0),
-        "out_dim": 8192,
         # Left and right hands are separate streams and handedness is part of a sign: a mirrored right hand looks
         # like a left hand, so flipping would teach the backbone to ignore it.
         "flip_prob": 0.0,
@@ -214,9 +223,58 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# `--demo`: a tiny model on built-in synthetic crops that finishes in well under a minute on two CPU cores.
-# Tuned so the loss visibly falls within ~200 steps instead of DINO's ~100k (measured: 4.07 -> 3.65 over 12
-# epochs, 11-19 distinct winning prototypes per batch, teacher features' mean cosine 0.74 -> 0.26).
+# The settings a recipe decides when they are left unset, with their value under `--recipe reference`: DINO's
+# (dino main_dino.py) and iBOT's published defaults. `auto` derives them from the run (dinopre.recipe).
+REFERENCE_VALUES: dict[str, Any] = {
+    "drop_path_rate": 0.1,
+    "out_dim": 65536,
+    "head_hidden_dim": 2048,
+    "head_bottleneck_dim": 256,
+    "global_crop_scale": (0.4, 1.0),
+    "local_crop_scale": (0.05, 0.4),
+    "warmup_epochs": 10.0,
+    "freeze_last_layer_epochs": 1.0,
+    "teacher_temp": 0.04,
+    "warmup_teacher_temp": 0.04,
+    "warmup_teacher_temp_epochs": 0.0,
+    "centering": "ema",
+    "koleo_weight": 0.0,
+    "teacher_view": "rgb",
+    "contrast_weight": 0.0,
+    "teacher_momentum_base": 0.996,
+    "zero_mean_patches": False,
+}
+RECIPE_SETTINGS = frozenset(REFERENCE_VALUES) | {"learning_rate"}  # learning_rate: None is 5e-4 x batch / 256
+# The presets' reference values where they differ from DINO's.
+PRESET_REFERENCE: dict[str, dict[str, Any]] = {
+    # Few thousand crops per signer: 8192 prototypes converge much faster than 65536 on small custom data
+    # (dino#279, dino#246) and is the iBOT ViT-S recipe's size.
+    "face": {"out_dim": 8192},
+    "hands": {"out_dim": 8192},
+}
+
+
+def reference_value(preset: str, name: str) -> Any:
+    """The value of a recipe setting under `--recipe reference` (None for the lr: the linear scaling rule)."""
+    return PRESET_REFERENCE.get(preset, {}).get(name, REFERENCE_VALUES.get(name))
+
+
+def setting(config: PretrainConfig, name: str) -> Any:
+    """The value of a setting by its field name (e.g. `out_dim`)."""
+    return getattr(getattr(config, FIELD_SECTION[name]), name)
+
+
+def with_settings(config: PretrainConfig, values: dict[str, Any]) -> PretrainConfig:
+    """A copy of `config` with some settings replaced, by field name (not validated)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        sections.setdefault(FIELD_SECTION[name], {})[name] = value
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)
+                                          for section, changes in sections.items()})
+
+
+# `--demo`: a tiny model on built-in synthetic crops that finishes in well under a minute on two CPU cores. Only the
+# model and the data are set here; the `auto` recipe derives the rest from them, as for any run.
 DEMO_OVERRIDES: dict[str, Any] = {
     "image_size": 32,
     "patch_size": 8,
@@ -225,23 +283,14 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "vit_embed_dim": 64,
     "vit_depth": 3,
     "vit_num_heads": 4,
-    "drop_path_rate": 0.0,
-    "out_dim": 256,
-    "head_hidden_dim": 256,
-    "head_bottleneck_dim": 64,
     "demo_images": 512,
     # The synthetic crops differ from each other mostly in colour: colour jitter and grayscale would erase what
     # tells them apart and the run collapses to a uniform teacher (measured), so the demo keeps colours.
     "jitter_prob": 0.0,
     "grayscale_prob": 0.0,
-    "global_crop_scale": (0.6, 1.0),
     "blur_sigma": (0.02, 0.3),  # dino's 0.1-2 px scaled to 32 px views
     "epochs": 12,
     "batch_size": 32,
-    "learning_rate": 1e-3,
-    "warmup_epochs": 1,
-    # ~200 steps instead of ~100k: a fast teacher, or it barely moves from its random start.
-    "teacher_momentum_base": 0.99,
     "log_interval": 8,
 }
 
@@ -276,11 +325,18 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     if typing.get_origin(kind) is tuple:
         return _coerce_tuple(name, value, typing.get_args(kind))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2**1023 else math.inf
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-        raise ConfigError(f"Setting '{name}' must be {names.get(kind, kind.__name__)}, got {value!r}.")
+        raise ConfigError(f"Setting '{name}' must be {names.get(kind, kind.__name__)}, got {_short(value)}.")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"Setting '{name}' must be a finite number, got {value!r}.")
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _coerce_tuple(name: str, value: Any, element_types: tuple[Any, ...]) -> tuple:
@@ -348,8 +404,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"Config file '{path}' must end in .toml or .json.")
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"Config file '{path}' is not valid {path.suffix[1:].upper()}: {exc}.") from None
+    except RecursionError:
+        raise ConfigError(f"Config file '{path}' is nested too deeply to be a settings file.") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"Config file '{path}' must hold a table of settings, not {type(raw).__name__}.")
+    if isinstance(raw.get("config"), dict) and "environment" in raw:  # a run directory's params.json
+        raw = raw["config"]
     return flatten_settings(raw, f"config file '{path}'")
 
 
@@ -430,8 +490,37 @@ def validate(config: PretrainConfig) -> None:
     Raises:
         ConfigError: the first invalid setting, with what to do about it.
     """
-    for check in (_validate_model, _validate_data, _validate_optim, _validate_method, _validate_run, _validate_eval):
+    for check in (_validate_bounds, _validate_model, _validate_data, _validate_optim, _validate_method,
+                  _validate_run, _validate_eval):
         check(config)
+
+
+# The largest value each setting may take: far beyond any real run, low enough that nothing allocates gigabytes
+# or loops for ages on a typo (a 10^9-pixel view, 10^13 epochs, a 2^64 seed).
+UPPER_BOUNDS: dict[str, float] = {
+    "image_size": 4096, "local_crop_size": 4096, "patch_size": 4096, "vit_embed_dim": 8192, "vit_depth": 256,
+    "vit_num_heads": 8192, "vit_mlp_ratio": 64, "out_dim": 2**20, "patch_out_dim": 2**20, "head_hidden_dim": 65536,
+    "head_bottleneck_dim": 65536, "num_local_crops": 64, "epochs": 1_000_000, "batch_size": 2**20,
+    "num_workers": 1024, "demo_images": 1_000_000, "monitor_images": 1_000_000, "knn_k": 100_000,
+    "seed": 2**63 - 1, "learning_rate": 10.0, "min_lr": 10.0, "warmup_epochs": 1_000_000,
+    "freeze_last_layer_epochs": 1_000_000, "warmup_teacher_temp_epochs": 1_000_000,
+    "warmup_teacher_patch_temp_epochs": 1_000_000, "weight_decay": 100.0, "weight_decay_end": 100.0,
+    "student_temp": 100.0, "teacher_temp": 100.0, "contrast_weight": 1000.0, "contrast_temperature": 100.0, "warmup_teacher_temp": 100.0, "teacher_patch_temp": 100.0,
+    "warmup_teacher_patch_temp": 100.0, "koleo_weight": 1000.0, "patch_loss_weight": 1e6, "cls_loss_weight": 1e6,
+    "clip_grad_norm": 1e6, "knn_temperature": 100.0, "eval_every": 1_000_000,
+}
+# Settings that may not be negative where no other check says more.
+NON_NEGATIVE = ("seed",)
+
+
+def _validate_bounds(config: PretrainConfig) -> None:
+    for name, bound in UPPER_BOUNDS.items():
+        value = setting(config, name)
+        _require(value is None or value <= bound,
+                 f"--{name.replace('_', '-')} {value} is beyond what dinopre accepts ({bound:g}); check the value.")
+    for name in NON_NEGATIVE:
+        value = setting(config, name)
+        _require(value >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {value}.")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -444,7 +533,7 @@ def _validate_model(config: PretrainConfig) -> None:
     for name in ("image_size", "patch_size", "vit_embed_dim", "vit_depth", "vit_num_heads", "out_dim",
                  "head_hidden_dim", "head_bottleneck_dim"):
         value = getattr(m, name)
-        _require(value >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+        _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
     _require(m.image_size % m.patch_size == 0,
              f"--patch-size {m.patch_size} does not divide --image-size {m.image_size}; "
              f"choose sizes so that the image is a whole number of patches (e.g. --image-size "
@@ -452,11 +541,16 @@ def _validate_model(config: PretrainConfig) -> None:
     _require(m.vit_embed_dim % m.vit_num_heads == 0,
              f"--vit-embed-dim {m.vit_embed_dim} is not divisible by --vit-num-heads {m.vit_num_heads}; "
              "each attention head needs an equal share of the embedding.")
-    _require(m.vit_mlp_ratio > 0, f"--vit-mlp-ratio must be positive, got {m.vit_mlp_ratio}.")
-    _require(0.0 <= m.drop_path_rate < 1.0, f"--drop-path-rate must be in [0, 1), got {m.drop_path_rate}.")
+    _require(m.vit_mlp_ratio > 0 and int(m.vit_embed_dim * m.vit_mlp_ratio) >= 1,
+             f"--vit-mlp-ratio {m.vit_mlp_ratio} gives an MLP of {int(m.vit_embed_dim * max(m.vit_mlp_ratio, 0))} "
+             f"units for --vit-embed-dim {m.vit_embed_dim}; use a ratio such as 4 (DINO's).")
+    _require(m.drop_path_rate is None or 0.0 <= m.drop_path_rate < 1.0,
+             f"--drop-path-rate must be in [0, 1), got {m.drop_path_rate}.")
 
 
-def _validate_scale(flag: str, scale: tuple[float, ...]) -> None:
+def _validate_scale(flag: str, scale: tuple[float, ...] | None) -> None:
+    if scale is None:
+        return
     _require(len(scale) == 2, f"{flag} takes two numbers MIN MAX, got {list(scale)}.")
     low, high = scale
     _require(low <= high, f"{flag} has MIN {low} greater than MAX {high}; give the smaller share of the image first.")
@@ -495,23 +589,40 @@ def _validate_optim(config: PretrainConfig) -> None:
     _require(o.learning_rate is None or o.learning_rate > 0,
              f"--learning-rate must be positive, got {o.learning_rate}.")
     _require(o.min_lr >= 0, f"--min-lr must be 0 or more, got {o.min_lr}.")
-    _require(o.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {o.warmup_epochs}.")
+    _require(o.warmup_epochs is None or o.warmup_epochs >= 0,
+             f"--warmup-epochs must be 0 or more, got {o.warmup_epochs}.")
     _require(o.weight_decay >= 0 and o.weight_decay_end >= 0,
              "--weight-decay and --weight-decay-end must be 0 or more.")
     _require(o.clip_grad_norm >= 0, f"--clip-grad-norm must be 0 (off) or positive, got {o.clip_grad_norm}.")
-    _require(o.freeze_last_layer_epochs >= 0,
+    _require(o.freeze_last_layer_epochs is None or o.freeze_last_layer_epochs >= 0,
              f"--freeze-last-layer-epochs must be 0 or more, got {o.freeze_last_layer_epochs}.")
 
 
 def _validate_method(config: PretrainConfig) -> None:
     m = config.method
     _require(m.algorithm in ALGORITHMS, f"--algorithm must be one of {', '.join(ALGORITHMS)}, got '{m.algorithm}'.")
+    _require(m.recipe is None or m.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got '{m.recipe}'.")
     for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-        _require(getattr(m, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(m, name)}.")
-    _require(m.warmup_teacher_temp_epochs >= 0, "--warmup-teacher-temp-epochs must be 0 or more.")
+        value = getattr(m, name)
+        _require(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, got {value}.")
+    _require(m.warmup_teacher_temp_epochs is None or m.warmup_teacher_temp_epochs >= 0,
+             "--warmup-teacher-temp-epochs must be 0 or more.")
+    _require(m.centering is None or m.centering in CENTERINGS,
+             f"--centering must be one of {', '.join(CENTERINGS)}, got '{m.centering}'.")
+    _require(m.teacher_view is None or m.teacher_view in TEACHER_VIEWS,
+             f"--teacher-view must be one of {', '.join(TEACHER_VIEWS)}, got '{m.teacher_view}'.")
+    _require(m.contrast_weight is None or m.contrast_weight >= 0,
+             f"--contrast-weight must be 0 (off) or positive, got {m.contrast_weight}.")
+    _require(m.contrast_temperature > 0, f"contrast_temperature must be positive, got {m.contrast_temperature}.")
+    _require(not m.contrast_weight or config.optim.batch_size >= 2,
+             "--contrast-weight needs at least 2 images per batch (the others are its negatives); raise --batch-size.")
+    _require(m.koleo_weight is None or m.koleo_weight >= 0,
+             f"--koleo-weight must be 0 (off) or positive, got {m.koleo_weight}.")
+    _require(not m.koleo_weight or config.optim.batch_size >= 2,
+             "--koleo-weight needs at least 2 images per batch (each image's nearest neighbour); raise --batch-size.")
     for name in ("center_momentum", "teacher_momentum_base", "teacher_momentum_final", "mask_probability"):
         value = getattr(m, name)
-        _require(0.0 <= value <= 1.0, f"--{name.replace('_', '-')} must be in [0, 1], got {value}.")
+        _require(value is None or 0.0 <= value <= 1.0, f"--{name.replace('_', '-')} must be in [0, 1], got {value}.")
     _validate_ibot(config)
 
 
@@ -528,7 +639,7 @@ def _validate_ibot(config: PretrainConfig) -> None:
     _require(m.patch_loss_weight >= 0 and m.cls_loss_weight >= 0, "Loss weights must be 0 or more.")
     _require(model.patch_out_dim is None or model.patch_out_dim >= 1,
              f"--patch-out-dim must be a positive integer, got {model.patch_out_dim}.")
-    _require(not (model.shared_head and model.patch_out_dim not in (None, model.out_dim)),
+    _require(not (model.shared_head and model.out_dim is not None and model.patch_out_dim not in (None, model.out_dim)),
              f"--patch-out-dim {model.patch_out_dim} differs from --out-dim {model.out_dim} but the patch and CLS "
              "heads are shared; pass --no-shared-head for a separate patch head, or drop --patch-out-dim.")
 
@@ -569,38 +680,47 @@ RESUME_MAY_CHANGE = frozenset(
 
 def config_differences(saved: PretrainConfig, requested: PretrainConfig) -> list[str]:
     """Settings that differ between a checkpoint's configuration and the requested one, except those a resume
-    may change; each as `name: checkpoint X, requested Y`."""
+    may change and the recipe settings the request leaves unset (the checkpoint's values continue); each as
+    `name: checkpoint X, requested Y`."""
     old, new = flatten_settings(config_to_dict(saved), "checkpoint"), flatten_settings(config_to_dict(requested), "")
+    unset = {key for key in RECIPE_SETTINGS | {"recipe"} if new.get(key) is None}
     return [f"{key}: checkpoint {old[key]!r}, requested {new[key]!r}" for key in old
-            if key not in RESUME_MAY_CHANGE and old[key] != new.get(key)]
+            if key not in RESUME_MAY_CHANGE | unset and old[key] != new.get(key)]
 
 
-def advisories(config: PretrainConfig, num_images: int) -> list[str]:
-    """Settings known to go wrong (dino_ibot.md section 5), as sentences to show when a run starts."""
+def advisories(config: PretrainConfig, num_images: int, derived: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """Settings known to go wrong (dino_ibot.md section 5), as sentences to show when a run starts.
+
+    Args:
+        config: the complete configuration of the run.
+        num_images: the training images.
+        derived: settings the recipe chose; advice is only given about settings the user chose.
+    """
     m, o, model, d = config.method, config.optim, config.model, config.data
+
+    def chosen(name: str) -> bool:
+        return name not in derived
+
     notes = []
-    if m.teacher_temp > 0.07:
+    if m.teacher_temp > 0.07 and chosen("teacher_temp"):
         notes.append(f"--teacher-temp {m.teacher_temp} is above 0.07, which DINO's authors found unstable; "
                      "0.04-0.07 is the tested range.")
     if not model.norm_last_layer and model.vit_embed_dim > 384:
         notes.append("--no-norm-last-layer is only known to be stable for ViT-S (DINO README); keep the prototype "
                      "norms frozen for wider models.")
-    if model.out_dim >= 32768 and num_images < 100_000:
+    if model.out_dim >= 32768 and num_images < 100_000 and chosen("out_dim"):
         notes.append(f"{model.out_dim} prototypes for {num_images} images: small datasets learn much faster with "
-                     "--out-dim 4096-16384 (dino#279).")
-    if o.batch_size < 128 and m.teacher_momentum_base < 0.996 and not d.demo:
-        notes.append(f"--teacher-momentum-base {m.teacher_momentum_base} with batch {o.batch_size}: small batches "
-                     "need a slower teacher (0.996-0.9995, dino#104), or the teacher follows the student's noise.")
-    if o.warmup_epochs >= o.epochs:
-        notes.append(f"--warmup-epochs {o.warmup_epochs} is not below --epochs {o.epochs}: the learning rate never "
+                     "--out-dim 4096-16384 (dino#279), or leave --out-dim unset for the auto recipe.")
+    if o.warmup_epochs >= o.epochs and chosen("warmup_epochs"):
+        notes.append(f"--warmup-epochs {o.warmup_epochs:g} is not below --epochs {o.epochs}: the learning rate never "
                      "reaches its peak and never decays.")
-    if config.peak_learning_rate > 20 * 5e-4 * o.batch_size / 256:
+    if config.peak_learning_rate > 20 * 5e-4 * o.batch_size / 256 and chosen("learning_rate"):
         notes.append(f"A peak lr of {config.peak_learning_rate:g} is over 20 times DINO's 5e-4 x batch / 256; lower "
                      "it if the loss spikes or becomes NaN.")
     if config.preset == "hands" and d.flip_prob > 0:
         notes.append("Horizontal flips turn right hands into left hands; with separate left/right streams keep "
                      "--flip-prob 0.")
-    if o.freeze_last_layer_epochs == 0:
+    if o.freeze_last_layer_epochs == 0 and chosen("freeze_last_layer_epochs"):
         notes.append("The prototype layer is not frozen at the start (--freeze-last-layer-epochs 0); DINO freezes "
                      "it for one epoch to avoid an early collapse.")
     grid = model.image_size // model.patch_size

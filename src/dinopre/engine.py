@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from dinopre import __version__
-from dinopre.checkpoint import FORMAT_VERSION, KIND_TRAINING, CheckpointError, backbone_metadata, export_backbone_slt
-from dinopre.config import PretrainConfig, advisories, config_to_dict
-from dinopre.data import EXHAUSTED, EpochBatchSampler, ImageSource, check_dataset_size
+from dinopre.checkpoint import FORMAT_VERSION, KIND_TRAINING, CheckpointError, backbone_metadata
+from dinopre.config import PretrainConfig, advisories, config_to_dict, setting
+from dinopre.build import build_run
+from dinopre.data import EXHAUSTED, EpochBatchSampler, ImageSource
 from dinopre.errors import ConfigError, DataError, Interrupted, RunDirError, TrainingStopped
 from dinopre.evaluation import Evaluator, collapse_message, collapse_verdict, monitor_indices, scan_labelled
 from dinopre.events import (
@@ -35,13 +36,22 @@ from dinopre.events import (
     StepLogged,
     Stopped,
 )
-from dinopre.method import StudentTeacher, build_method
-from dinopre.optim import apply_schedules, build_optimizer, cancel_gradients, clip_gradients_per_tensor
-from dinopre.pipeline import augments_on_device, build_data_loader, build_source, device_batches
-from dinopre.resume import load_resume_state
+from dinopre.export import write_backbone
+from dinopre.method import StudentTeacher
+from dinopre.outputs import check_export_paths, check_parent_writable
+from dinopre.optim import apply_schedules, cancel_gradients, clip_gradients_per_tensor
+from dinopre.pipeline import (
+    DataFingerprint,
+    augments_on_device,
+    build_data_loader,
+    device_batches,
+    worker_processes,
+)
+from dinopre.resume import continued_config, load_resume_state
 from dinopre.rundir import RunDirectory
-from dinopre.runtime import Runtime, StopSignals, default_num_workers, rng_state, set_rng_state, setup, share_cpus
-from dinopre.schedules import Schedules, build_schedules
+from dinopre.recipe import ResolvedRecipe
+from dinopre.runtime import Runtime, StopSignals, default_num_workers, rng_state, set_rng_state, share_cpus
+from dinopre.schedules import Schedules, epochs_to_steps
 from dinopre.vit import count_parameters
 
 
@@ -61,16 +71,16 @@ class FitResult:
 # ============ building the run ============
 
 
-def compile_backbones(method: StudentTeacher) -> None:
-    """torch.compile the student's and the teacher's backbone (the bulk of the FLOPs).
+def recipe_record(recipe: ResolvedRecipe) -> dict[str, Any]:
+    """params.json's account of the recipe: its name and each setting it chose, with the value and why."""
+    config = recipe.config
+    return {"name": config.method.recipe,
+            "derived": {name: {"value": _plain(setting(config, name)), "reason": reason}
+                        for name, reason in recipe.derived.items()}}
 
-    Only `forward_features` is replaced, on the instances, so state dicts, checkpoints and exports keep their keys
-    (no `_orig_mod.` prefix, cf. nanoGPT) and both the DINO and the iBOT (masked) paths run compiled. Heads and
-    losses stay eager: they are small, and the iBOT masks give them data-dependent shapes.
-    """
-    for model in (method.student, method.teacher):
-        backbone = model["backbone"]
-        backbone.forward_features = torch.compile(backbone.forward_features)
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def environment_info(runtime: Runtime, num_workers: int, augment_on_device: bool = False) -> dict[str, Any]:
@@ -141,6 +151,7 @@ def train_step(
     if freeze_last_layer:
         cancel_gradients(method.last_layer_parameters())
     optimizer.step()
+    method.constrain()
     mark("optimizer")
     # teacher EMA
     method.update_teacher(values["momentum"])
@@ -163,10 +174,11 @@ class _Run:
     schedules: Schedules
     steps_per_epoch: int
     reporter: Reporter
-    data_fingerprint: str
+    data_fingerprint: DataFingerprint
     source: ImageSource
     stop: StopSignals
     evaluator: Evaluator
+    derived: dict[str, str]  # {setting: reason} of what the recipe chose
     bad_files: dict[str, str] = field(default_factory=dict)  # {file: reason} of files that could not be used
     last_saved_step: int = -1
     epoch: int = 0  # completed epochs
@@ -180,9 +192,14 @@ class _Run:
     best_knn: float | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # one record per completed epoch
 
+    @property
+    def frozen_steps(self) -> int:
+        """Steps at the start during which the prototype layer is not updated."""
+        return epochs_to_steps(self.config.optim.freeze_last_layer_epochs, self.steps_per_epoch)
+
 
 def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
-        resume_from: str | Path | None = None) -> FitResult:
+        resume_from: str | Path | None = None, inputs: tuple[Path, ...] = ()) -> FitResult:
     """Train a model as configured (or continue a checkpoint) and write the run directory.
 
     Args:
@@ -191,6 +208,7 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
         overwrite: start over in an output folder that already holds a run.
         resume_from: a training checkpoint to continue; `config` may differ from its configuration only in
             `config.RESUME_MAY_CHANGE`.
+        inputs: files the command read (its config file), which the run must never write over.
 
     Returns:
         The run's summary.
@@ -201,55 +219,79 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
     """
     started = time.perf_counter()
     with StopSignals() as stop:
-        return _fit(config, reporter, overwrite, resume_from, stop, started)
+        return _fit(config, reporter, overwrite, resume_from, inputs, stop, started)
 
 
 def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_from: str | Path | None,
-         stop: StopSignals, started: float) -> FitResult:
+         inputs: tuple[Path, ...], stop: StopSignals, started: float) -> FitResult:
     state = load_resume_state(resume_from, config) if resume_from is not None else None
-    runtime = setup(config.run.device, config.run.precision, config.run.seed)
-    data = build_source(config, reporter)
-    steps_per_epoch = check_dataset_size(len(data.source), config.optim.batch_size)
-    num_workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
-    evaluator = build_evaluator(config, data.source, num_workers)
-    files = RunDirectory(Path(config.run.output_dir))
-    files.prepare(overwrite=overwrite, resuming=state is not None)
-    if config.run.export_backbone:
-        _check_export_path(Path(config.run.export_backbone), may_replace=overwrite or state is not None)
-    method = build_method(config).to(runtime.device)
-    if config.run.compile:
-        compile_backbones(method)
-    run = _Run(config, files, runtime, method, build_optimizer(method.student, runtime.device),
-               build_schedules(config, steps_per_epoch), steps_per_epoch, reporter, data.fingerprint, data.source,
-               stop, evaluator)
     if state is not None:
-        _restore(run, state)
-    share_cpus(runtime)
-    on_device = augments_on_device(config)
-    files.write_params({"config": config_to_dict(config),
-                        "environment": environment_info(runtime, num_workers, on_device)})
-    reporter.emit(RunStarted(
-        config, files.path, len(data.source), data.description, steps_per_epoch,
-        steps_per_epoch * config.optim.epochs, str(runtime.device), runtime.precision_name, num_workers,
-        {f"student {name.replace('_', ' ')}": count_parameters(module) for name, module in method.student.items()},
-        Path(resume_from) if resume_from is not None else None, run.global_step,
-        tuple(advisories(config, len(data.source))) + data.warnings + _evaluation_notes(evaluator),
-        "device" if on_device else "workers",
-    ))
-    sampler = EpochBatchSampler(len(data.source), config.optim.batch_size, config.run.seed, run.epoch,
-                                config.optim.epochs, run.step_in_epoch)
-    loader, render = build_data_loader(config, data.source, runtime.device, sampler, num_workers)
-    batches = device_batches(loader, runtime.device, render)
-    stop.deferring = True  # from here a signal lets the current step finish and saves a checkpoint
-    _loop(run, batches)
-    stop.deferring = False
-    export_path = _export(run) if config.run.export_backbone else None
+        config = continued_config(config, state)
+    parts = build_run(config, reporter, state.get("recipe") if state is not None else None, rescan=state is not None)
+    config, runtime, data, steps_per_epoch = parts.config, parts.runtime, parts.data, parts.steps_per_epoch
+    recipe, method, num_workers = parts.recipe, parts.method, parts.num_workers
+    if state is not None:  # refusals before anything in the run folder is touched
+        refusal, _ = data.fingerprint.change(state.get("data", {}))
+        if refusal is not None:
+            raise ConfigError(refusal)
+        _load_weights(method, parts.optimizer, state)
+    evaluator = build_evaluator(config, data.source, num_workers)
+    if config.run.export_backbone:  # at the start, not after hours of training
+        _check_export_path(config, may_replace=overwrite or state is not None, inputs=inputs, resume_from=resume_from)
+    files = RunDirectory(Path(config.run.output_dir))
+    files.prepare(overwrite=overwrite, resuming=state is not None)  # holds the folder until the run ends
+    try:
+        run = _Run(config, files, runtime, method, parts.optimizer, parts.schedules, steps_per_epoch, reporter,
+                   data.fingerprint, data.source, stop, evaluator, recipe.derived)
+        if state is not None:
+            _restore(run, state)
+        share_cpus(runtime)
+        on_device = augments_on_device(config)
+        files.write_params({"config": config_to_dict(config), "recipe": recipe_record(recipe),
+                            "environment": environment_info(runtime, num_workers, on_device)})
+        reporter.emit(RunStarted(
+            config, files.path, len(data.source), data.description, steps_per_epoch,
+            steps_per_epoch * config.optim.epochs, str(runtime.device), runtime.precision_name, num_workers,
+            {f"student {name.replace('_', ' ')}": count_parameters(module) for name, module in method.student.items()},
+            Path(resume_from) if resume_from is not None else None, run.global_step,
+            tuple(advisories(config, len(data.source), set(recipe.derived))) + data.warnings
+            + _evaluation_notes(evaluator) + _data_notes(data.fingerprint, state),
+            "device" if on_device else "workers", tuple(recipe.notes()),
+        ))
+        return _train(run, started, inputs, resume_from)
+    finally:
+        files.unlock()
+
+
+def _train(run: _Run, started: float, inputs: tuple[Path, ...], resume_from: str | Path | None) -> FitResult:
+    """The loop over the remaining steps, then the export and the summary."""
+    config, files, runtime, data = run.config, run.files, run.runtime, run.source
+    sampler = EpochBatchSampler(len(data), config.optim.batch_size, config.run.seed, run.epoch, config.optim.epochs,
+                                run.step_in_epoch)
+    loader, render = build_data_loader(config, data, runtime.device, sampler, _workers_of(config))
+    with worker_processes(loader) as loaded:
+        run.stop.deferring = True  # from here a signal lets the current step finish and saves a checkpoint
+        _loop(run, device_batches(loaded, runtime.device, render))
+        run.stop.deferring = False
+    export_path = _export(run, inputs, resume_from) if config.run.export_backbone else None
     report = files.write_bad_files(run.bad_files) if run.bad_files else None
-    reporter.emit(RunFinished(files.path, run.best_loss, run.best_epoch, files.last, files.best, export_path,
-                              time.perf_counter() - started, len(run.bad_files), report,
-                              config.resolved_best_by, run.best_knn))
+    run.reporter.emit(RunFinished(files.path, run.best_loss, run.best_epoch, files.last, files.best, export_path,
+                                  time.perf_counter() - started, len(run.bad_files), report,
+                                  config.resolved_best_by, run.best_knn))
     return FitResult(files.path, run.best_loss, run.best_epoch, run.epoch_losses, export_path, run.epoch_parts,
                      run.evaluations)
+
+
+def _workers_of(config: PretrainConfig) -> int:
+    return config.data.num_workers if config.data.num_workers is not None else default_num_workers()
+
+
+def _data_notes(fingerprint: DataFingerprint, state: dict[str, Any] | None) -> tuple[str, ...]:
+    """What a resumed run should know about its images (rewritten files are refused in `_restore`)."""
+    if state is None:
+        return ()
+    _, warning = fingerprint.change(state.get("data", {}))
+    return (warning,) if warning else ()
 
 
 def _evaluation_notes(evaluator: Evaluator) -> tuple[str, ...]:
@@ -260,18 +302,21 @@ def _evaluation_notes(evaluator: Evaluator) -> tuple[str, ...]:
             f"(e.g. '{name}': {reason}).",)
 
 
-def _restore(run: _Run, state: dict[str, Any]) -> None:
-    """Put a run back exactly where the checkpoint left it."""
-    if state.get("data", {}).get("fingerprint") != run.data_fingerprint:
-        raise ConfigError("The training images changed since the checkpoint (files added, removed or renamed), so "
-                          "the data order would differ; restore the folder or start a new run.")
+def _load_weights(method: StudentTeacher, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Put a checkpoint's weights and optimizer state in place (before anything in the run folder is touched, so
+    a checkpoint of another architecture is refused without a trace)."""
     try:
-        run.method.student.load_state_dict(state["student"])
-        run.method.teacher.load_state_dict(state["teacher"])
-        run.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        detail = " ".join(str(exc).split())[:300]
+        method.student.load_state_dict(state["student"])
+        method.teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 300 else detail[:detail.rfind(" ", 0, 297)] + " ..."
         raise CheckpointError(f"The checkpoint does not fit the model of its own configuration ({detail}).") from None
+
+
+def _restore(run: _Run, state: dict[str, Any]) -> None:
+    """Put a run back exactly where the checkpoint left it (its weights are in place already: `_load_weights`)."""
     for name, tensor in state["loss"].items():
         getattr(run.method.dino_loss if name == "center" else run.method.patch_loss, "center").copy_(tensor)
     set_rng_state(state["rng"], run.runtime.device)
@@ -310,7 +355,7 @@ def _loop(run: _Run, batches: Any) -> None:
             log_now = done_in_epoch % config.run.log_interval == 0 or done_in_epoch == run.steps_per_epoch
             losses = train_step(method, run.optimizer, batch, values, runtime=run.runtime,
                                 clip_grad_norm=config.optim.clip_grad_norm,
-                                freeze_last_layer=epoch < config.optim.freeze_last_layer_epochs,
+                                freeze_last_layer=run.global_step < run.frozen_steps,
                                 diagnostics=log_now)
             for name, total in run.loss_sums.items():
                 total += losses[name]
@@ -396,8 +441,9 @@ def _evaluate(run: _Run, epoch: int) -> dict[str, Any]:
     e, started = run.config.eval, time.perf_counter()
     teacher, device = run.method.teacher, run.runtime.device
     temp = run.schedules.at(max(run.global_step - 1, 0))["teacher_temp"]
-    out: dict[str, Any] = run.evaluator.signals(teacher["backbone"], teacher["head"], run.method.dino_loss.center,
-                                                temp, device)
+    loss = run.method.dino_loss
+    out: dict[str, Any] = run.evaluator.signals(teacher["backbone"], teacher["head"],
+                                                lambda logits: loss.teacher_targets(logits, temp), device)
     last = epoch + 1 == run.config.optim.epochs
     if run.evaluator.has_knn and ((epoch + 1) % e.eval_every == 0 or last):
         out["knn"] = run.evaluator.knn(teacher["backbone"], device)
@@ -468,38 +514,31 @@ def _training_state(run: _Run) -> dict[str, Any]:
         "epoch_losses": list(run.epoch_losses),
         "epoch_parts": [dict(p) for p in run.epoch_parts],
         "best_knn": run.best_knn,
+        "recipe": dict(run.derived),
         "evaluations": [dict(record) for record in run.evaluations],
-        "data": {"fingerprint": run.data_fingerprint},
+        "data": run.data_fingerprint.to_state(),
     }
 
 
-def _check_export_path(path: Path, *, may_replace: bool) -> None:
-    """Refuse at the start, not after hours of training, an export path that cannot or should not be written.
-
-    Raises:
-        RunDirError: the file exists (a new run without --overwrite), is a folder, or its folder is not writable.
-    """
-    if path.is_dir():
-        raise RunDirError(f"--export-backbone '{path}' is a folder; give a file path such as {path / 'backbone.pt'}.")
-    if path.exists() and not may_replace:
-        raise RunDirError(f"--export-backbone '{path}' already exists; pass --overwrite to replace it or choose "
-                          "another path.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.write-test")
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise RunDirError(f"Cannot write the export '{path}': {exc.strerror or exc}; choose another "
-                          "--export-backbone path.") from None
+def _check_export_path(config: PretrainConfig, *, may_replace: bool, inputs: tuple[Path, ...],
+                       resume_from: str | Path | None) -> None:
+    """Refuse an export path (or its sidecar) that cannot or should not be written: an existing file without
+    --overwrite (or a resume), a folder or special file, the config file or the checkpoint being read."""
+    path = Path(config.run.export_backbone)
+    protected = [*inputs, *([Path(resume_from)] if resume_from is not None else [])]
+    check_export_paths(path, force=may_replace, inputs=protected, what="--export-backbone", flag="--overwrite")
+    check_parent_writable(path, "the --export-backbone file")
 
 
-def _export(run: _Run) -> Path:
-    """Write the teacher backbone as `--export-backbone` asked, in the pipeline's `slt` format."""
+def _export(run: _Run, inputs: tuple[Path, ...], resume_from: str | Path | None) -> Path:
+    """Write the teacher backbone as `--export-backbone` asked, in the pipeline's `slt` format (the writer
+    `dinopre export` uses, which reloads the file strictly), and record it in artifacts.json."""
     path = Path(run.config.run.export_backbone)
-    backbone_state = run.method.teacher["backbone"].state_dict()
     metadata = backbone_metadata(config_to_dict(run.config), epoch=run.epoch, weights="teacher")
-    sidecar = export_backbone_slt(backbone_state, metadata, path)
+    protected = [*inputs, *([Path(resume_from)] if resume_from is not None else [])]
+    # Replacing was agreed to when the run started (the path did not exist, or --overwrite or a resume).
+    path, sidecar = write_backbone(run.method.teacher["backbone"].state_dict(), metadata, path, force=True,
+                                   inputs=protected, what="--export-backbone", flag="--overwrite")
     run.files.record(path, "export-slt", epoch=run.epoch)
     run.files.record(sidecar, "export-metadata", epoch=run.epoch)
     return path

@@ -95,9 +95,9 @@ def feature_spread(features: torch.Tensor) -> float:
     return float(normed.std(dim=0).mean() * math.sqrt(features.shape[1]))
 
 
-def prototype_signals(logits: torch.Tensor, center: torch.Tensor, temperature: float) -> dict[str, float]:
-    """Entropy of the teacher's centered, sharpened distribution and how the images spread over prototypes."""
-    p = F.softmax((logits.float() - center.float()) / temperature, dim=-1)
+def prototype_signals(p: torch.Tensor) -> dict[str, float]:
+    """Entropy of the teacher's (N, K) target distributions (centered and sharpened, as the loss sees them) and how
+    the images spread over the prototypes."""
     entropy = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
     counts = torch.bincount(p.argmax(-1), minlength=p.shape[-1])
     return {"teacher_entropy": entropy, "entropy_max": math.log(p.shape[-1]),
@@ -313,16 +313,22 @@ class Evaluator:
         return weighted_knn_accuracy(train, self.train.labels.to(device), test, self.test.labels.to(device),
                                      k=self.k, temperature=self.temperature)
 
-    def signals(self, backbone: torch.nn.Module, head: torch.nn.Module, center: torch.Tensor, teacher_temp: float,
-                device: torch.device) -> dict[str, float]:
-        """The label-free signals of the teacher on the monitored training images (empty without them)."""
+    def signals(self, backbone: torch.nn.Module, head: torch.nn.Module,
+                targets: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> dict[str, float]:
+        """The label-free signals of the teacher on the monitored training images (empty without them).
+
+        Args:
+            backbone: the teacher backbone.
+            head: the teacher's CLS head.
+            targets: turns (N, K) head logits into the teacher's target distributions, as the loss does.
+            device: where to run.
+        """
         if self.monitor.images.shape[0] < 2:
             return {}
         features = cls_features(backbone, self.monitor.images, device)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            logits = head(features)
-        return {"rankme": rankme(features), "feature_spread": feature_spread(features),
-                **prototype_signals(logits, center, teacher_temp)}
+            p = targets(head(features))
+        return {"rankme": rankme(features), "feature_spread": feature_spread(features), **prototype_signals(p)}
 
 
 def monitor_indices(num_images: int, count: int, seed: int) -> list[int]:

@@ -29,6 +29,7 @@ class RunStarted:
     start_step: int = 0  # global steps already done
     warnings: tuple[str, ...] = ()  # settings known to go wrong, problems found while scanning
     augment_on: str = "workers"  # where the views are rendered: "workers" or "device"
+    recipe_notes: tuple[str, ...] = ()  # `out_dim 1024 (2,000 images)`: what the recipe derived, and why
 
 
 @dataclass(frozen=True)

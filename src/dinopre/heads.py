@@ -74,3 +74,25 @@ class DINOHead(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = F.normalize(x.float(), dim=-1, p=2)  # (R, bottleneck)
             return self.last_layer(x)
+
+
+class ProjectionHead(nn.Module):
+    """A training-only MLP (in -> hidden -> out, GELU) that maps backbone features to a contrastive embedding.
+
+    Args:
+        in_dim: backbone feature width.
+        hidden_dim: hidden width.
+        out_dim: embedding width.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, in_dim) features -> (R, out_dim) embeddings."""
+        return self.mlp(x)

@@ -17,10 +17,11 @@ import copy
 import torch
 from torch import nn
 
+from dinopre.augment import grayscale_normalized, standardized_luma
 from dinopre.config import PretrainConfig
 from dinopre.data import CropBatch
-from dinopre.heads import DINOHead
-from dinopre.losses import DINOLoss, IBOTPatchLoss, teacher_diagnostics
+from dinopre.heads import DINOHead, ProjectionHead
+from dinopre.losses import DINOLoss, IBOTPatchLoss, info_nce, koleo_loss, teacher_diagnostics
 from dinopre.vit import VisionTransformer
 
 
@@ -34,6 +35,16 @@ class StudentTeacher(nn.Module):
         patch_loss: the iBOT patch loss; None for DINO.
         patch_head: a separate patch head, or None to share `head` (iBOT only).
         loss_weights: (CLS, patch) weights of the iBOT total.
+        koleo_weight: weight of the KoLeo regulariser on the student's global-view CLS features (0: off).
+        teacher_view: how the teacher sees its views: `rgb` (as rendered, DINO), `gray` (luma: its targets cannot
+            depend on colour, so the student learns features that do not either) or `pattern` (luma standardised
+            per view: nor on brightness and contrast).
+        contrast_head: a training-only projection head for a contrastive loss between the student's global views
+            (SimCLR's InfoNCE), or None; it is never exported.
+        contrast_weight: weight of that loss in the total.
+        contrast_temperature: its softmax temperature.
+        zero_mean_patches: keep the patch filters at zero mean per colour channel (`constrain` after each step),
+            so a patch token does not change when a constant is added to a channel of the patch.
     """
 
     def __init__(
@@ -45,11 +56,22 @@ class StudentTeacher(nn.Module):
         patch_loss: IBOTPatchLoss | None = None,
         patch_head: DINOHead | None = None,
         loss_weights: tuple[float, float] = (1.0, 1.0),
+        koleo_weight: float = 0.0,
+        teacher_view: str = "rgb",
+        contrast_head: ProjectionHead | None = None,
+        contrast_weight: float = 0.0,
+        contrast_temperature: float = 0.2,
+        zero_mean_patches: bool = False,
     ) -> None:
         super().__init__()
+        self.zero_mean_patches = zero_mean_patches
+        if zero_mean_patches:
+            _center_filters(backbone.patch_embed.proj.weight)
         modules = {"backbone": backbone, "head": head}
         if patch_head is not None:
             modules["patch_head"] = patch_head
+        if contrast_head is not None:
+            modules["contrast_head"] = contrast_head
         self.student = nn.ModuleDict(modules)
         self.teacher = copy.deepcopy(self.student)
         for block in self.teacher["backbone"].blocks:
@@ -58,6 +80,9 @@ class StudentTeacher(nn.Module):
         self.dino_loss = loss
         self.patch_loss = patch_loss
         self.loss_weights = loss_weights
+        self.koleo_weight = koleo_weight
+        self.teacher_view = teacher_view
+        self.contrast_weight, self.contrast_temperature = contrast_weight, contrast_temperature
 
     @property
     def is_ibot(self) -> bool:
@@ -66,7 +91,9 @@ class StudentTeacher(nn.Module):
     @property
     def loss_names(self) -> tuple[str, ...]:
         """The total and its parts, as keys of `forward`'s result."""
-        return ("loss", "cls", "patch") if self.is_ibot else ("loss", "dino")
+        names = ("loss", "cls", "patch") if self.is_ibot else ("loss", "dino")
+        names += ("koleo",) if self.koleo_weight > 0 else ()
+        return names + ("contrast",) if "contrast_head" in self.student else names
 
     def train(self, mode: bool = True) -> StudentTeacher:
         super().train(mode)
@@ -110,12 +137,33 @@ class StudentTeacher(nn.Module):
         if self.is_ibot:
             return self._forward_ibot(batch, teacher_temp, teacher_patch_temp, diagnostics)
         with torch.no_grad():
-            teacher_logits = self.teacher["head"](self.teacher["backbone"](batch.global_crops))  # (G*B, K)
-        student_cls = self._student_cls(self.student["backbone"](batch.global_crops), batch)  # (V*B, D)
-        student_logits = self.student["head"](student_cls)  # (V*B, K)
+            teacher_logits = self.teacher["head"](self.teacher["backbone"](self._teacher_views(batch)))  # (G*B, K)
+        global_cls = self.student["backbone"](batch.global_crops)  # (G*B, D)
+        student_logits = self.student["head"](self._student_cls(global_cls, batch))  # (V*B, K)
         out = self._diagnostics(teacher_logits, teacher_temp) if diagnostics else {}
         loss = self._cls_loss(student_logits, teacher_logits, batch, teacher_temp)
-        return {"loss": loss, "dino": loss.detach(), **out}
+        return self._with_koleo({"loss": loss, "dino": loss.detach(), **out}, global_cls, batch)
+
+    def _teacher_views(self, batch: CropBatch) -> torch.Tensor:
+        """The global views as the teacher sees them (`teacher_view`)."""
+        if self.teacher_view == "gray":
+            return grayscale_normalized(batch.global_crops)
+        if self.teacher_view == "pattern":
+            return standardized_luma(batch.global_crops)
+        return batch.global_crops
+
+    def _with_koleo(self, losses: dict[str, torch.Tensor], global_cls: torch.Tensor,
+                    batch: CropBatch) -> dict[str, torch.Tensor]:
+        """Add the regularisers of the student's global-view CLS features to the total, per process: KoLeo on each
+        view (DINOv2) and the contrastive loss between views (through the training-only head)."""
+        views = global_cls.shape[0] // batch.batch_size
+        if self.koleo_weight > 0:
+            koleo = sum(koleo_loss(view) for view in global_cls.chunk(views))
+            losses = {**losses, "loss": losses["loss"] + self.koleo_weight * koleo, "koleo": koleo.detach()}
+        if "contrast_head" in self.student:
+            contrast = info_nce(self.student["contrast_head"](global_cls), views, self.contrast_temperature)
+            losses = {**losses, "loss": losses["loss"] + self.contrast_weight * contrast, "contrast": contrast.detach()}
+        return losses
 
     def _student_cls(self, global_cls: torch.Tensor, batch: CropBatch) -> torch.Tensor:
         """Student CLS features of every view: globals (already computed) then locals, one call per resolution."""
@@ -130,14 +178,14 @@ class StudentTeacher(nn.Module):
 
     def _diagnostics(self, teacher_logits: torch.Tensor, teacher_temp: float) -> dict[str, torch.Tensor]:
         # Before the loss updates the center, i.e. with the center this step uses.
-        return teacher_diagnostics(teacher_logits, self.dino_loss.center, teacher_temp)
+        return teacher_diagnostics(self.dino_loss.teacher_targets(teacher_logits, teacher_temp))
 
     def _forward_ibot(self, batch: CropBatch, teacher_temp: float, teacher_patch_temp: float | None,
                       diagnostics: bool) -> dict[str, torch.Tensor]:
         if batch.masks is None or batch.mask_index is None or teacher_patch_temp is None:
             raise ValueError("iBOT needs the batch's masks and a teacher patch temperature.")
         with torch.no_grad():
-            teacher = self.teacher["backbone"].forward_features(batch.global_crops)  # unmasked views
+            teacher = self.teacher["backbone"].forward_features(self._teacher_views(batch))  # unmasked views
             teacher_logits, teacher_patch_logits = self._heads(self.teacher, teacher.cls, teacher.patch_tokens)
         student = self.student["backbone"].forward_features(batch.global_crops, masks=batch.masks)
         student_cls = self._student_cls(student.cls, batch)  # (V*B, D)
@@ -149,7 +197,8 @@ class StudentTeacher(nn.Module):
         patch_loss = self.patch_loss(student_masked_logits, teacher_patch_logits, batch.mask_index,
                                      teacher_temp=teacher_patch_temp)
         loss = self.loss_weights[0] * cls_loss + self.loss_weights[1] * patch_loss
-        return {"loss": loss, "cls": cls_loss.detach(), "patch": patch_loss.detach(), **out}
+        return self._with_koleo({"loss": loss, "cls": cls_loss.detach(), "patch": patch_loss.detach(), **out},
+                                student.cls, batch)
 
     @staticmethod
     def _heads(model: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,12 +210,35 @@ class StudentTeacher(nn.Module):
         return logits[: cls.shape[0]], logits[cls.shape[0] :].unflatten(0, patches.shape[:-1])
 
     @torch.no_grad()
+    def constrain(self) -> None:
+        """Restore the student's constraints after an optimizer step (projected gradient descent).
+
+        With `zero_mean_patches`, the patch filters go back to zero mean per channel; the teacher, an average of
+        such students, stays zero-mean too.
+        """
+        if self.zero_mean_patches:
+            _center_filters(self.student["backbone"].patch_embed.proj.weight)
+
+    @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """teacher <- m * teacher + (1 - m) * student, over parameters, in fp32 (dino main_dino.py)."""
         teacher_params = list(self.teacher.parameters())
         student_params = list(self.student.parameters())
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+CONTRAST_DIM = 128  # SimCLR's projection width
+
+
+@torch.no_grad()
+def _center_filters(weight: torch.Tensor) -> None:
+    # (D, C, p, p) -> zero mean over each filter's p x p taps, per input channel. Why: at small budgets a ViT's CLS
+    # features sort images by colour (a random init's nearest neighbours match in colour, measured with
+    # benchmarks/learn.py); the mean colour of a patch is exactly what such filters cannot see, while edges,
+    # texture and shape pass unchanged. The first conv of fast CIFAR trainers is fixed in the same spirit
+    # (patch whitening).
+    weight.sub_(weight.mean(dim=(2, 3), keepdim=True))
 
 
 def build_method(config: PretrainConfig) -> StudentTeacher:
@@ -188,15 +260,21 @@ def build_method(config: PretrainConfig) -> StudentTeacher:
         return DINOHead(m.vit_embed_dim, out_dim, hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim,
                         norm_last_layer=m.norm_last_layer)
 
-    loss = DINOLoss(m.out_dim, student_temp=method.student_temp, center_momentum=method.center_momentum)
+    loss = DINOLoss(m.out_dim, student_temp=method.student_temp, center_momentum=method.center_momentum,
+                    centering=method.centering)
+    extras = {"koleo_weight": method.koleo_weight, "teacher_view": method.teacher_view,
+              "contrast_weight": method.contrast_weight, "contrast_temperature": method.contrast_temperature,
+              "contrast_head": ProjectionHead(m.vit_embed_dim, m.head_hidden_dim, CONTRAST_DIM)
+              if method.contrast_weight > 0 else None, "zero_mean_patches": m.zero_mean_patches}
     if not ibot:
-        return StudentTeacher(backbone, head(m.out_dim), loss)
+        return StudentTeacher(backbone, head(m.out_dim), loss, **extras)
     return StudentTeacher(
         backbone,
         head(m.out_dim),
         loss,
         patch_loss=IBOTPatchLoss(config.resolved_patch_out_dim, student_temp=method.student_temp,
-                                 center_momentum=method.center_momentum),
+                                 center_momentum=method.center_momentum, centering=method.centering),
         patch_head=None if m.shared_head else head(config.resolved_patch_out_dim),
         loss_weights=(method.cls_loss_weight, method.patch_loss_weight),
+        **extras,
     )

@@ -26,6 +26,8 @@ _SHOWN = (
     ("loss", "loss", "{:.4f}"),
     ("cls", "cls", "{:.4f}"),
     ("patch", "patch", "{:.4f}"),
+    ("koleo", "koleo", "{:.3f}"),
+    ("contrast", "contrast", "{:.3f}"),
     ("lr", "lr", "{:.2e}"),
     ("weight_decay", "wd", "{:.3f}"),
     ("momentum", "momentum", "{:.5f}"),
@@ -68,8 +70,10 @@ def config_table(event: RunStarted) -> Table:
     for section in SECTIONS:
         values = " ".join(f"{k}={_plain(v)}" for k, v in settings[section].items())
         table.add_row(section, Text(values))  # Text: paths are shown as they are, never read as markup
-    table.add_row("lr", f"peak {event.config.peak_learning_rate:.3g} (after {event.config.optim.warmup_epochs} "
+    table.add_row("lr", f"peak {event.config.peak_learning_rate:.3g} (after {event.config.optim.warmup_epochs:.3g} "
                         "warmup epochs)")
+    if event.recipe_notes:
+        table.add_row(f"{event.config.method.recipe} recipe", Text("\n".join(event.recipe_notes)))
     table.add_row("images", Text(event.data_description))
     table.add_row("steps", f"{event.steps_per_epoch} per epoch, {event.total_steps} in all")
     table.add_row("hardware", f"{event.device}, {event.precision}, {event.num_workers} data workers, views "
@@ -158,7 +162,7 @@ class PlainReporter:
 
     def _epoch_line(self, event: EpochEnded) -> None:
         best = " (best)" if event.is_best else ""
-        parts = "".join(f" {name} {value:.4f}" for name, value in event.parts.items() if name in ("cls", "patch"))
+        parts = "".join(f" {name} {value:.4f}" for name, value in event.parts.items() if name in ("cls", "patch", "koleo", "contrast"))
         self.console.print(f"epoch {event.epoch + 1}/{event.epochs} done: loss {event.loss:.4f}{best}{parts}, "
                            f"{event.seconds:.1f} s, {event.images_per_sec:.0f} img/s")
         if format_evaluation(event.evaluation):

@@ -8,8 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from dinopre.checkpoint import CheckpointError, load_training_checkpoint
-from dinopre.config import RESUME_MAY_CHANGE, SECTIONS, PretrainConfig, config_differences, config_from_dict, config_to_dict
+from dinopre.config import (
+    RECIPE_SETTINGS,
+    RESUME_MAY_CHANGE,
+    SECTIONS,
+    PretrainConfig,
+    config_differences,
+    config_from_dict,
+    config_to_dict,
+    setting,
+    with_settings,
+)
 from dinopre.errors import ConfigError
+from dinopre.pipeline import absolute_roots
+from dinopre.schema import check_centers
 from dinopre.rundir import RunDirectory
 
 
@@ -35,12 +47,23 @@ def saved_config(state: dict[str, Any]) -> PretrainConfig:
     """The configuration a training checkpoint was written with.
 
     Checkpoints written before `--augment-on` existed rendered their views in the data workers; they carry no
-    `augment_on` and continue that way (the new default would change how views are resampled mid-run).
+    `augment_on` and continue that way (the new default would change how views are resampled mid-run). Those
+    written before recipes existed used the reference values, which they hold, and continue with `reference`.
     """
     settings = {key: dict(value) if isinstance(value, dict) else value for key, value in state["config"].items()}
     if isinstance(settings.get("data"), dict):
         settings["data"].setdefault("augment_on", "workers")
+    if isinstance(settings.get("method"), dict):
+        settings["method"].setdefault("recipe", "reference")
     return config_from_dict(settings)
+
+
+def continued_config(config: PretrainConfig, state: dict[str, Any]) -> PretrainConfig:
+    """The configuration a resumed run uses: the requested one, with the recipe settings it leaves unset taken from
+    the checkpoint (what the run was started with; more epochs do not derive them again)."""
+    saved = saved_config(state)
+    return with_settings(config, {name: setting(saved, name) for name in RECIPE_SETTINGS | {"recipe"}
+                                     if setting(config, name) is None})
 
 
 def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[PretrainConfig, Path]:
@@ -55,6 +78,9 @@ def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[Pr
     state = load_training_checkpoint(path)
     settings = config_to_dict(saved_config(state))
     flat = {"output_dir": str(path.parent), **{k: v for k, v in overrides.items() if v is not None}}
+    roots = state.get("data", {}).get("roots")
+    if roots and settings["data"]["train_dir"]:  # the folders the run read, whatever the working directory now
+        flat["train_dir"] = list(roots)
     for section in SECTIONS:
         for key in settings[section]:
             if key in flat:
@@ -75,7 +101,15 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any
         saved = saved_config(state)
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot read ({exc}).") from None
+    check_centers(state, path, saved.model.out_dim,
+                  saved.resolved_patch_out_dim if saved.method.algorithm == "ibot" else None)
     differences = config_differences(saved, config)
+    roots = state.get("data", {}).get("roots")
+    if roots and config.data.train_dir:  # compared as absolute paths: `data` and `$PWD/data` are the same folder
+        differences = [d for d in differences if not d.startswith("train_dir:")]
+        if list(absolute_roots(config.data.train_dir)) != list(roots):
+            differences.insert(0, f"train_dir: checkpoint {list(roots)!r}, requested "
+                                  f"{list(absolute_roots(config.data.train_dir))!r}")
     if differences:
         may_change = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(RESUME_MAY_CHANGE))
         raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "

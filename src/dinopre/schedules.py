@@ -1,37 +1,47 @@
-"""Per-step schedules of the DINO recipe, as arrays indexed by global step (dino utils.py `cosine_scheduler`).
+"""Per-step schedules of the DINO recipe (dino utils.py `cosine_scheduler`), computed at the step asked for.
 
 - learning rate: linear warmup from 0 over `warmup_epochs`, then cosine to `min_lr`;
 - weight decay: cosine from `weight_decay` up to `weight_decay_end`;
 - teacher EMA momentum: cosine from `teacher_momentum_base` to `teacher_momentum_final`;
-- teacher temperature: per epoch, linear from `warmup_teacher_temp` to `teacher_temp` over
-  `warmup_teacher_temp_epochs`, then constant (dino main_dino.py `DINOLoss`);
+- teacher temperature: linear from `warmup_teacher_temp` to `teacher_temp` over `warmup_teacher_temp_epochs`, then
+  constant; per epoch under `--recipe reference` (dino main_dino.py `DINOLoss`), per step under `auto` (dinov2's
+  per-iteration schedules, so a warmup may be a fraction of an epoch);
 - iBOT teacher patch temperature: the same shape with its own values (ibot main_ibot.py `iBOTLoss`).
-Every schedule is defined over the run's total number of epochs; past the end it holds its final value
-(dinov2 `CosineScheduler`).
+Epoch counts may be fractional; a warmup of e epochs lasts round(e x steps per epoch) steps. Every schedule is
+defined over the run's total number of epochs; past the end it holds its final value (dinov2 `CosineScheduler`).
+Values are computed per step rather than tabulated (dino precomputes arrays), so a run of 10^9 steps costs no
+memory; they equal dino's `np.linspace` / `np.cos` tables to the last bit or two.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
 
 from dinopre.config import PretrainConfig
 
 
 class Schedule:
-    """A per-step value table that holds its last value past the end."""
+    """A value per step over `length` steps, holding its last value past the end."""
 
-    def __init__(self, values: np.ndarray) -> None:
-        if len(values) == 0:
+    def __init__(self, value_at: Callable[[int], float], length: int) -> None:
+        if length < 1:
             raise ValueError("A schedule needs at least one step.")
-        self.values = values.astype(np.float64)
+        self._value_at, self._length = value_at, length
 
     def __call__(self, step: int) -> float:
-        return float(self.values[min(step, len(self.values) - 1)])
+        return float(self._value_at(min(max(step, 0), self._length - 1)))
 
     def __len__(self) -> int:
-        return len(self.values)
+        return self._length
+
+
+def _linspace(start: float, stop: float, num: int, index: int) -> float:
+    """`np.linspace(start, stop, num)[index]` (endpoints included; the last value is exactly `stop`)."""
+    if index == num - 1:
+        return stop if num > 1 else start
+    return start + index * ((stop - start) / (num - 1))
 
 
 def cosine_schedule(
@@ -47,20 +57,42 @@ def cosine_schedule(
             the run ends (the value keeps rising at the same rate and never reaches `base`).
         warmup_start: first value of the warmup.
     """
-    warmup = np.linspace(warmup_start, base, warmup_steps)[:total_steps] if warmup_steps > 0 else np.array([])
-    steps = np.arange(total_steps - len(warmup))
-    span = max(len(steps), 1)
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / span))
-    return Schedule(np.concatenate([warmup, cosine]))
+    warmup = min(max(warmup_steps, 0), total_steps)
+    span = max(total_steps - warmup, 1)
+
+    def value_at(step: int) -> float:
+        if step < warmup:
+            return _linspace(warmup_start, base, warmup_steps, step)
+        return final + 0.5 * (base - final) * (1 + math.cos(math.pi * (step - warmup) / span))
+
+    return Schedule(value_at, total_steps)
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Steps of a (possibly fractional) number of epochs."""
+    return round(epochs * steps_per_epoch)
 
 
 def teacher_temp_schedule(
-    warmup_temp: float, final_temp: float, warmup_epochs: int, epochs: int, steps_per_epoch: int
+    warmup_temp: float, final_temp: float, warmup_epochs: float, epochs: int, steps_per_epoch: int,
+    per_step: bool = False,
 ) -> Schedule:
-    """dino's per-epoch teacher temperature, expanded to steps: linspace over warmup epochs, then constant."""
-    warmup = np.linspace(warmup_temp, final_temp, warmup_epochs)[:epochs]  # cut off like the lr warmup
-    per_epoch = np.concatenate([warmup, np.full(epochs - len(warmup), final_temp)])
-    return Schedule(np.repeat(per_epoch, steps_per_epoch))
+    """The teacher temperature per step: linear warmup, then constant.
+
+    Per epoch (dino: a linspace over the warmup epochs, each value held for an epoch; the warmup epochs are rounded
+    to whole epochs) or, with `per_step`, linear over the warmup's steps.
+    """
+    if per_step:
+        steps = epochs_to_steps(warmup_epochs, steps_per_epoch)
+        return Schedule(lambda step: _linspace(warmup_temp, final_temp, steps, step) if step < steps else final_temp,
+                        epochs * steps_per_epoch)
+    warmup = round(warmup_epochs)
+
+    def value_at(step: int) -> float:
+        epoch = step // steps_per_epoch
+        return _linspace(warmup_temp, final_temp, warmup, epoch) if epoch < warmup else final_temp
+
+    return Schedule(value_at, epochs * steps_per_epoch)
 
 
 @dataclass(frozen=True)
@@ -90,15 +122,17 @@ def build_schedules(config: PretrainConfig, steps_per_epoch: int) -> Schedules:
     """The schedules of a run with `steps_per_epoch` optimizer steps per epoch."""
     o, m = config.optim, config.method
     total = o.epochs * steps_per_epoch
+    per_step = m.recipe == "auto"
     return Schedules(
-        lr=cosine_schedule(config.peak_learning_rate, o.min_lr, total, o.warmup_epochs * steps_per_epoch),
+        lr=cosine_schedule(config.peak_learning_rate, o.min_lr, total,
+                           epochs_to_steps(o.warmup_epochs, steps_per_epoch)),
         weight_decay=cosine_schedule(o.weight_decay, o.weight_decay_end, total),
         momentum=cosine_schedule(m.teacher_momentum_base, m.teacher_momentum_final, total),
         teacher_temp=teacher_temp_schedule(
-            m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs, o.epochs, steps_per_epoch
+            m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs, o.epochs, steps_per_epoch, per_step
         ),
         teacher_patch_temp=teacher_temp_schedule(
             m.warmup_teacher_patch_temp, m.teacher_patch_temp, m.warmup_teacher_patch_temp_epochs, o.epochs,
-            steps_per_epoch,
+            steps_per_epoch, per_step,
         ) if m.algorithm == "ibot" else None,
     )
