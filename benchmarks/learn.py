@@ -113,7 +113,8 @@ def _flag_value(flags: list[str], name: str, default: str) -> str:
 
 
 def random_backbone(flags: list[str]) -> torch.nn.Module:
-    """The untrained teacher backbone a run with these flags starts from (same seed, same draws)."""
+    """The untrained backbone of this shape, drawn as a plain ViT is (the reference recipe: no constraint on the
+    patch filters, which `auto` would apply at the start)."""
     from dinopre.config import build_config
     from dinopre.method import build_method
     from dinopre.recipe import resolve
@@ -123,7 +124,7 @@ def random_backbone(flags: list[str]) -> torch.nn.Module:
                 "vit_embed_dim": int(_flag_value(flags, "--vit-embed-dim", "128")),
                 "vit_depth": int(_flag_value(flags, "--vit-depth", "4")),
                 "vit_num_heads": int(_flag_value(flags, "--vit-num-heads", "4")),
-                "local_crop_size": int(_flag_value(flags, "--local-crop-size", "32"))}
+                "local_crop_size": int(_flag_value(flags, "--local-crop-size", "32")), "recipe": "reference"}
     config = resolve(build_config("face", cli_settings=settings), num_images=2000).config
     torch.manual_seed(int(_flag_value(flags, "--seed", "0")))  # as `dinopre.runtime.setup` seeds a run
     return build_method(config).teacher["backbone"]

@@ -236,6 +236,7 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
               "strict_data": None, "image_size": "64", "patch_size": "8", "vit_embed_dim": "48", "vit_depth": "2",
               "vit_num_heads": "3", "vit_mlp_ratio": "2.0", "drop_path_rate": "0.05", "out_dim": "128",
               "head_hidden_dim": "96", "norm_last_layer": False, "shared_head": False, "patch_out_dim": "64",
+              "zero_mean_patches": None,
               "epochs": "3", "batch_size": "16", "learning_rate": "0.002", "min_lr": "1e-5", "warmup_epochs": "2",
               "weight_decay": "0.05", "weight_decay_end": "0.3", "clip_grad_norm": "1.5",
               "freeze_last_layer_epochs": "2", "algorithm": "ibot", "student_temp": "0.2", "teacher_temp": "0.05",

@@ -288,6 +288,7 @@ DEMO_OVERRIDES: dict[str, Any] = {
     # tells them apart and the run collapses to a uniform teacher (measured), so the demo keeps colours.
     "jitter_prob": 0.0,
     "grayscale_prob": 0.0,
+    "zero_mean_patches": False,  # the same reason: a patch's mean colour is what tells these crops apart
     "blur_sigma": (0.02, 0.3),  # dino's 0.1-2 px scaled to 32 px views
     "epochs": 12,
     "batch_size": 32,
