@@ -221,10 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             result = run_recipe(family, recipe, recipes[recipe], args.budget, args.fresh)
             results.append(result)
             curve = " ".join(f"{v:.0f}" for v in result.get("curve", []))
-            print(f"{family:8s} {recipe:12s} knn {result['knn']:5.1f}  {result['seconds']:6.0f} s  per epoch: {curve}",
-                  flush=True)
-    print()
-    print(table(results, args.families, args.recipes))
+            line = f"{family:8s} {recipe:12s} knn {result['knn']:5.1f}  {result['seconds']:6.0f} s  per epoch: {curve}"
+            print(line, flush=True)  # noqa: T201 - a benchmark script's output is its result
+    print("\n" + table(results, args.families, args.recipes))  # noqa: T201
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

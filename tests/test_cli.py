@@ -72,7 +72,8 @@ def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     monkeypatch.setattr("dinopre.engine.fit",
-                        lambda config, reporter, overwrite=False, resume_from=None, inputs=(): seen.setdefault("c", config))
+                        lambda config, reporter, overwrite=False, resume_from=None, inputs=():
+                        seen.setdefault("c", config))
     config_file = tmp_path / "c.toml"
     config_file.write_text("epochs = 9\nbatch_size = 12\n[data]\nnum_local_crops = 3\n")
     result = invoke("train", "hands", "--train-dir", "a", "--train-dir", "b", "--config", str(config_file),
@@ -160,7 +161,8 @@ def test_an_existing_run_is_refused_with_what_to_do(tmp_path: Path) -> None:
 def test_ibot_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     monkeypatch.setattr("dinopre.engine.fit",
-                        lambda config, reporter, overwrite=False, resume_from=None, inputs=(): seen.setdefault("c", config))
+                        lambda config, reporter, overwrite=False, resume_from=None, inputs=():
+                        seen.setdefault("c", config))
     result = invoke("train", "face", "--train-dir", "d", "--algorithm", "ibot", "--no-shared-head",
                     "--patch-out-dim", "4096", "--patch-mask-ratio", "0.2", "0.4", "--mask-probability", "0.7",
                     "--mask-shape", "rand", "--patch-loss-weight", "0.5", "--teacher-patch-temp", "0.06")
@@ -241,7 +243,8 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
               "weight_decay": "0.05", "weight_decay_end": "0.3", "clip_grad_norm": "1.5",
               "freeze_last_layer_epochs": "2", "algorithm": "ibot", "student_temp": "0.2", "teacher_temp": "0.05",
               "warmup_teacher_temp": "0.03", "warmup_teacher_temp_epochs": "2", "center_momentum": "0.8",
-              "centering": "sinkhorn", "koleo_weight": "0.1", "teacher_view": "gray", "recipe": "reference", "contrast_weight": "0.5",
+              "centering": "sinkhorn", "koleo_weight": "0.1", "teacher_view": "gray", "recipe": "reference",
+              "contrast_weight": "0.5",
               "teacher_momentum_base": "0.99", "teacher_momentum_final": "0.999", "patch_mask_ratio": ["0.2", "0.4"],
               "mask_probability": "0.7", "mask_shape": "rand", "patch_loss_weight": "0.5",
               "teacher_patch_temp": "0.06", "eval_dir": "probe", "eval_every": "2", "best_by": "loss",

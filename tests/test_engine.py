@@ -313,13 +313,17 @@ def resumable(tiny_settings: dict, face_folder: Path):
     (StepLogged, 10, 8, "ibot", "workers", False),  # the same with masks, the patch head and the patch center
     (StepLogged, 10, 8, "ibot", "device", False),  # views rendered by the batch augmentation instead of the workers
     (StepLogged, 10, 8, "dino", "device", True),  # with a k-NN probe every epoch and best-by-knn checkpoints
+    (StepLogged, 10, 8, "ibot", "device", "recipe"),  # every option of the recipes on at once
 ])
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(resumable, tmp_path: Path, stop_event: type,
                                                              stop_step: int, checkpoint_step: int, algorithm: str,
-                                                             augment_on: str, evaluate: bool,
+                                                             augment_on: str, evaluate: bool | str,
                                                              labelled_folder: Path) -> None:
     settings = {"algorithm": algorithm, "augment_on": augment_on,
                 **({"eval_dir": str(labelled_folder)} if evaluate else {})}
+    if evaluate == "recipe":  # KoLeo, Sinkhorn-Knopp, the contrastive head, a luma teacher, zero-mean patches
+        settings.update(koleo_weight=0.1, centering="sinkhorn", contrast_weight=0.5, teacher_view="pattern",
+                        zero_mean_patches=True)
     fit(resumable(tmp_path / "straight", **settings), Recorder())
     interrupted = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):

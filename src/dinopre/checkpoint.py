@@ -13,7 +13,6 @@ with the same stem holding the metadata.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import warnings

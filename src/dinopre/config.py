@@ -506,7 +506,8 @@ UPPER_BOUNDS: dict[str, float] = {
     "seed": 2**63 - 1, "learning_rate": 10.0, "min_lr": 10.0, "warmup_epochs": 1_000_000,
     "freeze_last_layer_epochs": 1_000_000, "warmup_teacher_temp_epochs": 1_000_000,
     "warmup_teacher_patch_temp_epochs": 1_000_000, "weight_decay": 100.0, "weight_decay_end": 100.0,
-    "student_temp": 100.0, "teacher_temp": 100.0, "contrast_weight": 1000.0, "contrast_temperature": 100.0, "warmup_teacher_temp": 100.0, "teacher_patch_temp": 100.0,
+    "student_temp": 100.0, "teacher_temp": 100.0, "contrast_weight": 1000.0, "contrast_temperature": 100.0,
+    "warmup_teacher_temp": 100.0, "teacher_patch_temp": 100.0,
     "warmup_teacher_patch_temp": 100.0, "koleo_weight": 1000.0, "patch_loss_weight": 1e6, "cls_loss_weight": 1e6,
     "clip_grad_norm": 1e6, "knn_temperature": 100.0, "eval_every": 1_000_000,
 }
@@ -602,7 +603,8 @@ def _validate_optim(config: PretrainConfig) -> None:
 def _validate_method(config: PretrainConfig) -> None:
     m = config.method
     _require(m.algorithm in ALGORITHMS, f"--algorithm must be one of {', '.join(ALGORITHMS)}, got '{m.algorithm}'.")
-    _require(m.recipe is None or m.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got '{m.recipe}'.")
+    _require(m.recipe is None or m.recipe in RECIPES,
+             f"--recipe must be one of {', '.join(RECIPES)}, got '{m.recipe}'.")
     for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
         value = getattr(m, name)
         _require(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, got {value}.")

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from dinopre import __version__
+from dinopre.build import build_run
 from dinopre.checkpoint import FORMAT_VERSION, KIND_TRAINING, CheckpointError, backbone_metadata
 from dinopre.config import PretrainConfig, advisories, config_to_dict, setting
-from dinopre.build import build_run
 from dinopre.data import EXHAUSTED, EpochBatchSampler, ImageSource
-from dinopre.errors import ConfigError, DataError, Interrupted, RunDirError, TrainingStopped
+from dinopre.errors import ConfigError, DataError, Interrupted, TrainingStopped
 from dinopre.evaluation import Evaluator, collapse_message, collapse_verdict, monitor_indices, scan_labelled
 from dinopre.events import (
     CheckpointSaved,
@@ -38,8 +38,8 @@ from dinopre.events import (
 )
 from dinopre.export import write_backbone
 from dinopre.method import StudentTeacher
-from dinopre.outputs import check_export_paths, check_parent_writable
 from dinopre.optim import apply_schedules, cancel_gradients, clip_gradients_per_tensor
+from dinopre.outputs import check_export_paths, check_parent_writable
 from dinopre.pipeline import (
     DataFingerprint,
     augments_on_device,
@@ -47,9 +47,9 @@ from dinopre.pipeline import (
     device_batches,
     worker_processes,
 )
+from dinopre.recipe import ResolvedRecipe
 from dinopre.resume import continued_config, load_resume_state
 from dinopre.rundir import RunDirectory
-from dinopre.recipe import ResolvedRecipe
 from dinopre.runtime import Runtime, StopSignals, default_num_workers, rng_state, set_rng_state, share_cpus
 from dinopre.schedules import Schedules, epochs_to_steps
 from dinopre.vit import count_parameters

@@ -239,7 +239,8 @@ def scan_labelled(eval_dir: str | Path, seed: int, test_share: float) -> Labelle
         raise DataError(f"--eval-dir '{eval_dir}' needs at least two class sub-folders of images, found "
                         f"{len(labelled.classes)}.")
     if not labelled.train_files or not labelled.test_files:
-        raise DataError(f"--eval-dir '{eval_dir}' has no images in its {'train' if not labelled.train_files else 'test'}"
+        fold = "train" if not labelled.train_files else "test"
+        raise DataError(f"--eval-dir '{eval_dir}' has no images in its {fold}"
                         " fold; put images in one sub-folder per class.")
     return labelled
 

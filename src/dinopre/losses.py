@@ -21,7 +21,6 @@ from dinopre.config import CENTERINGS
 from dinopre.masking import MaskIndex
 from dinopre.runtime import all_reduce_max, all_reduce_mean, all_reduce_sum, world_size
 
-
 SINKHORN_ITERATIONS = 3  # DINOv2's n_iterations
 
 

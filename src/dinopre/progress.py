@@ -9,7 +9,6 @@ All print the resolved configuration at start (except quiet) and a final summary
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from rich.console import Console, Group
@@ -162,12 +161,13 @@ class PlainReporter:
 
     def _epoch_line(self, event: EpochEnded) -> None:
         best = " (best)" if event.is_best else ""
-        parts = "".join(f" {name} {value:.4f}" for name, value in event.parts.items() if name in ("cls", "patch", "koleo", "contrast"))
+        parts = "".join(f" {name} {value:.4f}" for name, value in event.parts.items()
+                        if name in ("cls", "patch", "koleo", "contrast"))
         self.console.print(f"epoch {event.epoch + 1}/{event.epochs} done: loss {event.loss:.4f}{best}{parts}, "
                            f"{event.seconds:.1f} s, {event.images_per_sec:.0f} img/s")
         if format_evaluation(event.evaluation):
-            self.console.print(f"epoch {event.epoch + 1}/{event.epochs} features: {format_evaluation(event.evaluation)}",
-                               markup=False)
+            features = format_evaluation(event.evaluation)
+            self.console.print(f"epoch {event.epoch + 1}/{event.epochs} features: {features}", markup=False)
 
     def close(self) -> None:
         pass

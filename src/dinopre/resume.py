@@ -21,8 +21,8 @@ from dinopre.config import (
 )
 from dinopre.errors import ConfigError
 from dinopre.pipeline import absolute_roots
-from dinopre.schema import check_centers
 from dinopre.rundir import RunDirectory
+from dinopre.schema import check_centers
 
 
 def find_checkpoint(target: str | Path) -> Path:
