@@ -42,6 +42,7 @@ _ensure_dinopre_importable()
 from dinopre.cli import train_with_settings  # noqa: E402
 from dinopre.config import FIELD_SECTION, PRESETS, RECIPE_SETTINGS, SECTIONS, reference_value  # noqa: E402
 
+
 def preset_default(preset: str, name: str) -> Any:
     """The value a setting takes under `preset` when no flag sets it.
 
