@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dinopre.demo import colour_ramp
+
 SUPERSAMPLE = 4
 NUM_CLASSES = 5
 Colour = tuple[int, int, int]
@@ -51,15 +53,8 @@ def _contrasting(rng: np.random.Generator, other: Colour, min_distance: float = 
 
 
 def _gradient(rng: np.random.Generator, size: int) -> Image.Image:
-    """A background: a random colour ramp in a random direction."""
-    start = rng.uniform(0, 255, 3)
-    end = np.clip(start + rng.uniform(-110, 110, 3), 0, 255)
-    phi = rng.uniform(0, 2 * math.pi)
-    line = np.linspace(0.0, 1.0, size, dtype=np.float32)
-    ramp = line[None, :] * math.cos(phi) + line[:, None] * math.sin(phi)
-    ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
-    pixels = start.astype(np.float32) + ramp[..., None] * (end - start).astype(np.float32)
-    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+    """A background: a random colour ramp in a random direction (any colour, a wider spread than the demo's)."""
+    return colour_ramp(rng, size, 0, 255, 110)[0]
 
 
 def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, count: int) -> None:

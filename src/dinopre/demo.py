@@ -81,16 +81,32 @@ class _Frame:
         return max(1, round(w * self.ax))
 
 
-def _background(rng: np.random.Generator, canvas: int) -> Image.Image:
-    # Random colour plus a linear gradient in a random direction, then a few soft distractor blobs.
-    start = rng.uniform(20, 235, 3)
-    end = np.clip(start + rng.uniform(-90, 90, 3), 0, 255)
+def colour_ramp(rng: np.random.Generator, canvas: int, low: float, high: float,
+                spread: float) -> tuple[Image.Image, np.ndarray]:
+    """A square RGB background: a linear colour gradient in a random direction.
+
+    Args:
+        rng: the generator to draw from (3 + 3 + 1 draws, in that order).
+        canvas: the side in pixels.
+        low, high: the range of the start colour's channels.
+        spread: how far (per channel) the end colour may lie from the start colour.
+
+    Returns:
+        The image and its start colour (float RGB).
+    """
+    start = rng.uniform(low, high, 3)
+    end = np.clip(start + rng.uniform(-spread, spread, 3), 0, 255)
     phi = rng.uniform(0, 2 * math.pi)
     lin = np.linspace(0.0, 1.0, canvas, dtype=np.float32)
     ramp = lin[None, :] * math.cos(phi) + lin[:, None] * math.sin(phi)
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
     pixels = start.astype(np.float32) + ramp[..., None] * (end - start).astype(np.float32)
-    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    return Image.fromarray(pixels.astype(np.uint8), "RGB"), start
+
+
+def _background(rng: np.random.Generator, canvas: int) -> Image.Image:
+    # Random colour plus a linear gradient in a random direction, then a few soft distractor blobs.
+    image, start = colour_ramp(rng, canvas, 20, 235, 90)
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(0, 3))):
         x, y, r = rng.uniform(0, canvas, 2).tolist() + [float(rng.uniform(0.05, 0.2) * canvas)]
