@@ -39,6 +39,19 @@ Painter = Callable[[np.random.Generator, int, int], Image.Image]  # (rng, label,
 # ============ shared drawing helpers ============
 
 
+def _place(canvas: Image.Image, layer: Image.Image, rng: np.random.Generator, *, angle: float,
+           scales: tuple[float, float], shift: float) -> Image.Image:
+    """Paste a transparent drawing onto `canvas`, rotated by up to +-angle degrees, scaled within `scales` and moved
+    by up to `shift` of the canvas side (3 draws, in that order)."""
+    size = canvas.size[0]
+    layer = layer.rotate(float(rng.uniform(-angle, angle)), resample=Image.Resampling.BILINEAR)
+    scale = rng.uniform(*scales)
+    scaled = layer.resize((int(size * scale),) * 2, Image.Resampling.BILINEAR)
+    offset = rng.uniform(-shift, shift, 2) * size + (size - scaled.size[0]) / 2
+    canvas.paste(scaled, (int(offset[0]), int(offset[1])), scaled)
+    return canvas
+
+
 def _colour(rng: np.random.Generator) -> Colour:
     return tuple(int(v) for v in rng.integers(0, 256, 3))  # type: ignore[return-value]
 
@@ -245,12 +258,7 @@ def _faces(rng: np.random.Generator, label: int, size: int) -> Image.Image:
         hat = _colour(rng)
         draw.rectangle((c - w * 1.4, c - h * 0.85, c + w * 1.4, c - h * 0.7), fill=hat)
         draw.rectangle((c - w * 0.85, c - h * 1.5, c + w * 0.85, c - h * 0.75), fill=hat)
-    layer = layer.rotate(float(rng.uniform(-30, 30)), resample=Image.Resampling.BILINEAR)
-    scale = rng.uniform(0.8, 1.15)
-    scaled = layer.resize((int(size * scale),) * 2, Image.Resampling.BILINEAR)
-    offset = rng.uniform(-0.12, 0.12, 2) * size + (size - scaled.size[0]) / 2
-    canvas.paste(scaled, (int(offset[0]), int(offset[1])), scaled)
-    return canvas
+    return _place(canvas, layer, rng, angle=30, scales=(0.8, 1.15), shift=0.12)
 
 
 # ============ hands: one handshape each ============
@@ -297,12 +305,7 @@ def _hands(rng: np.random.Generator, label: int, size: int) -> Image.Image:
     _capsule(draw, thumb_base, thumb_tip, finger_w * 1.1, _jitter(rng, skin, 6))
     if rng.random() < 0.5:
         layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    layer = layer.rotate(float(rng.uniform(-60, 60)), resample=Image.Resampling.BILINEAR)
-    scale = rng.uniform(0.85, 1.2)
-    scaled = layer.resize((int(size * scale),) * 2, Image.Resampling.BILINEAR)
-    offset = rng.uniform(-0.1, 0.1, 2) * size + (size - scaled.size[0]) / 2
-    canvas.paste(scaled, (int(offset[0]), int(offset[1])), scaled)
-    return canvas
+    return _place(canvas, layer, rng, angle=60, scales=(0.85, 1.2), shift=0.1)
 
 
 FAMILIES: dict[str, Painter] = {

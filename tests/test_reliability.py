@@ -832,13 +832,7 @@ def _schema_breakers(checkpoint: Path, folder: Path) -> dict[str, Path]:
         "ck_negative_step": lambda s: s.update(step_in_epoch=-1),
         "ck_student_list": lambda s: s.update(student=[1, 2]),
     }
-    out = {}
-    for name, edit in edits.items():
-        state = _load(checkpoint)
-        edit(state)
-        out[name] = folder / f"{name}.pt"
-        torch.save(state, out[name])
-    return out
+    return _edited_copies(checkpoint, folder, edits)
 
 
 def _hostile_backbones(backbone: Path, folder: Path) -> dict[str, Path]:
@@ -851,9 +845,14 @@ def _hostile_backbones(backbone: Path, folder: Path) -> dict[str, Path]:
         "bb_model5": lambda b: b.update(model=5),
         "bb_no_backbone": lambda b: b["metadata"].pop("backbone"),
     }
+    return _edited_copies(backbone, folder, edits)
+
+
+def _edited_copies(source: Path, folder: Path, edits: dict[str, Callable[[Any], Any]]) -> dict[str, Path]:
+    """One copy of `source` per edit, saved as folder/NAME.pt with that edit applied to the loaded object."""
     out = {}
     for name, edit in edits.items():
-        obj = _load(backbone)
+        obj = _load(source)
         edit(obj)
         out[name] = folder / f"{name}.pt"
         torch.save(obj, out[name])
