@@ -7,6 +7,7 @@ completion stay instant. Errors the user can fix print one sentence and exit wit
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -14,6 +15,17 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from dinopre import __version__
+from dinopre.config import (
+    ALGORITHMS,
+    AUGMENT_PLACES,
+    BEST_BY,
+    CENTERINGS,
+    MASK_SHAPES,
+    PRECISIONS,
+    PRESETS,
+    RECIPES,
+    TEACHER_VIEWS,
+)
 from dinopre.errors import Interrupted, TrainingStopped, UserError
 
 app = typer.Typer(
@@ -30,51 +42,21 @@ DATA, MODEL, OPTIM, METHOD, EVAL, RUN = ("Data", "Model", "Optimization", "Metho
                                         "Output and hardware")
 
 
-class Preset(str, Enum):
-    face = "face"
-    hands = "hands"
+def _choices(name: str, values: Iterable[str]) -> Any:
+    """A str Enum of a setting's allowed values, built from dinopre.config's list so that the options' choices and
+    the config's validation can never disagree."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class Algorithm(str, Enum):
-    dino = "dino"
-    ibot = "ibot"
-
-
-class MaskShape(str, Enum):
-    block = "block"
-    rand = "rand"
-
-
-class AugmentOn(str, Enum):
-    device = "device"
-    workers = "workers"
-
-
-class Recipe(str, Enum):
-    auto = "auto"
-    reference = "reference"
-
-
-class TeacherView(str, Enum):
-    rgb = "rgb"
-    gray = "gray"
-    pattern = "pattern"
-
-
-class Centering(str, Enum):
-    ema = "ema"
-    sinkhorn = "sinkhorn"
-
-
-class BestBy(str, Enum):
-    knn = "knn"
-    loss = "loss"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp32 = "fp32"
+Preset = _choices("Preset", PRESETS)
+Algorithm = _choices("Algorithm", ALGORITHMS)
+MaskShape = _choices("MaskShape", MASK_SHAPES)
+AugmentOn = _choices("AugmentOn", AUGMENT_PLACES)
+Recipe = _choices("Recipe", RECIPES)
+TeacherView = _choices("TeacherView", TEACHER_VIEWS)
+Centering = _choices("Centering", CENTERINGS)
+BestBy = _choices("BestBy", BEST_BY)
+Precision = _choices("Precision", PRECISIONS)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

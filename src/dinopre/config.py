@@ -25,6 +25,7 @@ from typing import Any
 from dinopre.errors import ConfigError
 
 ALGORITHMS = ("dino", "ibot")
+MASK_SHAPES = ("block", "rand")  # iBOT: BEiT-style rectangles or scattered patches (dinopre.masking)
 DEVICES_HELP = "auto, cpu, cuda or cuda:INDEX"
 PRECISIONS = ("auto", "bf16", "fp32")
 # Where the views are rendered. "device" (batched, on the training device) is the default on a CPU too: on the 2-core
@@ -635,7 +636,7 @@ def _validate_ibot(config: PretrainConfig) -> None:
     _require(0.0 <= low <= high < 1.0,
              f"--patch-mask-ratio takes MIN MAX with 0 <= MIN <= MAX < 1 (shares of the patches masked), "
              f"got {list(m.patch_mask_ratio)}.")
-    _require(m.mask_shape in ("block", "rand"), f"--mask-shape must be block or rand, got '{m.mask_shape}'.")
+    _require(m.mask_shape in MASK_SHAPES, f"--mask-shape must be block or rand, got '{m.mask_shape}'.")
     for name in ("teacher_patch_temp", "warmup_teacher_patch_temp"):
         _require(getattr(m, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(m, name)}.")
     _require(m.warmup_teacher_patch_temp_epochs >= 0, "--warmup-teacher-patch-temp-epochs must be 0 or more.")
