@@ -3,6 +3,7 @@
     python benchmarks/bench.py W1 --steps 50 --warmup 10 --json w1.json
     python benchmarks/bench.py C1 --device cpu
     python benchmarks/bench.py W1 --set batch_size=64 --set num_local_crops=6     # any size on the command line
+    python benchmarks/bench.py W1 --processes 8  # 8 processes (torchrun --standalone), --set batch_size is global
 
 Workloads (same data and settings for every system compared):
 - W1: ViT-S/16, DINO, 2 x 224 + 8 x 96 crops, K = 65536, batch 128, bf16 on CUDA.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -48,13 +50,14 @@ except ModuleNotFoundError:
 
 import torch  # noqa: E402
 
+from dinopre import distributed  # noqa: E402
 from dinopre.build import RunParts, build_run  # noqa: E402
 from dinopre.config import PretrainConfig, build_config  # noqa: E402
 from dinopre.data import EpochBatchSampler, ImageSource, RawBatch  # noqa: E402
 from dinopre.demo import write_synthetic_folder  # noqa: E402
 from dinopre.engine import train_step  # noqa: E402
 from dinopre.pipeline import augments_on_device, build_data_loader  # noqa: E402
-from dinopre.runtime import Runtime, share_cpus  # noqa: E402
+from dinopre.runtime import Runtime, device_type, share_cpus  # noqa: E402
 
 # The reference recipe: the official code's head (2048-wide MLP) and drop path, whatever the auto recipe derives.
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -149,7 +152,7 @@ def _prepare(name: str, overrides: dict[str, Any], *, images: int, data_root: Pa
     parts = build_run(build_config("face", cli_settings=settings))
     config = parts.config
     sampler = EpochBatchSampler(len(parts.data.source), config.optim.batch_size, config.run.seed, 0,
-                                -(-steps // parts.steps_per_epoch))
+                                -(-steps // parts.steps_per_epoch), 0, distributed.rank(), parts.world_size)
     return _Workload(settings, parts, sampler)
 
 
@@ -201,7 +204,7 @@ def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: in
                  steps=warmup + steps + breakdown_steps)
     config, runtime, settings, workers = w.config, w.runtime, w.settings, w.workers
     method, optimizer, schedules = w.parts.method.train(), w.parts.optimizer, w.parts.schedules
-    share_cpus(runtime)
+    share_cpus(runtime, distributed.local_world_size())
     loader, render = build_data_loader(config, w.source, runtime.device, w.sampler, workers)
     batches = iter(loader)
     state = {"step": 0}
@@ -219,7 +222,8 @@ def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: in
                 _sync(runtime.device)
                 on_phase("augment")
         train_step(method, optimizer, batch, schedules.at(state["step"]), runtime=runtime,
-                   clip_grad_norm=config.optim.clip_grad_norm, freeze_last_layer=False, on_phase=on_phase)
+                   clip_grad_norm=config.optim.clip_grad_norm, freeze_last_layer=False, on_phase=on_phase,
+                   model=w.parts.model)
         state["step"] += 1
         return waited
 
@@ -233,7 +237,7 @@ def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: in
     _sync(runtime.device)
     elapsed = time.perf_counter() - start
     breakdown = _breakdown(step, runtime.device, breakdown_steps)
-    images_per_sec = steps * config.optim.batch_size / elapsed
+    images_per_sec = steps * config.optim.batch_size / elapsed  # the global batch: all processes together
     flops = flops_per_image(config)
     peak = peak_tflops or _known_peak(runtime.device)
     return {
@@ -242,6 +246,7 @@ def run_workload(name: str, overrides: dict[str, Any], *, steps: int, warmup: in
         "torch": torch.__version__,
         "precision": runtime.precision_name,
         "num_workers": workers,
+        "processes": w.parts.world_size,
         "augment_on": "device" if augments_on_device(config) else "workers",
         "torch_threads": torch.get_num_threads(),
         "settings": {k: v for k, v in settings.items() if k not in ("train_dir", "output_dir")},
@@ -312,9 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set batch_size=64 --set global_crop_scale=[0.3,1]")
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="training processes on this machine (started with torchrun --standalone; one GPU each)")
     parser.add_argument("--data-only", action="store_true",
                         help="time the data loader alone (images/s the workers deliver, and the device rendering)")
     args = parser.parse_args(argv)
+    if args.processes > 1 and distributed.detect() is None:
+        return _relaunch(args, list(sys.argv[1:] if argv is None else argv))
     if args.data_only:
         result = data_throughput(args.workload, _parse_overrides(args.overrides), steps=args.steps,
                                  warmup=args.warmup, images=args.images, data_root=args.data_root, device=args.device)
@@ -323,14 +332,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             args.json.write_text(text + "\n")
         return 0
-    result = run_workload(args.workload, _parse_overrides(args.overrides), steps=args.steps, warmup=args.warmup,
-                          breakdown_steps=args.breakdown_steps, images=args.images, data_root=args.data_root,
-                          device=args.device, peak_tflops=args.peak_tflops)
+    with distributed.session(device_type(args.device)):
+        result = run_workload(args.workload, _parse_overrides(args.overrides), steps=args.steps, warmup=args.warmup,
+                              breakdown_steps=args.breakdown_steps, images=args.images, data_root=args.data_root,
+                              device=args.device, peak_tflops=args.peak_tflops)
+        if not distributed.is_main():
+            return 0
     text = json.dumps(result, indent=2)
     print(text)  # noqa: T201 - a benchmark script's output is its result
     if args.json is not None:
         args.json.write_text(text + "\n")
     return 0
+
+
+def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run this benchmark in `--processes` processes under torchrun (the same launcher users train with); the synthetic
+    folder is made first, once."""
+    settings = {**WORKLOADS[args.workload], **_parse_overrides(args.overrides)}
+    synthetic_folder(args.data_root, args.images, 256 if settings.get("image_size", 224) > 128 else 128)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
+               str(Path(__file__).resolve()), *argv]
+    os.execv(sys.executable, command)
+    return 0  # not reached
 
 
 if __name__ == "__main__":

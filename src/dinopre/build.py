@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from dinopre import distributed
 from dinopre.config import PretrainConfig
 from dinopre.data import check_dataset_size
+from dinopre.errors import ConfigError
 from dinopre.events import Reporter
 from dinopre.method import StudentTeacher, build_method
 from dinopre.optim import build_optimizer
@@ -35,6 +38,9 @@ class RunParts:
         method: student and teacher on the device (backbones compiled with `--compile`).
         optimizer: AdamW over the student.
         schedules: the per-step lr, weight decay, momentum and temperatures.
+        model: what a step calls: `method` itself, or `method` in DistributedDataParallel when several processes
+            train (its gradients are averaged across them).
+        world_size: training processes.
     """
 
     config: PretrainConfig
@@ -46,6 +52,32 @@ class RunParts:
     method: StudentTeacher
     optimizer: torch.optim.Optimizer
     schedules: Schedules
+    model: nn.Module
+    world_size: int = 1
+
+    @property
+    def batch_per_rank(self) -> int:
+        """Images each process takes of a global batch of `--batch-size`."""
+        return self.config.optim.batch_size // self.world_size
+
+
+def data_parallel(method: StudentTeacher, device: torch.device) -> nn.Module:
+    """Wrap the method for several processes: DDP averages the gradients of what the optimizer trains.
+
+    DDP registers its hooks on parameters that require gradients, i.e. the student's backbone and heads; the teacher
+    (frozen) and the loss centers (buffers) stay out of it. Buffers are not broadcast each step
+    (`broadcast_buffers=False`): the centers are already equal on every process, since their update is all-reduced.
+    Checkpoints save `method.student` itself, so no key gains a `module.` prefix.
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch >= 2.12 names the option `forward_sync_buffers` (and warns about the old name); both keep the
+    # initial broadcast, after which every process holds the same centers anyway.
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else "broadcast_buffers")
+    return DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None, **{no_sync: False})
 
 
 def compile_backbones(method: StudentTeacher) -> None:
@@ -76,7 +108,11 @@ def build_run(config: PretrainConfig, reporter: Reporter | None = None,
     Raises:
         UserError: no usable device, no images, fewer images than a batch, or an invalid derived setting.
     """
-    runtime = setup(config.run.device, config.run.precision, config.run.seed)
+    world = distributed.launch().world_size if distributed.launch() is not None else 1
+    if config.optim.batch_size % world:
+        raise ConfigError(f"--batch-size {config.optim.batch_size} is the global batch and must divide by the "
+                          f"{world} training processes; use a multiple of {world}.")
+    runtime = setup(config.run.device, config.run.precision, config.run.seed, distributed.local_rank())
     data = build_source(config, reporter, use_cache=not rescan)
     steps_per_epoch = check_dataset_size(len(data.source), config.optim.batch_size)
     recipe = resolve(config, len(data.source), previous_recipe)
@@ -84,6 +120,11 @@ def build_run(config: PretrainConfig, reporter: Reporter | None = None,
     method = build_method(config).to(runtime.device)
     if config.run.compile:
         compile_backbones(method)
-    num_workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
+    model = data_parallel(method, runtime.device) if distributed.launch() is not None else method
+    if distributed.rank() > 0:  # drop path: each process draws its own (the weights above are the same everywhere)
+        torch.manual_seed(config.run.seed + 1_000_003 * distributed.rank())
+    num_workers = (config.data.num_workers if config.data.num_workers is not None
+                   else default_num_workers(distributed.local_world_size()))
     return RunParts(config, recipe, runtime, data, steps_per_epoch, num_workers, method,
-                    build_optimizer(method.student, runtime.device), build_schedules(config, steps_per_epoch))
+                    build_optimizer(method.student, runtime.device), build_schedules(config, steps_per_epoch), model,
+                    world)

@@ -60,8 +60,9 @@ Precision = _choices("Precision", PRECISIONS)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one error sentence on stderr and exit."""
-    typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
+    """Print one error sentence on stderr (unless it is empty) and exit."""
+    if message:
+        typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -370,11 +371,12 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool, inputs: tuple[Path,
         finally:
             reporter.close()
     except UserError as exc:
-        fail(str(exc))
+        fail(_here(exc))
     except TrainingStopped as exc:
-        fail(str(exc), code=1)
+        fail(_here(exc), code=1)
     except Interrupted as exc:
-        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        if _here(exc):
+            typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         saved = watch.saved if watch is not None else None
@@ -385,10 +387,21 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool, inputs: tuple[Path,
              "earlier checkpoint_last.pt, if any, is intact.", code=130)
 
 
+def _here(error: BaseException) -> str:
+    """The message to print for `error` in this process: none on a process other than the main one when all of them
+    stopped together (the main one says it), else the message, naming the process when there are several."""
+    from dinopre.distributed import launched_rank, shown_here
+
+    if not shown_here(error):
+        return ""
+    return f"(process {launched_rank()}) {error}" if launched_rank() > 0 else str(error)
+
+
 def _make_reporter(quiet: bool) -> Any:
+    from dinopre.distributed import launched_rank
     from dinopre.progress import NullReporter, PlainReporter, RichReporter
 
-    if quiet:
+    if quiet or launched_rank() > 0:  # one process reports progress
         return NullReporter()
     return RichReporter() if sys.stdout.isatty() else PlainReporter()
 

@@ -293,21 +293,31 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     Each epoch visits a fresh permutation and drops the last incomplete batch (as dino's loader), so every
     epoch has `num_samples // batch_size` steps. Resuming mid-epoch skips consumed batches without loading them.
+
+    With several processes, `batch_size` is the global batch: the permutation is the same on all of them and
+    process `rank` takes the `rank`-th of `world_size` equal slices of each global batch. Since every draw of a
+    sample is keyed by (seed, epoch, index), a step sees the same images and views whatever the number of
+    processes, and a run can continue on another number of them.
     """
 
     def __init__(
-        self, num_samples: int, batch_size: int, seed: int, start_epoch: int, end_epoch: int, start_step: int = 0
+        self, num_samples: int, batch_size: int, seed: int, start_epoch: int, end_epoch: int, start_step: int = 0,
+        rank: int = 0, world_size: int = 1,
     ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"the global batch {batch_size} does not divide by {world_size} processes")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.start_epoch, self.end_epoch, self.start_step = start_epoch, end_epoch, start_step
         self.steps_per_epoch = num_samples // batch_size
+        share = batch_size // world_size
+        self.slice = slice(rank * share, (rank + 1) * share)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for epoch in range(self.start_epoch, self.end_epoch):
             order = epoch_permutation(self.seed, epoch, self.num_samples)
             first = self.start_step if epoch == self.start_epoch else 0
             for step in range(first, self.steps_per_epoch):
-                chunk = order[step * self.batch_size : (step + 1) * self.batch_size]
+                chunk = order[step * self.batch_size : (step + 1) * self.batch_size][self.slice]
                 yield [(epoch, int(i)) for i in chunk]
 
     def __len__(self) -> int:

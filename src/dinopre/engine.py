@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from dinopre import __version__
-from dinopre.build import build_run
+from dinopre import __version__, distributed
+from dinopre.build import RunParts, build_run
 from dinopre.checkpoint import FORMAT_VERSION, KIND_TRAINING, CheckpointError, backbone_metadata
 from dinopre.config import PretrainConfig, advisories, config_to_dict, setting
 from dinopre.data import EXHAUSTED, EpochBatchSampler, ImageSource
-from dinopre.errors import ConfigError, DataError, Interrupted, TrainingStopped
+from dinopre.errors import ConfigError, DataError, Interrupted, TrainingStopped, UserError
 from dinopre.evaluation import Evaluator, collapse_message, collapse_verdict, monitor_indices, scan_labelled
 from dinopre.events import (
     CheckpointSaved,
@@ -47,10 +47,20 @@ from dinopre.pipeline import (
     device_batches,
     worker_processes,
 )
+from dinopre.progress import NullReporter
 from dinopre.recipe import ResolvedRecipe
 from dinopre.resume import continued_config, load_resume_state
-from dinopre.rundir import RunDirectory
-from dinopre.runtime import Runtime, StopSignals, default_num_workers, rng_state, set_rng_state, share_cpus
+from dinopre.rundir import NullRunDirectory, RunDirectory
+from dinopre.runtime import (
+    Runtime,
+    StopSignals,
+    all_reduce_mean,
+    device_type,
+    local_collectives,
+    rng_state,
+    set_rng_state,
+    share_cpus,
+)
 from dinopre.schedules import Schedules, epochs_to_steps
 from dinopre.vit import count_parameters
 
@@ -83,8 +93,10 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def environment_info(runtime: Runtime, num_workers: int, augment_on_device: bool = False) -> dict[str, Any]:
-    """What the run executed on, saved next to the config in params.json."""
+def environment_info(runtime: Runtime, num_workers: int, augment_on_device: bool = False, world_size: int = 1,
+                     batch_per_rank: int | None = None) -> dict[str, Any]:
+    """What the run executed on, saved next to the config in params.json (with the number of training processes
+    and each one's share of the global batch)."""
     info: dict[str, Any] = {
         "dinopre": __version__,
         "torch": torch.__version__,
@@ -95,6 +107,8 @@ def environment_info(runtime: Runtime, num_workers: int, augment_on_device: bool
         "num_workers": num_workers,
         "augment_on": "device" if augment_on_device else "workers",
         "torch_threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "batch_per_rank": batch_per_rank,
         "argv": sys.argv,
     }
     if runtime.device.type == "cuda":
@@ -129,18 +143,21 @@ def train_step(
     freeze_last_layer: bool,
     diagnostics: bool = False,
     on_phase: Callable[[str], None] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step of DINO or iBOT; returns the detached loss parts (no host synchronisation).
 
     `on_phase`, when given, is called with "forward", "backward", "optimizer" and "teacher" as each phase ends
-    (benchmarks/bench.py times the phases with it; training leaves it None).
+    (benchmarks/bench.py times the phases with it; training leaves it None). `model` is what the forward calls:
+    the method in DistributedDataParallel when several processes train (`build.RunParts.model`).
     """
     mark = on_phase or (lambda phase: None)
     # apply schedules
     apply_schedules(optimizer, values["lr"], values["weight_decay"])
     # forward and losses (trunk in autocast, loss maths in fp32)
     with runtime.autocast():
-        losses = method(batch, values["teacher_temp"], values.get("teacher_patch_temp"), diagnostics=diagnostics)
+        losses = (model or method)(batch, values["teacher_temp"], values.get("teacher_patch_temp"),
+                                   diagnostics=diagnostics)
     mark("forward")
     # backward, clip, step (dino order: clip, then cancel the last layer's gradients)
     optimizer.zero_grad(set_to_none=True)
@@ -177,8 +194,11 @@ class _Run:
     data_fingerprint: DataFingerprint
     source: ImageSource
     stop: StopSignals
-    evaluator: Evaluator
+    evaluator: Evaluator | None  # the main process's (the others do not evaluate)
     derived: dict[str, str]  # {setting: reason} of what the recipe chose
+    model: torch.nn.Module  # what a step calls (the method, in DDP with several processes)
+    num_workers: int
+    world_size: int = 1
     bad_files: dict[str, str] = field(default_factory=dict)  # {file: reason} of files that could not be used
     last_saved_step: int = -1
     epoch: int = 0  # completed epochs
@@ -218,72 +238,106 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
         TrainingStopped: a non-finite loss; the last good checkpoint is kept.
     """
     started = time.perf_counter()
-    with StopSignals() as stop:
-        return _fit(config, reporter, overwrite, resume_from, inputs, stop, started)
+    with StopSignals() as stop, distributed.session(device_type(config.run.device)):
+        return _fit(config, reporter if distributed.is_main() else NullReporter(), overwrite, resume_from, inputs,
+                    stop, started)
 
 
 def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_from: str | Path | None,
          inputs: tuple[Path, ...], stop: StopSignals, started: float) -> FitResult:
-    state = load_resume_state(resume_from, config) if resume_from is not None else None
-    if state is not None:
-        config = continued_config(config, state)
-    parts = build_run(config, reporter, state.get("recipe") if state is not None else None, rescan=state is not None)
-    config, runtime, data, steps_per_epoch = parts.config, parts.runtime, parts.data, parts.steps_per_epoch
-    recipe, method, num_workers = parts.recipe, parts.method, parts.num_workers
-    if state is not None:  # refusals before anything in the run folder is touched
-        refusal, _ = data.fingerprint.change(state.get("data", {}))
-        if refusal is not None:
-            raise ConfigError(refusal)
-        _load_weights(method, parts.optimizer, state)
-    evaluator = build_evaluator(config, data.source, num_workers)
-    if config.run.export_backbone:  # at the start, not after hours of training
-        _check_export_path(config, may_replace=overwrite or state is not None, inputs=inputs, resume_from=resume_from)
-    files = RunDirectory(Path(config.run.output_dir))
-    files.prepare(overwrite=overwrite, resuming=state is not None)  # holds the folder until the run ends
-    try:
-        run = _Run(config, files, runtime, method, parts.optimizer, parts.schedules, steps_per_epoch, reporter,
-                   data.fingerprint, data.source, stop, evaluator, recipe.derived)
+    files: RunDirectory | None = None
+    error: UserError | None = None
+    try:  # every process sets up; a failure on any of them stops all of them here (`distributed.agree`)
+        state = load_resume_state(resume_from, config) if resume_from is not None else None
         if state is not None:
-            _restore(run, state)
-        share_cpus(runtime)
-        on_device = augments_on_device(config)
-        files.write_params({"config": config_to_dict(config), "recipe": recipe_record(recipe),
-                            "environment": environment_info(runtime, num_workers, on_device)})
-        reporter.emit(RunStarted(
-            config, files.path, len(data.source), data.description, steps_per_epoch,
-            steps_per_epoch * config.optim.epochs, str(runtime.device), runtime.precision_name, num_workers,
-            {f"student {name.replace('_', ' ')}": count_parameters(module) for name, module in method.student.items()},
-            Path(resume_from) if resume_from is not None else None, run.global_step,
-            tuple(advisories(config, len(data.source), set(recipe.derived))) + data.warnings
-            + _evaluation_notes(evaluator) + _data_notes(data.fingerprint, state),
-            "device" if on_device else "workers", tuple(recipe.notes()),
-        ))
-        return _train(run, started, inputs, resume_from)
+            config = continued_config(config, state)
+        parts = build_run(config, reporter, state.get("recipe") if state is not None else None,
+                          rescan=state is not None)
+        if state is not None:  # refusals before anything in the run folder is touched
+            refusal, _ = parts.data.fingerprint.change(state.get("data", {}))
+            if refusal is not None:
+                raise ConfigError(refusal)
+            _load_weights(parts.method, parts.optimizer, state)
+        evaluator = build_evaluator(parts.config, parts.data.source, parts.num_workers) if distributed.is_main() \
+            else None
+        if parts.config.run.export_backbone and distributed.is_main():  # at the start, not after hours of training
+            _check_export_path(parts.config, may_replace=overwrite or state is not None, inputs=inputs,
+                               resume_from=resume_from)
+        folder = Path(parts.config.run.output_dir)
+        files = RunDirectory(folder) if distributed.is_main() else NullRunDirectory(folder)
+        files.prepare(overwrite=overwrite, resuming=state is not None)  # holds the folder until the run ends
+    except UserError as exc:
+        error = exc
+    try:
+        distributed.agree(error)
+        _check_same_data(parts)
+        return _start(parts, files, reporter, state, evaluator, stop, started, inputs, resume_from)
     finally:
-        files.unlock()
+        if files is not None:
+            files.unlock()
+
+
+def _check_same_data(parts: RunParts) -> None:
+    """Refuse to train when the processes found different images (a folder that changed between their scans)."""
+    fingerprint = parts.data.fingerprint
+    digests = distributed.gather((fingerprint.count, fingerprint.names, fingerprint.sizes))
+    if any(d != digests[0] for d in digests):
+        raise distributed.mark_collective(DataError(
+            "The training processes found different images (the folder changed while they scanned it); start again "
+            "once it no longer changes."))
+
+
+def _start(parts: RunParts, files: RunDirectory, reporter: Reporter, state: dict[str, Any] | None,
+           evaluator: Evaluator | None, stop: StopSignals, started: float, inputs: tuple[Path, ...],
+           resume_from: str | Path | None) -> FitResult:
+    """Restore a resumed run, write params.json, announce the run and train."""
+    config, runtime, data, recipe, method = parts.config, parts.runtime, parts.data, parts.recipe, parts.method
+    run = _Run(config, files, runtime, method, parts.optimizer, parts.schedules, parts.steps_per_epoch, reporter,
+               data.fingerprint, data.source, stop, evaluator, recipe.derived, parts.model, parts.num_workers,
+               parts.world_size)
+    if state is not None:
+        _restore(run, state)
+    share_cpus(runtime, distributed.local_world_size())
+    on_device = augments_on_device(config)
+    files.write_params({"config": config_to_dict(config), "recipe": recipe_record(recipe),
+                        "environment": environment_info(runtime, parts.num_workers, on_device, parts.world_size,
+                                                        parts.batch_per_rank)})
+    reporter.emit(RunStarted(
+        config, files.path, len(data.source), data.description, parts.steps_per_epoch,
+        parts.steps_per_epoch * config.optim.epochs, str(runtime.device), runtime.precision_name, parts.num_workers,
+        {f"student {name.replace('_', ' ')}": count_parameters(module) for name, module in method.student.items()},
+        Path(resume_from) if resume_from is not None else None, run.global_step,
+        tuple(advisories(config, len(data.source), set(recipe.derived))) + data.warnings
+        + _evaluation_notes(evaluator) + _data_notes(data.fingerprint, state) + _process_notes(parts),
+        "device" if on_device else "workers", tuple(recipe.notes()),
+    ))
+    return _train(run, started, inputs, resume_from)
+
+
+def _process_notes(parts: RunParts) -> tuple[str, ...]:
+    if parts.world_size == 1:
+        return ()
+    return (f"{parts.world_size} processes train together: each takes {parts.batch_per_rank} images of every global "
+            f"batch of {parts.config.optim.batch_size}; this process (rank 0) writes the run directory.",)
 
 
 def _train(run: _Run, started: float, inputs: tuple[Path, ...], resume_from: str | Path | None) -> FitResult:
     """The loop over the remaining steps, then the export and the summary."""
     config, files, runtime, data = run.config, run.files, run.runtime, run.source
     sampler = EpochBatchSampler(len(data), config.optim.batch_size, config.run.seed, run.epoch, config.optim.epochs,
-                                run.step_in_epoch)
-    loader, render = build_data_loader(config, data, runtime.device, sampler, _workers_of(config))
+                                run.step_in_epoch, distributed.rank(), run.world_size)
+    loader, render = build_data_loader(config, data, runtime.device, sampler, run.num_workers)
     with worker_processes(loader) as loaded:
         run.stop.deferring = True  # from here a signal lets the current step finish and saves a checkpoint
         _loop(run, device_batches(loaded, runtime.device, render))
         run.stop.deferring = False
-    export_path = _export(run, inputs, resume_from) if config.run.export_backbone else None
+    export_path = _export(run, inputs, resume_from) if config.run.export_backbone and distributed.is_main() else None
     report = files.write_bad_files(run.bad_files) if run.bad_files else None
     run.reporter.emit(RunFinished(files.path, run.best_loss, run.best_epoch, files.last, files.best, export_path,
                                   time.perf_counter() - started, len(run.bad_files), report,
                                   config.resolved_best_by, run.best_knn))
     return FitResult(files.path, run.best_loss, run.best_epoch, run.epoch_losses, export_path, run.epoch_parts,
                      run.evaluations)
-
-
-def _workers_of(config: PretrainConfig) -> int:
-    return config.data.num_workers if config.data.num_workers is not None else default_num_workers()
 
 
 def _data_notes(fingerprint: DataFingerprint, state: dict[str, Any] | None) -> tuple[str, ...]:
@@ -294,8 +348,8 @@ def _data_notes(fingerprint: DataFingerprint, state: dict[str, Any] | None) -> t
     return (warning,) if warning else ()
 
 
-def _evaluation_notes(evaluator: Evaluator) -> tuple[str, ...]:
-    if not evaluator.skipped:
+def _evaluation_notes(evaluator: Evaluator | None) -> tuple[str, ...]:
+    if evaluator is None or not evaluator.skipped:
         return ()
     name, reason = evaluator.skipped[0]
     return (f"{len(evaluator.skipped)} image(s) of --eval-dir could not be decoded and are left out of the k-NN "
@@ -319,9 +373,11 @@ def _restore(run: _Run, state: dict[str, Any]) -> None:
     """Put a run back exactly where the checkpoint left it (its weights are in place already: `_load_weights`)."""
     for name, tensor in state["loss"].items():
         getattr(run.method.dino_loss if name == "center" else run.method.patch_loss, "center").copy_(tensor)
-    set_rng_state(state["rng"], run.runtime.device)
+    rng, loss_sums = _share_of(state, run.world_size)
+    if rng is not None:
+        set_rng_state(rng, run.runtime.device)
     run.epoch, run.step_in_epoch, run.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-    run.loss_sums = {k: v.to(run.runtime.device) for k, v in state["loss_sums"].items()}
+    run.loss_sums = {k: v.to(run.runtime.device) for k, v in loss_sums.items()}
     run.epoch_losses, run.epoch_parts = list(state["epoch_losses"]), list(state["epoch_parts"])
     run.best_loss, run.best_epoch = state["best_loss"], state["best_epoch"] - 1
     run.best_knn = state.get("best_knn")
@@ -329,6 +385,22 @@ def _restore(run: _Run, state: dict[str, Any]) -> None:
     run.files.truncate_metrics(run.global_step)
     run.bad_files = run.files.read_bad_files()
     run.last_saved_step = run.global_step
+
+
+def _share_of(state: dict[str, Any], world_size: int) -> tuple[dict[str, torch.Tensor] | None,
+                                                             dict[str, torch.Tensor]]:
+    """This process's generator states and partial loss sums in a checkpoint.
+
+    On as many processes as wrote it, each takes back its own, so the continuation is bit for bit the uninterrupted
+    run. On another number, the loss sums of the epoch in progress are the processes' mean (the epoch's mean loss
+    comes out the same) and only the main process takes a generator state back (it drives only drop path; the data
+    and augmentation draws are keyed by sample).
+    """
+    shares = state.get("ranks")
+    if shares is not None and len(shares) == world_size:
+        share = shares[distributed.rank()]
+        return share["rng"], share["loss_sums"]
+    return (state["rng"] if distributed.is_main() else None), state["loss_sums"]
 
 
 # ============ the loop ============
@@ -343,8 +415,9 @@ def _loop(run: _Run, batches: Any) -> None:
             run.loss_sums = {name: torch.zeros((), device=run.runtime.device) for name in method.loss_names}
         window = _LogWindow()
         while run.step_in_epoch < run.steps_per_epoch:
-            if run.stop.received is not None:
-                _stop(run)
+            signum = distributed.stop_requested(run.stop.received, run.runtime.device)
+            if signum is not None:
+                _stop(run, signum)
             wait_start = time.perf_counter()
             batch = next(batches)
             window.data_wait += time.perf_counter() - wait_start
@@ -356,11 +429,11 @@ def _loop(run: _Run, batches: Any) -> None:
             losses = train_step(method, run.optimizer, batch, values, runtime=run.runtime,
                                 clip_grad_norm=config.optim.clip_grad_norm,
                                 freeze_last_layer=run.global_step < run.frozen_steps,
-                                diagnostics=log_now)
+                                diagnostics=log_now, model=run.model)
             for name, total in run.loss_sums.items():
                 total += losses[name]
             run.global_step, run.step_in_epoch = run.global_step + 1, done_in_epoch
-            window.images += batch.batch_size
+            window.images += batch.batch_size * run.world_size
             if log_now:
                 _log_step(run, epoch, losses, values, window)
                 window = _LogWindow()
@@ -381,14 +454,14 @@ class _LogWindow:
 
 def _log_step(run: _Run, epoch: int, losses: dict[str, torch.Tensor], values: dict[str, float],
               window: _LogWindow) -> None:
-    metrics = {name: float(value) for name, value in losses.items()}  # the one host sync per log interval
+    metrics = _mean_over_processes(losses)  # the one host sync per log interval
     if not all(math.isfinite(v) for v in metrics.values()):
         parts = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        raise TrainingStopped(
+        raise _together(TrainingStopped(
             f"The loss became non-finite at step {run.global_step} (epoch {epoch + 1}): {parts}. The last good "
             f"checkpoint in '{run.files.path}' is kept; lower --learning-rate or --teacher-temp, or use "
             "--precision fp32."
-        )
+        ))
     elapsed = max(time.perf_counter() - window.start, 1e-9)
     metrics.update(values)
     metrics["images_per_sec"] = window.images / elapsed
@@ -398,15 +471,29 @@ def _log_step(run: _Run, epoch: int, losses: dict[str, torch.Tensor], values: di
                                  run.global_step, run.steps_per_epoch * run.config.optim.epochs, metrics))
 
 
+def _mean_over_processes(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Floats of the processes' mean of each value (each process's own values in a single process)."""
+    if len(values) == 0 or distributed.launch() is None:
+        return {name: float(value) for name, value in values.items()}
+    stacked = all_reduce_mean(torch.stack([value.float() for value in values.values()]))
+    return dict(zip(values, stacked.tolist()))
+
+
+def _together(error: BaseException) -> BaseException:
+    """An error every process raises at the same step (decided on values they share)."""
+    return distributed.mark_collective(error)
+
+
 def _end_epoch(run: _Run, epoch: int, seconds: float) -> None:
-    means = {name: float(total) / run.steps_per_epoch for name, total in run.loss_sums.items()}
+    means = {name: total / run.steps_per_epoch for name, total in _mean_over_processes(run.loss_sums).items()}
     loss = means["loss"]
     if not math.isfinite(loss):
-        raise TrainingStopped(f"The mean loss of epoch {epoch + 1} is non-finite ({loss}); the last good checkpoint "
-                              f"in '{run.files.path}' is kept. Lower --learning-rate or use --precision fp32.")
+        raise _together(TrainingStopped(
+            f"The mean loss of epoch {epoch + 1} is non-finite ({loss}); the last good checkpoint in "
+            f"'{run.files.path}' is kept. Lower --learning-rate or use --precision fp32."))
     run.epoch_losses.append(loss)
     run.epoch_parts.append(means)
-    evaluation = _evaluate(run, epoch)
+    evaluation = _evaluate(run, epoch) if run.evaluator is not None else {}
     knn = evaluation.get("knn")
     if run.config.resolved_best_by == "knn":
         is_best = knn is not None and (run.best_knn is None or knn > run.best_knn)
@@ -437,7 +524,17 @@ def _end_epoch(run: _Run, epoch: int, seconds: float) -> None:
 
 def _evaluate(run: _Run, epoch: int) -> dict[str, Any]:
     """The teacher's label-free signals (every epoch) and k-NN accuracy (every --eval-every epochs and at the
-    end), with the collapse verdict; evaluation draws no random numbers, so a resumed run stays identical."""
+    end), with the collapse verdict; evaluation draws no random numbers, so a resumed run stays identical.
+
+    Only the main process evaluates (its teacher is every process's teacher); its reductions stay local, the
+    others wait at the next step's collective.
+    """
+    with local_collectives():
+        return _evaluate_here(run, epoch)
+
+
+def _evaluate_here(run: _Run, epoch: int) -> dict[str, Any]:
+    assert run.evaluator is not None
     e, started = run.config.eval, time.perf_counter()
     teacher, device = run.method.teacher, run.runtime.device
     temp = run.schedules.at(max(run.global_step - 1, 0))["teacher_temp"]
@@ -453,28 +550,47 @@ def _evaluate(run: _Run, epoch: int) -> dict[str, Any]:
 
 
 def _save(run: _Run, *, best: bool, mid_epoch: bool) -> None:
-    if run.loss_sums and not bool(torch.isfinite(run.loss_sums["loss"])):  # one sync per checkpoint
-        raise TrainingStopped(
+    """Write checkpoint_last.pt (every process calls this at the same step; the main process writes)."""
+    shares = _gather_shares(run)  # one sync per checkpoint
+    if any(share["loss_sums"] and not bool(torch.isfinite(share["loss_sums"]["loss"])) for share in shares):
+        raise _together(TrainingStopped(
             f"The loss became non-finite before step {run.global_step} (epoch {run.epoch + 1}); the last good "
             f"checkpoint in '{run.files.path}' is kept. Lower --learning-rate or --teacher-temp, or use "
             "--precision fp32."
-        )
+        ))
+    for share in shares[1:]:  # files only the other processes met
+        run.bad_files.update(share["bad_files"])
     if run.bad_files:
         run.files.write_bad_files(run.bad_files)
-    path = run.files.save_checkpoint(_training_state(run), best=best)
+    path = run.files.save_checkpoint(_training_state(run, shares), best=best)
     run.last_saved_step = run.global_step
     run.reporter.emit(CheckpointSaved(path, run.epoch, run.global_step, mid_epoch))
 
 
-def _stop(run: _Run) -> None:
-    """SIGINT/SIGTERM arrived: checkpoint between two steps (unless just done) and leave with 128 + signal."""
+def _gather_shares(run: _Run) -> list[dict[str, Any]]:
+    """Each process's part of the run state, in rank order: generator states, partial loss sums, bad files."""
+    mine = {"rng": rng_state(run.runtime.device),
+            "loss_sums": {k: v.detach().clone() for k, v in run.loss_sums.items()},
+            "bad_files": dict(run.bad_files)}
+    if distributed.launch() is None:
+        return [mine]
+    mine["rng"] = {k: v.cpu() for k, v in mine["rng"].items()}  # pickled across processes: host tensors only
+    mine["loss_sums"] = {k: v.cpu() for k, v in mine["loss_sums"].items()}
+    return distributed.gather(mine)
+
+
+def _stop(run: _Run, signum: int) -> None:
+    """SIGINT/SIGTERM arrived (at any process): checkpoint between two steps (unless just done) and leave with
+    128 + signal, all processes at the same step."""
+    run.stop.received = signum
     if run.last_saved_step != run.global_step:
         _save(run, best=False, mid_epoch=True)
     run.reporter.emit(Stopped(run.stop.name, run.global_step, run.files.last))
-    raise Interrupted(
+    distributed.barrier()  # no process leaves (and makes torchrun stop the others) before the checkpoint is written
+    raise _together(Interrupted(
         f"Stopped by {run.stop.name} at step {run.global_step}; checkpoint saved in '{run.files.last}'. "
-        f"Continue with: dinopre resume {run.files.path}", 128 + int(run.stop.received)
-    )
+        f"Continue with: dinopre resume {run.files.path}", 128 + signum
+    ))
 
 
 def _note_bad_files(run: _Run, records: list[tuple[int, str]]) -> None:
@@ -493,9 +609,14 @@ def _note_bad_files(run: _Run, records: list[tuple[int, str]]) -> None:
                         f"none could be decoded (e.g. '{example}': {reason}); the training folder looks broken.")
 
 
-def _training_state(run: _Run) -> dict[str, Any]:
-    """Everything needed to continue the run, as tensors and plain values (weights_only-loadable)."""
-    return {
+def _training_state(run: _Run, shares: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything needed to continue the run, as tensors and plain values (weights_only-loadable).
+
+    With several processes, `ranks` keeps each one's generator states and partial loss sums (`_share_of`), and
+    `rng` / `loss_sums` the main process's states and the processes' mean sums, which any number of processes
+    can continue from.
+    """
+    state = {
         "kind": KIND_TRAINING,
         "format_version": FORMAT_VERSION,
         "dinopre_version": __version__,
@@ -506,9 +627,9 @@ def _training_state(run: _Run) -> dict[str, Any]:
         "student": run.method.student.state_dict(),
         "teacher": run.method.teacher.state_dict(),
         "loss": run.method.loss_state(),
-        "loss_sums": {k: v.detach().clone() for k, v in run.loss_sums.items()},
+        "loss_sums": _mean_sums(shares, run.runtime.device),
         "optimizer": run.optimizer.state_dict(),
-        "rng": rng_state(run.runtime.device),
+        "rng": shares[0]["rng"],
         "best_loss": run.best_loss,
         "best_epoch": run.best_epoch + 1,
         "epoch_losses": list(run.epoch_losses),
@@ -517,7 +638,18 @@ def _training_state(run: _Run) -> dict[str, Any]:
         "recipe": dict(run.derived),
         "evaluations": [dict(record) for record in run.evaluations],
         "data": run.data_fingerprint.to_state(),
+        "world_size": run.world_size,
     }
+    if len(shares) > 1:
+        state["ranks"] = [{"rng": share["rng"], "loss_sums": share["loss_sums"]} for share in shares]
+    return state
+
+
+def _mean_sums(shares: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
+    if len(shares) == 1:
+        return shares[0]["loss_sums"]
+    return {name: (sum(share["loss_sums"][name] for share in shares) / len(shares)).to(device)
+            for name in shares[0]["loss_sums"]}
 
 
 def _check_export_path(config: PretrainConfig, *, may_replace: bool, inputs: tuple[Path, ...],

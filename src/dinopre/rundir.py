@@ -216,3 +216,35 @@ def _record_step(line: str) -> float:
         return float(json.loads(line).get("step", 0))
     except (ValueError, AttributeError, TypeError):
         return float("inf")
+
+
+class NullRunDirectory(RunDirectory):
+    """The run directory as the processes other than the main one see it: they write nothing (one writer per run),
+    but name the same files in their messages."""
+
+    def prepare(self, *, overwrite: bool, resuming: bool) -> None:
+        pass
+
+    def unlock(self) -> None:
+        pass
+
+    def read_bad_files(self) -> dict[str, str]:
+        return {}
+
+    def write_bad_files(self, bad: dict[str, str]) -> Path:
+        return self.path / BAD_FILES
+
+    def write_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        pass
+
+    def truncate_metrics(self, global_step: int) -> None:
+        pass
+
+    def save_checkpoint(self, state: dict[str, Any], *, best: bool) -> Path:
+        return self.last
+
+    def record(self, path: Path, kind: str, sha256: str | None = None, **details: Any) -> None:
+        pass

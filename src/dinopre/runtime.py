@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
 
@@ -40,21 +41,38 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     """Turn `auto|cpu|cuda|cuda:i` into a device, refusing CUDA when there is none.
 
+    Args:
+        name: the `--device` setting.
+        local_rank: this process's rank on its node when several processes train (each takes GPU `local_rank`).
+
     Raises:
-        ConfigError: CUDA was asked for but is not available, or the index does not exist.
+        ConfigError: CUDA was asked for but is not available, or the index does not exist, or a GPU index was
+            given to several processes.
     """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda" and local_rank is not None:
+        if device.index is not None:
+            raise ConfigError(f"--device {name} would put every process on one GPU; with torchrun or srun use "
+                              "--device cuda (or auto): each process takes the GPU of its LOCAL_RANK.")
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name} was asked but this machine has no usable CUDA GPU; use --device cpu.")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"--device {name} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
     return device
+
+
+def device_type(name: str) -> str:
+    """`cuda` or `cpu`: the kind of device `--device name` resolves to, without creating a CUDA context."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -66,9 +84,12 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def setup(device_name: str, precision: str, seed: int) -> Runtime:
-    """Resolve device and precision, seed the global generators and set backend flags for speed."""
-    device = resolve_device(device_name)
+def setup(device_name: str, precision: str, seed: int, local_rank: int | None = None) -> Runtime:
+    """Resolve device and precision, seed the global generators and set backend flags for speed.
+
+    Every process of a run seeds alike, so that they all build the same initial weights.
+    """
+    device = resolve_device(device_name, local_rank)
     amp_dtype = resolve_precision(precision, device)
     torch.manual_seed(seed)
     if device.type == "cuda":
@@ -78,8 +99,9 @@ def setup(device_name: str, precision: str, seed: int) -> Runtime:
     return Runtime(device=device, amp_dtype=amp_dtype)
 
 
-def share_cpus(runtime: Runtime) -> None:
-    """On CPU, give the trainer one thread per core this process may use.
+def share_cpus(runtime: Runtime, processes: int = 1) -> None:
+    """On CPU, give the trainer one thread per core this process may use (its share when `processes` trainers run on
+    the node).
 
     PyTorch's default counts every core the host reports, which inside a container or a SLURM allocation can be
     far more than the process may use, and oversubscribed OpenMP threads spin-wait on each other. Data workers
@@ -88,7 +110,7 @@ def share_cpus(runtime: Runtime) -> None:
     since the thread count changes the order of float reductions: a run stays bit-identical whatever it is.
     """
     if runtime.device.type == "cpu":
-        torch.set_num_threads(max(1, available_cpus()))
+        torch.set_num_threads(max(1, available_cpus() // max(1, processes)))
 
 
 def available_cpus() -> int:
@@ -99,14 +121,32 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_num_workers() -> int:
-    """DataLoader workers that keep the trainer fed without starving it: one core stays with the main process."""
-    return max(1, min(8, available_cpus() - 1))
+def default_num_workers(processes: int = 1) -> int:
+    """DataLoader workers that keep the trainer fed without starving it: one core stays with each trainer (of the
+    `processes` on this node)."""
+    return max(1, min(8, available_cpus() // max(1, processes) - 1))
+
+
+_local_only = False  # inside `local_collectives`: reductions cover this process only
 
 
 def world_size() -> int:
-    """Number of training processes (1 without torch.distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Number of training processes whose tensors a reduction covers (1 without torch.distributed)."""
+    if _local_only or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+@contextlib.contextmanager
+def local_collectives() -> Iterator[None]:
+    """Within the block, the reductions of this module cover this process alone: for work only the main process
+    does (the evaluation), which must not wait for peers that never join."""
+    global _local_only
+    previous, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = previous
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
