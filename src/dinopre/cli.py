@@ -528,6 +528,47 @@ def verify_backbone(
         raise typer.Exit(1)
 
 
+@app.command()
+def attention(
+    model: Annotated[Path, typer.Argument(help="Backbone export or training checkpoint.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images (searched recursively).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("attention.png"),
+    weights: Annotated[Weights, typer.Option(
+        help="Of a training checkpoint: teacher (what training exports) or student.")] = Weights.teacher,
+    image_size: Annotated[int | None, typer.Option(
+        help="Input size in pixels; other than the trained size, the position embedding is interpolated "
+        "[default: the backbone's size].", show_default=False)] = None,
+    max_images: Annotated[int, typer.Option(help="Images drawn at most (the first ones, sorted).")] = 8,
+    keep_mass: Annotated[float, typer.Option(
+        help="Also show the patches holding this share of the mean map's attention (DINO's threshold; 0: "
+        "leave the column out).")] = 0.6,
+    mean: Annotated[bool, typer.Option("--mean/--no-mean", help="Add the mean of the heads.")] = True,
+    cell_size: Annotated[int, typer.Option(help="Side of each picture in the grid, in pixels.")] = 128,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+) -> None:
+    """Draw the last block's CLS attention, one map per head, over each image (DINO's first check of a backbone).
+
+    A good face backbone lights up eyes, mouth and face outline in different heads; a hand backbone, the fingers.
+    Maps that are uniform or all alike mean the backbone has not learned much yet.
+    """
+    for name, value, low in (("--max-images", max_images, 1), ("--cell-size", cell_size, 16)):
+        if value < low:
+            fail(f"{name} must be at least {low}, got {value}.")
+    if image_size is not None and image_size < 1:
+        fail(f"--image-size must be a positive number of pixels, got {image_size}.")
+    try:
+        from dinopre.attention import draw_attention
+
+        path, notes = draw_attention(model, images, output, weights=weights.value, image_size=image_size,
+                                     limit=max_images, keep=keep_mass or None, mean=mean, cell=cell_size,
+                                     force=force)
+    except UserError as exc:
+        fail(str(exc))
+    for note in notes:
+        typer.echo(note)
+    typer.echo(f"Wrote {path}.")
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="dinopre")

@@ -179,6 +179,22 @@ def load_backbone_file(path: str | Path) -> tuple[VisionTransformer, dict[str, A
     return model.eval(), metadata
 
 
+def load_any_backbone(path: str | Path, weights: str = "teacher") -> tuple[VisionTransformer, dict[str, Any]]:
+    """A backbone from an export (`slt` or `timm`) or from a training checkpoint (its `weights`), in eval mode.
+
+    Raises:
+        CheckpointError: neither, or damaged.
+    """
+    obj_kind = load_file(Path(path)).get("kind")
+    if obj_kind != KIND_TRAINING:
+        return load_backbone_file(path)
+    state = load_training_checkpoint(path)
+    metadata = backbone_metadata(state["config"], epoch=state["epoch"], weights=weights)
+    model = build_backbone(metadata)
+    model.load_state_dict(backbone_state(state, weights), strict=True)
+    return model.eval(), metadata
+
+
 def parse_spec(spec: str) -> tuple[Path, str]:
     """Split `file::PATH[:MODEL]` into the path and the model name (default `slt_vitsmall_patch16`).
 
