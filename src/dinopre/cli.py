@@ -93,49 +93,87 @@ TRAIN_EPILOG = (
 )
 
 
+# Options `train` shares with `preview` (one definition each, so the two cannot drift apart).
+_TRAIN_DIR = Annotated[list[Path] | None, typer.Option(
+    "--train-dir", help="Folder of images, searched recursively (.png .jpg .jpeg .bmp .tif .tiff). Repeat for "
+    "several folders.", rich_help_panel=DATA, show_default=False)]
+_DEMO = Annotated[bool, typer.Option(
+    "--demo", help="Train a tiny model on built-in synthetic crops (under a minute on a laptop CPU); with "
+    "--train-dir, the same quick recipe runs on your folder.",
+    rich_help_panel=DATA)]
+_NUM_LOCAL_CROPS = Annotated[int | None, typer.Option(
+    help="Small views per image seen by the student only; more helps quality, costs time.",
+    rich_help_panel=DATA, show_default=False)]
+_LOCAL_CROP_SIZE = Annotated[int | None, typer.Option(
+    help="Side of the local views in pixels (a multiple of --patch-size).",
+    rich_help_panel=DATA, show_default=False)]
+_GLOBAL_CROP_SCALE = Annotated[tuple[float, float] | None, typer.Option(
+    metavar="MIN MAX", help="Share of the image area a global view covers (e.g. 0.4 1.0).",
+    rich_help_panel=DATA, show_default=False)]
+_LOCAL_CROP_SCALE = Annotated[tuple[float, float] | None, typer.Option(
+    metavar="MIN MAX", help="Share of the image area a local view covers (e.g. 0.05 0.4).",
+    rich_help_panel=DATA, show_default=False)]
+_FLIP_PROB = Annotated[float | None, typer.Option(
+    help="Probability of a horizontal flip per view (0 keeps left and right apart).",
+    rich_help_panel=DATA, show_default=False)]
+_AUGMENT_ON = Annotated[AugmentOn | None, typer.Option(
+    help="Where the crops and colour augmentations run: device (whole batches on the training device, GPU or "
+    "CPU; workers only decode) or workers (image by image in the data workers; the same views up to rounding, "
+    "but about 14x more CPU per image) [default: device].",
+    rich_help_panel=DATA, show_default=False)]
+_IMAGE_SIZE = Annotated[int | None, typer.Option(
+    help="Side of the global views and of the exported backbone's input, in pixels.",
+    rich_help_panel=MODEL, show_default=False)]
+_PATCH_SIZE = Annotated[int | None, typer.Option(help="ViT patch side in pixels.", rich_help_panel=MODEL,
+                                               show_default=False)]
+_ALGORITHM = Annotated[Algorithm | None, typer.Option(help="Self-supervision method.", rich_help_panel=METHOD,
+                                                    show_default=False)]
+_RECIPE = Annotated[Recipe | None, typer.Option(
+    help="Where the settings you leave unset come from: auto derives them from the number of images, the batch, "
+    "the number of steps and the model width (printed at start, saved in params.json); reference uses DINO's "
+    "and iBOT's published values, tuned for ImageNet and 10^5 steps [default: auto].", rich_help_panel=METHOD,
+    show_default=False)]
+_PATCH_MASK_RATIO = Annotated[tuple[float, float] | None, typer.Option(
+    metavar="MIN MAX", help="iBOT: share of a masked view's patches that are masked, drawn per view in "
+    "[MIN, MAX] (e.g. 0.1 0.5; the same number twice for a fixed share).", rich_help_panel=METHOD,
+    show_default=False)]
+_MASK_PROBABILITY = Annotated[float | None, typer.Option(
+    help="iBOT: share of global views that are masked at all (0.5: half stay whole).", rich_help_panel=METHOD,
+    show_default=False)]
+_MASK_SHAPE = Annotated[MaskShape | None, typer.Option(
+    help="iBOT: block (BEiT-style rectangles) or rand (scattered patches).", rich_help_panel=METHOD,
+    show_default=False)]
+_CONFIG = Annotated[Path | None, typer.Option(
+    "--config", help="TOML or JSON file of settings (flag names with underscores, flat or in [model] [data] "
+    "[optim] [method] [run] tables). Flags given here win over the file.", rich_help_panel=RUN,
+    show_default=False)]
+_SEED = Annotated[int | None, typer.Option(help="Seed; the same seed and data give the same run.",
+                                         rich_help_panel=RUN, show_default=False)]
+_DEVICE = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX [default: auto].",
+                                           rich_help_panel=RUN, show_default=False)]
+
+
 @app.command(epilog=TRAIN_EPILOG)
 def train(
     preset: Annotated[Preset, typer.Argument(help="Defaults for the kind of crops: [b]face[/] or [b]hands[/] "
                                              "(hands turns horizontal flips off: handedness matters).",
                                              case_sensitive=False)],
-    train_dir: Annotated[list[Path] | None, typer.Option(
-        "--train-dir", help="Folder of images, searched recursively (.png .jpg .jpeg .bmp .tif .tiff). Repeat for "
-        "several folders.", rich_help_panel=DATA, show_default=False)] = None,
-    demo: Annotated[bool, typer.Option(
-        "--demo", help="Train a tiny model on built-in synthetic crops (under a minute on a laptop CPU); with "
-        "--train-dir, the same quick recipe runs on your folder.",
-        rich_help_panel=DATA)] = False,
-    num_local_crops: Annotated[int | None, typer.Option(
-        help="Small views per image seen by the student only; more helps quality, costs time.",
-        rich_help_panel=DATA, show_default=False)] = None,
-    local_crop_size: Annotated[int | None, typer.Option(
-        help="Side of the local views in pixels (a multiple of --patch-size).",
-        rich_help_panel=DATA, show_default=False)] = None,
-    global_crop_scale: Annotated[tuple[float, float] | None, typer.Option(
-        metavar="MIN MAX", help="Share of the image area a global view covers (e.g. 0.4 1.0).",
-        rich_help_panel=DATA, show_default=False)] = None,
-    local_crop_scale: Annotated[tuple[float, float] | None, typer.Option(
-        metavar="MIN MAX", help="Share of the image area a local view covers (e.g. 0.05 0.4).",
-        rich_help_panel=DATA, show_default=False)] = None,
-    flip_prob: Annotated[float | None, typer.Option(
-        help="Probability of a horizontal flip per view (0 keeps left and right apart).",
-        rich_help_panel=DATA, show_default=False)] = None,
+    train_dir: _TRAIN_DIR = None,
+    demo: _DEMO = False,
+    num_local_crops: _NUM_LOCAL_CROPS = None,
+    local_crop_size: _LOCAL_CROP_SIZE = None,
+    global_crop_scale: _GLOBAL_CROP_SCALE = None,
+    local_crop_scale: _LOCAL_CROP_SCALE = None,
+    flip_prob: _FLIP_PROB = None,
     num_workers: Annotated[int | None, typer.Option(
         help="Data-loading processes [default: CPUs - 1, at most 8]. Raise it if data wait is high.",
         rich_help_panel=DATA, show_default=False)] = None,
-    augment_on: Annotated[AugmentOn | None, typer.Option(
-        help="Where the crops and colour augmentations run: device (whole batches on the training device, GPU or "
-        "CPU; workers only decode) or workers (image by image in the data workers; the same views up to rounding, "
-        "but about 14x more CPU per image) [default: device].",
-        rich_help_panel=DATA, show_default=False)] = None,
+    augment_on: _AUGMENT_ON = None,
     strict_data: Annotated[bool | None, typer.Option(
         "--strict-data", help="Stop at the first image that cannot be decoded (or unreadable folder) instead of "
         "skipping it and listing it in bad_files.json.", rich_help_panel=DATA, show_default=False)] = None,
-    image_size: Annotated[int | None, typer.Option(
-        help="Side of the global views and of the exported backbone's input, in pixels.",
-        rich_help_panel=MODEL, show_default=False)] = None,
-    patch_size: Annotated[int | None, typer.Option(help="ViT patch side in pixels.", rich_help_panel=MODEL,
-                                                   show_default=False)] = None,
+    image_size: _IMAGE_SIZE = None,
+    patch_size: _PATCH_SIZE = None,
     vit_embed_dim: Annotated[int | None, typer.Option(help="Token width (384 = ViT-S).", rich_help_panel=MODEL,
                                                       show_default=False)] = None,
     vit_depth: Annotated[int | None, typer.Option(help="Transformer blocks.", rich_help_panel=MODEL,
@@ -187,13 +225,8 @@ def train(
     freeze_last_layer_epochs: Annotated[float | None, typer.Option(
         help="Epochs during which the prototype layer is frozen (stabilises the start).",
         rich_help_panel=OPTIM, show_default=False)] = None,
-    algorithm: Annotated[Algorithm | None, typer.Option(help="Self-supervision method.", rich_help_panel=METHOD,
-                                                        show_default=False)] = None,
-    recipe: Annotated[Recipe | None, typer.Option(
-        help="Where the settings you leave unset come from: auto derives them from the number of images, the batch, "
-        "the number of steps and the model width (printed at start, saved in params.json); reference uses DINO's "
-        "and iBOT's published values, tuned for ImageNet and 10^5 steps [default: auto].", rich_help_panel=METHOD,
-        show_default=False)] = None,
+    algorithm: _ALGORITHM = None,
+    recipe: _RECIPE = None,
     student_temp: Annotated[float | None, typer.Option(help="Student softmax temperature.",
                                                        rich_help_panel=METHOD, show_default=False)] = None,
     teacher_temp: Annotated[float | None, typer.Option(
@@ -226,16 +259,9 @@ def train(
         rich_help_panel=METHOD, show_default=False)] = None,
     teacher_momentum_final: Annotated[float | None, typer.Option(help="Teacher EMA momentum at the end.",
                                                                  rich_help_panel=METHOD, show_default=False)] = None,
-    patch_mask_ratio: Annotated[tuple[float, float] | None, typer.Option(
-        metavar="MIN MAX", help="iBOT: share of a masked view's patches that are masked, drawn per view in "
-        "[MIN, MAX] (e.g. 0.1 0.5; the same number twice for a fixed share).", rich_help_panel=METHOD,
-        show_default=False)] = None,
-    mask_probability: Annotated[float | None, typer.Option(
-        help="iBOT: share of global views that are masked at all (0.5: half stay whole).", rich_help_panel=METHOD,
-        show_default=False)] = None,
-    mask_shape: Annotated[MaskShape | None, typer.Option(
-        help="iBOT: block (BEiT-style rectangles) or rand (scattered patches).", rich_help_panel=METHOD,
-        show_default=False)] = None,
+    patch_mask_ratio: _PATCH_MASK_RATIO = None,
+    mask_probability: _MASK_PROBABILITY = None,
+    mask_shape: _MASK_SHAPE = None,
     patch_loss_weight: Annotated[float | None, typer.Option(
         help="iBOT: weight of the masked-patch loss against the CLS loss (1 = equal).", rich_help_panel=METHOD,
         show_default=False)] = None,
@@ -255,10 +281,7 @@ def train(
     output_dir: Annotated[Path | None, typer.Option(
         help="Run directory for checkpoints and logs [default: work_dirs/dino_PRESET].", rich_help_panel=RUN,
         show_default=False)] = None,
-    config: Annotated[Path | None, typer.Option(
-        "--config", help="TOML or JSON file of settings (flag names with underscores, flat or in [model] [data] "
-        "[optim] [method] [run] tables). Flags given here win over the file.", rich_help_panel=RUN,
-        show_default=False)] = None,
+    config: _CONFIG = None,
     export_backbone: Annotated[Path | None, typer.Option(
         help="Write the teacher backbone here at the end, in the format load_dinov2_backbone reads.",
         rich_help_panel=RUN, show_default=False)] = None,
@@ -278,15 +301,17 @@ def train(
         show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start over in an output folder that already holds a run.", rich_help_panel=RUN)] = False,
-    seed: Annotated[int | None, typer.Option(help="Seed; the same seed and data give the same run.",
-                                             rich_help_panel=RUN, show_default=False)] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX [default: auto].",
-                                               rich_help_panel=RUN, show_default=False)] = None,
+    seed: _SEED = None,
+    device: _DEVICE = None,
     precision: Annotated[Precision | None, typer.Option(
         help="auto = bf16 autocast on CUDA, fp32 on CPU. Use fp32 if you see NaN losses.",
         rich_help_panel=RUN, show_default=False)] = None,
     log_interval: Annotated[int | None, typer.Option(help="Steps between log lines and metrics records.",
                                                      rich_help_panel=RUN, show_default=False)] = None,
+    logger: Annotated[list[str] | None, typer.Option(
+        "--logger", help="Also log to tensorboard, wandb or mlflow (repeatable; metrics.jsonl is always written). "
+        'Each needs its package: pip install "dinopre[tensorboard]" (or [wandb], [mlflow]).', rich_help_panel=RUN,
+        show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.",
                                         rich_help_panel=RUN)] = False,
 ) -> None:
@@ -526,6 +551,73 @@ def verify_backbone(
     print_verification(report.rows)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def preview(
+    preset: Annotated[Preset, typer.Argument(help="face or hands: the augmentation defaults to show.",
+                                             case_sensitive=False)],
+    train_dir: _TRAIN_DIR = None,
+    demo: _DEMO = False,
+    config: _CONFIG = None,
+    num_local_crops: _NUM_LOCAL_CROPS = None,
+    local_crop_size: _LOCAL_CROP_SIZE = None,
+    global_crop_scale: _GLOBAL_CROP_SCALE = None,
+    local_crop_scale: _LOCAL_CROP_SCALE = None,
+    flip_prob: _FLIP_PROB = None,
+    augment_on: _AUGMENT_ON = None,
+    image_size: _IMAGE_SIZE = None,
+    patch_size: _PATCH_SIZE = None,
+    algorithm: _ALGORITHM = None,
+    recipe: _RECIPE = None,
+    patch_mask_ratio: _PATCH_MASK_RATIO = None,
+    mask_probability: _MASK_PROBABILITY = None,
+    mask_shape: _MASK_SHAPE = None,
+    seed: _SEED = None,
+    device: _DEVICE = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("views.png"),
+    images: Annotated[int, typer.Option(help="Images shown (the first ones training visits).")] = 4,
+    epoch: Annotated[int, typer.Option(help="Epoch whose draws to show (1 = the first).")] = 1,
+    cell_size: Annotated[int, typer.Option(help="Side of each view in the grid, in pixels.")] = 96,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+) -> None:
+    """Draw every global and local view of a few images exactly as `train` would render them (iBOT masks shaded).
+
+    Check at a glance that the crops keep what matters: e.g. that --local-crop-scale does not cut the fingers off
+    a hand crop. `train` writes the same picture into its run directory (views.png).
+    """
+    cli_settings = _settings_given(locals())
+    for name, value, low in (("--images", images, 1), ("--epoch", epoch, 1), ("--cell-size", cell_size, 16)):
+        if value < low:
+            fail(f"{name} must be at least {low}, got {value}.")
+    try:
+        from dinopre.config import build_config, read_config_file
+        from dinopre.preview import preview as draw
+
+        file_settings = read_config_file(config) if config is not None else None
+        resolved = build_config(preset.value, demo=demo, file_settings=file_settings, cli_settings=cli_settings)
+        path = draw(resolved, output, count=images, epoch=epoch - 1, cell=cell_size, force=force,
+                    inputs=(config,) if config is not None else ())
+    except UserError as exc:
+        fail(str(exc))
+    typer.echo(f"Wrote {path}.")
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (their metrics.jsonl); several are overlaid.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("curves.png"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+) -> None:
+    """Draw training curves: loss and its parts, lr, momentum and teacher temperature, teacher entropy against
+    ln K, k-NN and RankMe (needs matplotlib: pip install "dinopre[plots]")."""
+    try:
+        from dinopre.plot import plot_runs
+
+        path = plot_runs(runs, output, force=force)
+    except UserError as exc:
+        fail(str(exc))
+    typer.echo(f"Wrote {path}.")
 
 
 @app.command()

@@ -35,6 +35,7 @@ AUGMENT_PLACES = ("device", "workers")
 CENTERINGS = ("ema", "sinkhorn")  # how the teacher's targets are balanced (dinopre.losses)
 RECIPES = ("auto", "reference")  # where unset settings come from (dinopre.recipe)
 TEACHER_VIEWS = ("rgb", "gray", "pattern")  # how the teacher sees its views (dinopre.method)
+LOGGERS = ("tensorboard", "wandb", "mlflow")  # experiment trackers beside metrics.jsonl (dinopre.trackers)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class RunConfig:
     compile: bool = False
     export_backbone: str | None = None
     stream: str | None = None
+    logger: tuple[str, ...] = ()  # experiment trackers (LOGGERS), beside metrics.jsonl
 
 
 @dataclass(frozen=True)
@@ -657,6 +659,9 @@ def _validate_run(config: PretrainConfig) -> None:
     _require(r.log_interval >= 1, f"--log-interval must be a positive number of steps, got {r.log_interval}.")
     _require(r.checkpoint_every >= 0,
              f"--checkpoint-every must be 0 (epoch ends only) or a positive number of steps, got {r.checkpoint_every}.")
+    for name in r.logger:
+        _require(name in LOGGERS, f"--logger must be one of {', '.join(LOGGERS)}, got '{name}'.")
+    _require(len(set(r.logger)) == len(r.logger), f"--logger names a tracker twice: {', '.join(r.logger)}.")
 
 
 def _validate_eval(config: PretrainConfig) -> None:

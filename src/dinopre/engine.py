@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dinopre import __version__, distributed
+from dinopre.attention import compute_figure
 from dinopre.build import RunParts, build_run
 from dinopre.checkpoint import FORMAT_VERSION, KIND_TRAINING, CheckpointError, backbone_metadata
 from dinopre.config import PretrainConfig, advisories, config_to_dict, setting
@@ -37,6 +38,8 @@ from dinopre.events import (
     Stopped,
 )
 from dinopre.export import write_backbone
+from dinopre.figures import save_png
+from dinopre.images import BadImageError
 from dinopre.method import StudentTeacher
 from dinopre.optim import apply_schedules, cancel_gradients, clip_gradients_per_tensor
 from dinopre.outputs import check_export_paths, check_parent_writable
@@ -47,6 +50,7 @@ from dinopre.pipeline import (
     device_batches,
     worker_processes,
 )
+from dinopre.preview import VIEWS, first_images, write_views
 from dinopre.progress import NullReporter
 from dinopre.recipe import ResolvedRecipe
 from dinopre.resume import continued_config, load_resume_state
@@ -62,6 +66,7 @@ from dinopre.runtime import (
     share_cpus,
 )
 from dinopre.schedules import Schedules, epochs_to_steps
+from dinopre.trackers import Trackers, check_installed
 from dinopre.vit import count_parameters
 
 
@@ -199,6 +204,7 @@ class _Run:
     model: torch.nn.Module  # what a step calls (the method, in DDP with several processes)
     num_workers: int
     world_size: int = 1
+    trackers: Trackers | None = None  # the main process's experiment trackers
     bad_files: dict[str, str] = field(default_factory=dict)  # {file: reason} of files that could not be used
     last_saved_step: int = -1
     epoch: int = 0  # completed epochs
@@ -247,7 +253,10 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
          inputs: tuple[Path, ...], stop: StopSignals, started: float) -> FitResult:
     files: RunDirectory | None = None
     error: UserError | None = None
+    trackers: Trackers | None = None
     try:  # every process sets up; a failure on any of them stops all of them here (`distributed.agree`)
+        if distributed.is_main():
+            check_installed(config.run.logger)  # before anything is trained
         state = load_resume_state(resume_from, config) if resume_from is not None else None
         if state is not None:
             config = continued_config(config, state)
@@ -266,13 +275,20 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
         folder = Path(parts.config.run.output_dir)
         files = RunDirectory(folder) if distributed.is_main() else NullRunDirectory(folder)
         files.prepare(overwrite=overwrite, resuming=state is not None)  # holds the folder until the run ends
+        if parts.config.run.logger and distributed.is_main():
+            trackers = Trackers(reporter, parts.config.run.logger, files.path, config_to_dict(parts.config),
+                                state.get("trackers") if state is not None else None,
+                                state["global_step"] if state is not None else 0)
+            reporter = trackers
     except UserError as exc:
         error = exc
     try:
         distributed.agree(error)
         _check_same_data(parts)
-        return _start(parts, files, reporter, state, evaluator, stop, started, inputs, resume_from)
+        return _start(parts, files, reporter, state, evaluator, stop, started, inputs, resume_from, trackers)
     finally:
+        if trackers is not None:
+            trackers.close()
         if files is not None:
             files.unlock()
 
@@ -289,12 +305,12 @@ def _check_same_data(parts: RunParts) -> None:
 
 def _start(parts: RunParts, files: RunDirectory, reporter: Reporter, state: dict[str, Any] | None,
            evaluator: Evaluator | None, stop: StopSignals, started: float, inputs: tuple[Path, ...],
-           resume_from: str | Path | None) -> FitResult:
+           resume_from: str | Path | None, trackers: Trackers | None = None) -> FitResult:
     """Restore a resumed run, write params.json, announce the run and train."""
     config, runtime, data, recipe, method = parts.config, parts.runtime, parts.data, parts.recipe, parts.method
     run = _Run(config, files, runtime, method, parts.optimizer, parts.schedules, parts.steps_per_epoch, reporter,
                data.fingerprint, data.source, stop, evaluator, recipe.derived, parts.model, parts.num_workers,
-               parts.world_size)
+               parts.world_size, trackers)
     if state is not None:
         _restore(run, state)
     share_cpus(runtime, distributed.local_world_size())
@@ -302,6 +318,10 @@ def _start(parts: RunParts, files: RunDirectory, reporter: Reporter, state: dict
     files.write_params({"config": config_to_dict(config), "recipe": recipe_record(recipe),
                         "environment": environment_info(runtime, parts.num_workers, on_device, parts.world_size,
                                                         parts.batch_per_rank)})
+    if distributed.is_main() and state is None:  # what the first batch's views look like (`dinopre preview`)
+        views = write_views(config, data.source, files.path / VIEWS, device=runtime.device)
+        if trackers is not None:
+            trackers.log_image("views", views, 0)
     reporter.emit(RunStarted(
         config, files.path, len(data.source), data.description, parts.steps_per_epoch,
         parts.steps_per_epoch * config.optim.epochs, str(runtime.device), runtime.precision_name, parts.num_workers,
@@ -517,9 +537,39 @@ def _end_epoch(run: _Run, epoch: int, seconds: float) -> None:
                                   "step": run.global_step, "message": message})
     _save(run, best=is_best, mid_epoch=False)
     run.reporter.emit(EpochEnded(epoch, run.config.optim.epochs, loss, is_best, seconds, images_per_sec, means,
-                                 evaluation))
+                                 evaluation, run.global_step))
+    if run.trackers is not None and _eval_epoch(run, epoch):
+        _log_attention(run, epoch)
     if verdict is not None:
         run.reporter.emit(CollapseWarning(epoch, verdict, message))
+
+
+def _eval_epoch(run: _Run, epoch: int) -> bool:
+    """Whether epoch `epoch` (0-based) is one of the --eval-every epochs (the last one always is)."""
+    return (epoch + 1) % run.config.eval.eval_every == 0 or epoch + 1 == run.config.optim.epochs
+
+
+ATTENTION_IMAGES = 4  # fixed training images whose attention grid the trackers get
+
+
+def _log_attention(run: _Run, epoch: int) -> None:
+    """The teacher's attention maps of a few fixed training images (the first the run visits), written into the
+    run directory (attention/epoch_NNNN.png) and sent to the trackers."""
+    assert run.trackers is not None
+    backbone = run.method.teacher["backbone"]
+    indices = first_images(run.config, min(ATTENTION_IMAGES, len(run.source)), 0, len(run.source))
+    loaders = []
+    for i in indices:
+        try:
+            image = run.source.load(i)
+        except BadImageError:  # listed in bad_files.json already; the grid shows the others
+            continue
+        loaders.append((run.source.describe(i).rsplit("/", 1)[-1], lambda image=image: image))
+    if not loaders:
+        return
+    figure = compute_figure(backbone, run.config.model.patch_size, loaders, run.config.model.image_size)
+    path = save_png(figure.grid(96).render(), run.files.path / "attention" / f"epoch_{epoch + 1:04d}.png")
+    run.trackers.log_image("attention", path, run.global_step)
 
 
 def _evaluate(run: _Run, epoch: int) -> dict[str, Any]:
@@ -639,6 +689,7 @@ def _training_state(run: _Run, shares: list[dict[str, Any]]) -> dict[str, Any]:
         "evaluations": [dict(record) for record in run.evaluations],
         "data": run.data_fingerprint.to_state(),
         "world_size": run.world_size,
+        "trackers": run.trackers.run_ids if run.trackers is not None else {},
     }
     if len(shares) > 1:
         state["ranks"] = [{"rng": share["rng"], "loss_sums": share["loss_sums"]} for share in shares]

@@ -68,6 +68,7 @@ class EpochEnded:
     images_per_sec: float
     parts: dict[str, float]  # epoch means of the loss and its parts
     evaluation: dict[str, Any] = field(default_factory=dict)  # label-free signals, k-NN, collapse verdict
+    global_step: int = 0  # steps done in the run at the end of this epoch
 
 
 @dataclass(frozen=True)

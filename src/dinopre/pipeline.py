@@ -72,11 +72,17 @@ def build_data_loader(config: PretrainConfig, source: ImageSource, device: torch
                       num_workers: int) -> tuple[torch.utils.data.DataLoader, BatchAugmentation | None]:
     """The run's one loader (workers are never respawned) and, when the views are rendered on the device, the
     renderer its `RawBatch`es need (None when the workers render them)."""
+    dataset, render = build_dataset(config, source)
+    return build_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda"), render
+
+
+def build_dataset(config: PretrainConfig, source: ImageSource) -> tuple[MultiCropDataset, BatchAugmentation | None]:
+    """The run's multi-crop dataset and, when the views are rendered on the device, its renderer (else None)."""
     augmentation = build_augmentation(config)
     render = BatchAugmentation(augmentation) if augments_on_device(config) else None
     dataset = MultiCropDataset(source, augmentation, config.run.seed, build_mask_sampler(config),
                                source_cap(config.model.image_size) if render is not None else None)
-    return build_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda"), render
+    return dataset, render
 
 
 def device_batches(batches: Iterable[CropBatch | RawBatch], device: torch.device,
