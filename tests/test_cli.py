@@ -21,7 +21,8 @@ def invoke(*args: str):
 def test_help_lists_every_command_and_advises() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("train", "resume", "export", "inspect-checkpoint", "verify-backbone"):
+    for command in ("train", "resume", "export", "inspect-checkpoint", "verify-backbone", "attention", "preview",
+                    "plot"):
         assert command in result.output
     train_help = invoke("train", "--help").output
     assert "--train-dir" in train_help and "--global-crop-scale" in train_help
@@ -249,7 +250,8 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
               "mask_probability": "0.7", "mask_shape": "rand", "patch_loss_weight": "0.5",
               "teacher_patch_temp": "0.06", "eval_dir": "probe", "eval_every": "2", "best_by": "loss",
               "output_dir": "out", "export_backbone": "bb.pt", "checkpoint_every": "5", "stream": "hand_left",
-              "compile": None, "seed": "7", "device": "cpu", "precision": "fp32", "log_interval": "3"}
+              "compile": None, "seed": "7", "device": "cpu", "precision": "fp32", "log_interval": "3",
+              "logger": ["tensorboard"]}
     settings = _options("train") - TRAIN_ONLY
     assert settings == set(values), settings ^ set(values)  # a new option needs a value here
     args = ["train", "hands"]

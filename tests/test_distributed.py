@@ -285,7 +285,7 @@ def _wait_for_step(run_dir: Path, step: int, processes: list[subprocess.Popen]) 
 def _one_run_directory(run_dir: Path) -> None:
     names = {p.name for p in run_dir.iterdir()}
     assert names == {"checkpoint_last.pt", "checkpoint_best.pt", "params.json", "metrics.jsonl", "artifacts.json",
-                     ".dinopre.lock"}, names
+                     ".dinopre.lock", "views.png"}, names
     steps = [(r["type"], r["step"]) for r in _records(run_dir)]
     assert len(steps) == len(set(steps)), "metrics.jsonl has duplicate lines"
 

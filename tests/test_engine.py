@@ -38,7 +38,7 @@ def test_a_run_leaves_the_full_run_directory(tiny_settings: dict, face_folder: P
     run_dir = Path(tiny_settings["output_dir"])
     names = {p.name for p in run_dir.iterdir()}
     assert {"checkpoint_last.pt", "checkpoint_best.pt", "params.json", "metrics.jsonl", "artifacts.json",
-            "bb.pt", "bb.json"} <= names
+            "bb.pt", "bb.json", "views.png"} <= names
     assert [n for n in names if n.startswith(".")] == [".dinopre.lock"]  # no temporary files left behind
 
     state = torch.load(run_dir / "checkpoint_last.pt", weights_only=True)

@@ -185,8 +185,10 @@ def collect_images(paths: list[Path], limit: int) -> list[Path]:
 
 def draw_attention(model_path: Path, paths: list[Path], output: Path, *, weights: str = "teacher",
                    image_size: int | None = None, limit: int = 8, keep: float | None = DEFAULT_KEEP,
-                   mean: bool = True, cell: int = 128, force: bool = False) -> tuple[Path, list[str]]:
-    """`dinopre attention`: load the backbone, compute the maps of up to `limit` images and write the grid.
+                   mean: bool = True, cell: int = 128, force: bool = False,
+                   demo: bool = False) -> tuple[Path, list[str]]:
+    """`dinopre attention`: load the backbone, compute the maps of up to `limit` images (the built-in crops first
+    with `demo`) and write the grid.
 
     Returns:
         The PNG written and notes for the user (skipped files, an interpolated size).
@@ -204,11 +206,19 @@ def draw_attention(model_path: Path, paths: list[Path], output: Path, *, weights
     check_parent_writable(output, "the --output picture")
     if keep is not None and not 0 < keep <= 1:
         raise ConfigError(f"--keep-mass must be in (0, 1], got {keep}; 0.6 is DINO's choice.")
+    if not paths and not demo:
+        raise DataError("Give image files or folders to draw the attention of, or --demo for the built-in crops.")
     model, metadata = load_any_backbone(model_path, weights)
     native, patch = metadata["backbone"]["image_size"], metadata["backbone"]["patch_size"]
     size = image_size or native
-    notes, loaders = [], []
-    for path in collect_images(paths, limit):
+    notes: list[str] = []
+    loaders: list[tuple[str, Callable[[], Image.Image]]] = []
+    if demo:  # the synthetic crops of the model's preset (`train --demo` trains on them)
+        from dinopre.data import SyntheticSource
+
+        source = SyntheticSource(str(metadata.get("preset", "face")), limit)
+        loaders += [(source.describe(i).replace("synthetic ", ""), lambda i=i: source.load(i)) for i in range(limit)]
+    for path in collect_images(paths, limit - len(loaders)) if paths else []:
         try:
             image = load_rgb(path)
         except BadImageError as exc:

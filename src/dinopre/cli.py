@@ -623,7 +623,10 @@ def plot(
 @app.command()
 def attention(
     model: Annotated[Path, typer.Argument(help="Backbone export or training checkpoint.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images (searched recursively).")],
+    images: Annotated[list[Path] | None, typer.Argument(
+        help="Image files or folders of images (searched recursively).", show_default=False)] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="Draw the built-in synthetic crops of the model's preset "
+                                                       "(what `train --demo` trains on).")] = False,
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("attention.png"),
     weights: Annotated[Weights, typer.Option(
         help="Of a training checkpoint: teacher (what training exports) or student.")] = Weights.teacher,
@@ -651,9 +654,9 @@ def attention(
     try:
         from dinopre.attention import draw_attention
 
-        path, notes = draw_attention(model, images, output, weights=weights.value, image_size=image_size,
+        path, notes = draw_attention(model, images or [], output, weights=weights.value, image_size=image_size,
                                      limit=max_images, keep=keep_mass or None, mean=mean, cell=cell_size,
-                                     force=force)
+                                     force=force, demo=demo)
     except UserError as exc:
         fail(str(exc))
     for note in notes:

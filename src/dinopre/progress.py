@@ -9,12 +9,13 @@ All print the resolved configuration at start (except quiet) and a final summary
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -173,6 +174,31 @@ class PlainReporter:
         pass
 
 
+def format_eta(seconds: float | None) -> str:
+    """H:MM:SS, or -:--:-- while nothing is known yet."""
+    if seconds is None:
+        return "-:--:--"
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class StepClock:
+    """Seconds per step of this run so far, for the ETAs.
+
+    Rich's own estimate only uses updates of the last 30 s; the bars move at each log step, which on a slow
+    machine or with a long --log-interval comes less often, so it showed -:--:-- for a whole epoch. This rate uses
+    every step since the run (or the resume) started, and is known from the first log step on.
+    """
+
+    def __init__(self, start_step: int, now: float | None = None) -> None:
+        self.start_step, self.start = start_step, time.monotonic() if now is None else now
+
+    def seconds_per_step(self, global_step: int, now: float | None = None) -> float | None:
+        done = global_step - self.start_step
+        elapsed = (time.monotonic() if now is None else now) - self.start
+        return elapsed / done if done > 0 else None
+
+
 class RichReporter(PlainReporter):
     """Live progress bars and metrics for an interactive terminal."""
 
@@ -180,8 +206,9 @@ class RichReporter(PlainReporter):
         super().__init__(console or Console())
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
+            TextColumn("ETA {task.fields[eta]}"), console=self.console,
         )
+        self.clock: StepClock | None = None
         self.live: Live | None = None
         self.status: Any = None
         self.epoch_task = self.step_task = None
@@ -203,17 +230,25 @@ class RichReporter(PlainReporter):
         elif isinstance(event, RunStarted):
             super().emit(event)
             done_epochs, done_steps = divmod(event.start_step, event.steps_per_epoch)
-            self.epoch_task = self.progress.add_task("epochs", total=event.config.optim.epochs, completed=done_epochs)
-            self.step_task = self.progress.add_task("steps ", total=event.steps_per_epoch, completed=done_steps)
+            self.clock = StepClock(event.start_step)
+            self.epoch_task = self.progress.add_task("epochs", total=event.config.optim.epochs, completed=done_epochs,
+                                                     eta=format_eta(None))
+            self.step_task = self.progress.add_task("steps ", total=event.steps_per_epoch, completed=done_steps,
+                                                    eta=format_eta(None))
             self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
             self.live.start()
         elif isinstance(event, StepLogged):
-            self.progress.update(self.step_task, completed=event.step_in_epoch)
+            rate = self.clock.seconds_per_step(event.global_step) if self.clock is not None else None
+            left_in_epoch = event.steps_per_epoch - event.step_in_epoch
+            self.progress.update(self.step_task, completed=event.step_in_epoch,
+                                 eta=format_eta(rate * left_in_epoch if rate is not None else None))
+            self.progress.update(self.epoch_task, eta=format_eta(
+                rate * (event.total_steps - event.global_step) if rate is not None else None))
             self.metrics_text = format_metrics(event.metrics)
             self.live.update(self._render())
         elif isinstance(event, EpochEnded):
             self.progress.update(self.epoch_task, completed=event.epoch + 1)
-            self.progress.reset(self.step_task)
+            self.progress.reset(self.step_task)  # the step ETA stays: the rate does not change at an epoch end
             self._epoch_line(event)
             self.evaluation_text = format_evaluation(event.evaluation)
             self.live.update(self._render())

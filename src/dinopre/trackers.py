@@ -74,7 +74,9 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_id = run_id or "tensorboard"
-        self.writer = SummaryWriter(log_dir=str(run_dir / self.run_id), purge_step=step if run_id else None)
+        # Events logged after the checkpoint being resumed (step > `step`) were written by the interrupted process
+        # and are written again now: TensorBoard drops them (the checkpoint's own step stays).
+        self.writer = SummaryWriter(log_dir=str(run_dir / self.run_id), purge_step=step + 1 if run_id else None)
         if run_id is None:
             self.writer.add_text("config", "\n".join(f"    {k} = {v}" for k, v in _flat(config).items()), 0)
 
@@ -142,7 +144,7 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k.replace("/", "_"), float(v), now, step)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
                                                     for k, v in values.items()])
 
     def log_image(self, tag: str, path: Path, step: int) -> None:

@@ -1,0 +1,43 @@
+"""The live display: its ETAs are known from the first log step on, whatever the log interval."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from dinopre import progress
+from dinopre.config import build_config
+from dinopre.events import RunStarted, StepLogged
+from dinopre.progress import RichReporter, StepClock, format_eta
+from dinopre.recipe import resolve
+
+
+def test_eta_formats_hours_minutes_seconds() -> None:
+    assert format_eta(None) == "-:--:--"
+    assert format_eta(3725.4) == "1:02:05" and format_eta(-3) == "0:00:00"
+
+
+def test_the_rate_counts_every_step_since_the_start_or_resume() -> None:
+    clock = StepClock(start_step=100, now=0.0)
+    assert clock.seconds_per_step(100, now=5.0) is None
+    assert clock.seconds_per_step(110, now=30.0) == pytest.approx(3.0)
+
+
+def test_the_step_eta_shows_within_an_epoch_with_a_slow_log_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log step every 40 s (longer than rich's 30 s speed window) used to leave -:--:-- for the whole epoch."""
+    now = {"t": 0.0}
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now["t"])
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    reporter = RichReporter(console)
+    config = resolve(build_config("face", demo=True), 512).config  # as the engine announces it
+    reporter.emit(RunStarted(config, Path("run"), 512, "demo", 100, 300, "cpu", "fp32", 0, {"student": 1}))
+    try:
+        now["t"] = 40.0
+        reporter.emit(StepLogged(0, 3, 10, 100, 10, 300, {"loss": 5.0}))
+        tasks = {task.description.strip(): task.fields["eta"] for task in reporter.progress.tasks}
+        assert tasks == {"steps": "0:06:00", "epochs": "0:19:20"}  # 4 s per step: 90 and 290 steps left
+    finally:
+        reporter.close()
