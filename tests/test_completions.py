@@ -17,7 +17,7 @@ from dinopre.cli import app
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPLETIONS_DIR = REPO_ROOT / "completions"
-SUBCOMMANDS = ("train", "resume", "export", "inspect-checkpoint", "verify-backbone")
+SUBCOMMANDS = ("train", "resume", "export", "inspect-checkpoint", "verify-backbone", "attention", "preview", "plot")
 
 
 def _load_generator() -> ModuleType:
