@@ -25,6 +25,7 @@ from dinopre.data import EpochBatchSampler
 from dinopre.distributed import detect, first_host
 from dinopre.engine import fit
 from dinopre.errors import ConfigError
+from dinopre.export import inspect_file
 from dinopre.progress import NullReporter
 from dinopre.rundir import RunDirectory
 
@@ -230,6 +231,7 @@ def test_two_processes_train_like_one_on_the_same_global_batch(straight: Path, t
     assert (params["world_size"], params["batch_per_rank"]) == (2, 8)
     state = _state(two)
     assert state["global_step"] == STEPS and not any(k.startswith("module.") for k in state["student"])
+    assert inspect_file(two / "checkpoint_last.pt")["world_size"] == 2
 
 
 def test_the_teacher_stays_identical_on_every_process(tmp_path: Path) -> None:

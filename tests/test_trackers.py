@@ -13,6 +13,7 @@ from dinopre.config import build_config
 from dinopre.engine import fit
 from dinopre.errors import ConfigError
 from dinopre.events import StepLogged
+from dinopre.export import inspect_file
 from dinopre.progress import NullReporter
 
 
@@ -66,6 +67,7 @@ def test_wandb_offline_keeps_one_run_id_across_a_resume(tiny_settings: dict, fac
     out = tmp_path / "run"
     ids = _interrupted_then_resumed(tiny_settings, face_folder, out, "wandb")
     assert ids["first"] == ids["then"]
+    assert inspect_file(out / "checkpoint_last.pt")["trackers"] == {"wandb": ids["then"]}
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(ids["then"]) for name in runs)
 

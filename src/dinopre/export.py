@@ -337,6 +337,8 @@ def _inspect_training(state: dict[str, Any]) -> dict[str, Any]:
         "global_step": state["global_step"],
         "best_loss": state["best_loss"] if math.isfinite(state["best_loss"]) else None,
         "best_epoch": state.get("best_epoch"),
+        "world_size": state.get("world_size", 1),  # training processes that wrote it (any number may resume)
+        "trackers": dict(state.get("trackers") or {}),  # --logger runs a resume continues
         "config": {
             "model": f"ViT {m['vit_embed_dim']}-d depth {m['vit_depth']} heads {m['vit_num_heads']} patch "
                      f"{m['patch_size']} at {m['image_size']} px, K={m['out_dim']}",
