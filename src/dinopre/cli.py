@@ -553,6 +553,8 @@ def verify_backbone(
         raise typer.Exit(1)
 
 
+# The parameter list names the same shared option types as `train` (each defined once above): Typer reads a
+# command's options from its signature, so the names repeat but their flags, help and types cannot drift.
 @app.command()
 def preview(
     preset: Annotated[Preset, typer.Argument(help="face or hands: the augmentation defaults to show.",
