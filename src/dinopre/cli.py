@@ -119,7 +119,7 @@ _FLIP_PROB = Annotated[float | None, typer.Option(
 _AUGMENT_ON = Annotated[AugmentOn | None, typer.Option(
     help="Where the crops and colour augmentations run: device (whole batches on the training device, GPU or "
     "CPU; workers only decode) or workers (image by image in the data workers; the same views up to rounding, "
-    "but about 14x more CPU per image) [default: device].",
+    "but about 14x more CPU per image) \\[default: device].",
     rich_help_panel=DATA, show_default=False)]
 _IMAGE_SIZE = Annotated[int | None, typer.Option(
     help="Side of the global views and of the exported backbone's input, in pixels.",
@@ -131,7 +131,7 @@ _ALGORITHM = Annotated[Algorithm | None, typer.Option(help="Self-supervision met
 _RECIPE = Annotated[Recipe | None, typer.Option(
     help="Where the settings you leave unset come from: auto derives them from the number of images, the batch, "
     "the number of steps and the model width (printed at start, saved in params.json); reference uses DINO's "
-    "and iBOT's published values, tuned for ImageNet and 10^5 steps [default: auto].", rich_help_panel=METHOD,
+    "and iBOT's published values, tuned for ImageNet and 10^5 steps \\[default: auto].", rich_help_panel=METHOD,
     show_default=False)]
 _PATCH_MASK_RATIO = Annotated[tuple[float, float] | None, typer.Option(
     metavar="MIN MAX", help="iBOT: share of a masked view's patches that are masked, drawn per view in "
@@ -144,12 +144,12 @@ _MASK_SHAPE = Annotated[MaskShape | None, typer.Option(
     help="iBOT: block (BEiT-style rectangles) or rand (scattered patches).", rich_help_panel=METHOD,
     show_default=False)]
 _CONFIG = Annotated[Path | None, typer.Option(
-    "--config", help="TOML or JSON file of settings (flag names with underscores, flat or in [model] [data] "
-    "[optim] [method] [run] tables). Flags given here win over the file.", rich_help_panel=RUN,
+    "--config", help="TOML or JSON file of settings (flag names with underscores, flat or in \\[model] \\[data] "
+    "\\[optim] \\[method] \\[run] tables). Flags given here win over the file.", rich_help_panel=RUN,
     show_default=False)]
 _SEED = Annotated[int | None, typer.Option(help="Seed; the same seed and data give the same run.",
                                          rich_help_panel=RUN, show_default=False)]
-_DEVICE = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX [default: auto].",
+_DEVICE = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX \\[default: auto].",
                                            rich_help_panel=RUN, show_default=False)]
 
 
@@ -166,7 +166,7 @@ def train(
     local_crop_scale: _LOCAL_CROP_SCALE = None,
     flip_prob: _FLIP_PROB = None,
     num_workers: Annotated[int | None, typer.Option(
-        help="Data-loading processes [default: CPUs - 1, at most 8]. Raise it if data wait is high.",
+        help="Data-loading processes \\[default: CPUs - 1, at most 8]. Raise it if data wait is high.",
         rich_help_panel=DATA, show_default=False)] = None,
     augment_on: _AUGMENT_ON = None,
     strict_data: Annotated[bool | None, typer.Option(
@@ -202,14 +202,14 @@ def train(
         help="iBOT: one head for CLS and patch tokens (the iBOT ViT-S recipe) or a separate patch head.",
         rich_help_panel=MODEL, show_default=False)] = None,
     patch_out_dim: Annotated[int | None, typer.Option(
-        help="iBOT: prototypes of a separate patch head [default: --out-dim].", rich_help_panel=MODEL,
+        help="iBOT: prototypes of a separate patch head \\[default: --out-dim].", rich_help_panel=MODEL,
         show_default=False)] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the data.", rich_help_panel=OPTIM,
                                                show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step (each gives 2 + local views).",
                                                    rich_help_panel=OPTIM, show_default=False)] = None,
     learning_rate: Annotated[float | None, typer.Option(
-        help="Peak lr after warmup [default: 5e-4 x batch / 256]. Raise it if the loss stalls early.",
+        help="Peak lr after warmup \\[default: 5e-4 x batch / 256]. Raise it if the loss stalls early.",
         rich_help_panel=OPTIM, show_default=False)] = None,
     min_lr: Annotated[float | None, typer.Option(help="lr at the end of the cosine decay.", rich_help_panel=OPTIM,
                                                  show_default=False)] = None,
@@ -241,18 +241,19 @@ def train(
     centering: Annotated[Centering | None, typer.Option(
         help="How the teacher's targets are balanced: ema (DINO: subtract a running mean) or sinkhorn (DINOv2's "
         "Sinkhorn-Knopp: every prototype gets an equal share of each batch, which rules out collapse) "
-        "[default: ema].", rich_help_panel=METHOD, show_default=False)] = None,
+        "\\[default: ema].", rich_help_panel=METHOD, show_default=False)] = None,
     koleo_weight: Annotated[float | None, typer.Option(
         help="Weight of DINOv2's KoLeo term, which spreads the student's features apart (0.1 in DINOv2; 0 is off) "
-        "[default: 0].", rich_help_panel=METHOD, show_default=False)] = None,
+        "\\[default: the recipe's: 0.1 under auto, 0 under reference].", rich_help_panel=METHOD,
+        show_default=False)] = None,
     teacher_view: Annotated[TeacherView | None, typer.Option(
         help="How the teacher sees its views: rgb (as rendered, DINO), gray (so its targets, and the features the "
         "student learns, cannot depend on colour: skin tone, lighting, clothing) or pattern (gray, standardised per "
-        "view: nor on brightness and contrast) [default: the recipe's].", rich_help_panel=METHOD,
+        "view: nor on brightness and contrast) \\[default: the recipe's].", rich_help_panel=METHOD,
         show_default=False)] = None,
     contrast_weight: Annotated[float | None, typer.Option(
         help="Weight of a contrastive loss (SimCLR's InfoNCE) between the student's two global views, through a "
-        "training-only head that is never exported; 0 is off [default: the recipe's].", rich_help_panel=METHOD,
+        "training-only head that is never exported; 0 is off \\[default: the recipe's].", rich_help_panel=METHOD,
         show_default=False)] = None,
     teacher_momentum_base: Annotated[float | None, typer.Option(
         help="Teacher EMA momentum at the start (cosine to the final value); raise it (0.999) for small batches.",
@@ -273,13 +274,13 @@ def train(
         "those). Every --eval-every epochs a weighted 20-NN of the teacher's features is scored and logged; the loss "
         "alone does not tell a useful run from a useless one.", rich_help_panel=EVAL, show_default=False)] = None,
     eval_every: Annotated[int | None, typer.Option(
-        help="Epochs between two k-NN evaluations (the last epoch is always evaluated) [default: 1].",
+        help="Epochs between two k-NN evaluations (the last epoch is always evaluated) \\[default: 1].",
         rich_help_panel=EVAL, show_default=False)] = None,
     best_by: Annotated[BestBy | None, typer.Option(
-        help="What makes checkpoint_best.pt: the highest k-NN accuracy or the lowest loss [default: knn with "
+        help="What makes checkpoint_best.pt: the highest k-NN accuracy or the lowest loss \\[default: knn with "
         "--eval-dir, else loss].", rich_help_panel=EVAL, show_default=False)] = None,
     output_dir: Annotated[Path | None, typer.Option(
-        help="Run directory for checkpoints and logs [default: work_dirs/dino_PRESET].", rich_help_panel=RUN,
+        help="Run directory for checkpoints and logs \\[default: work_dirs/dino_PRESET].", rich_help_panel=RUN,
         show_default=False)] = None,
     config: _CONFIG = None,
     export_backbone: Annotated[Path | None, typer.Option(
@@ -294,7 +295,7 @@ def train(
         "epoch takes long and the machine may be preempted.", rich_help_panel=RUN, show_default=False)] = None,
     stream: Annotated[str | None, typer.Option(
         help="Name of the pipeline stream the backbone is for (e.g. face, hand_left), recorded in the export's "
-        "metadata [default: the preset].", rich_help_panel=RUN, show_default=False)] = None,
+        "metadata \\[default: the preset].", rich_help_panel=RUN, show_default=False)] = None,
     compile: Annotated[bool | None, typer.Option(
         "--compile", help="torch.compile the backbones: faster steps on a GPU after a compilation of a minute or "
         "two at start; losses equal the eager ones up to float rounding.", rich_help_panel=RUN,
@@ -310,7 +311,7 @@ def train(
                                                      rich_help_panel=RUN, show_default=False)] = None,
     logger: Annotated[list[str] | None, typer.Option(
         "--logger", help="Also log to tensorboard, wandb or mlflow (repeatable; metrics.jsonl is always written). "
-        'Each needs its package: pip install "dinopre[tensorboard]" (or [wandb], [mlflow]).', rich_help_panel=RUN,
+        'Each needs its package: pip install "dinopre\\[tensorboard]" (or \\[wandb], \\[mlflow]).', rich_help_panel=RUN,
         show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.",
                                         rich_help_panel=RUN)] = False,
@@ -532,7 +533,7 @@ def verify_backbone(
     checkpoint: Annotated[Path | None, typer.Option(
         help="Also check the features equal this checkpoint's (relative error < 1e-4).", show_default=False)] = None,
     image_size: Annotated[int | None, typer.Option(
-        help="The second input size to try [default: the export's size + 2 patches].", show_default=False)] = None,
+        help="The second input size to try \\[default: the export's size + 2 patches].", show_default=False)] = None,
 ) -> None:
     """Check an export loads strictly, runs at two sizes with finite outputs, and matches its checkpoint."""
     if not backbone.is_file():
@@ -612,7 +613,7 @@ def plot(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
     """Draw training curves: loss and its parts, lr, momentum and teacher temperature, teacher entropy against
-    ln K, k-NN and RankMe (needs matplotlib: pip install "dinopre[plots]")."""
+    ln K, k-NN and RankMe (needs matplotlib: pip install "dinopre\\[plots]")."""
     try:
         from dinopre.plot import plot_runs
 
@@ -634,7 +635,7 @@ def attention(
         help="Of a training checkpoint: teacher (what training exports) or student.")] = Weights.teacher,
     image_size: Annotated[int | None, typer.Option(
         help="Input size in pixels; other than the trained size, the position embedding is interpolated "
-        "[default: the backbone's size].", show_default=False)] = None,
+        "\\[default: the backbone's size].", show_default=False)] = None,
     max_images: Annotated[int, typer.Option(help="Images drawn at most (the first ones, sorted).")] = 8,
     keep_mass: Annotated[float, typer.Option(
         help="Also show the patches holding this share of the mean map's attention (DINO's threshold; 0: "
