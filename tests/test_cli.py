@@ -126,6 +126,7 @@ def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path: Pat
     (["train", "face", "--demo", "--checkpoint-every", "-1"], "--checkpoint-every must be"),
     # settings out of any sensible range: one sentence before anything is allocated
     (["train", "face", "--demo", "--seed", "-1"], "--seed must be 0 or more"),
+    (["train", "face", "--demo", "--drloc-weight", "-0.5"], "--drloc-weight must be 0 (off) or positive"),
     (["train", "face", "--demo", "--seed", str(2**64)], "--seed 18446744073709551616 is beyond"),
     (["train", "face", "--demo", "--vit-mlp-ratio", "0.01"], "gives an MLP of 0 units"),
     (["train", "face", "--demo", "--vit-mlp-ratio", "inf"], "must be a finite number"),
@@ -260,7 +261,7 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
               "freeze_last_layer_epochs": "2", "algorithm": "ibot", "student_temp": "0.2", "teacher_temp": "0.05",
               "warmup_teacher_temp": "0.03", "warmup_teacher_temp_epochs": "2", "center_momentum": "0.8",
               "centering": "sinkhorn", "koleo_weight": "0.1", "teacher_view": "gray", "recipe": "reference",
-              "contrast_weight": "0.5",
+              "contrast_weight": "0.5", "drloc_weight": "0.25",
               "teacher_momentum_base": "0.99", "teacher_momentum_final": "0.999", "patch_mask_ratio": ["0.2", "0.4"],
               "mask_probability": "0.7", "mask_shape": "rand", "patch_loss_weight": "0.5",
               "teacher_patch_temp": "0.06", "eval_dir": "probe", "eval_every": "2", "best_by": "loss",

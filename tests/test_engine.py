@@ -321,9 +321,9 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(resumable, tmp_path
                                                              labelled_folder: Path) -> None:
     settings = {"algorithm": algorithm, "augment_on": augment_on,
                 **({"eval_dir": str(labelled_folder)} if evaluate else {})}
-    if evaluate == "recipe":  # KoLeo, Sinkhorn-Knopp, the contrastive head, a luma teacher, zero-mean patches
-        settings.update(koleo_weight=0.1, centering="sinkhorn", contrast_weight=0.5, teacher_view="pattern",
-                        zero_mean_patches=True)
+    if evaluate == "recipe":  # KoLeo, Sinkhorn-Knopp, the contrastive and Drloc heads, a luma teacher, zero-mean
+        settings.update(koleo_weight=0.1, centering="sinkhorn", contrast_weight=0.5, drloc_weight=0.5,
+                        teacher_view="pattern", zero_mean_patches=True)
     fit(resumable(tmp_path / "straight", **settings), Recorder())
     interrupted = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):

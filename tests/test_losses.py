@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinopre.losses import DINOLoss, IBOTPatchLoss, teacher_diagnostics
+from dinopre.losses import (
+    DINOLoss,
+    IBOTPatchLoss,
+    localisation_loss,
+    relative_offsets,
+    sample_token_pairs,
+    teacher_diagnostics,
+)
 
 K = 64
 B = 5
@@ -538,3 +545,31 @@ def test_info_nce_rewards_views_that_agree() -> None:
     agreeing = info_nce(torch.cat([images, images + 0.01]), 2, 0.2)
     random = info_nce(torch.randn(12, 16, generator=torch.Generator().manual_seed(9)), 2, 0.2)
     assert agreeing.item() < 0.5 < 2.0 < random.item()
+
+
+# ----------------------------------------------------------------------------------- Drloc (relative localisation)
+
+
+def test_relative_offsets_are_drloc_targets_on_a_row_major_grid() -> None:
+    """Token t of a (rows, cols) grid sits at (t // cols, t % cols); the target is the first token's position minus
+    the second's, divided by the grid's side (Liu et al. 2021, eq. 2)."""
+    grid = (3, 4)  # tokens 0..11; token 11 is (2, 3), token 4 is (1, 0)
+    pairs = torch.tensor([[[11, 0], [0, 11], [4, 4], [4, 3]]])
+    expected = torch.tensor([[[2 / 3, 3 / 4], [-2 / 3, -3 / 4], [0.0, 0.0], [1 / 3, -3 / 4]]])
+    torch.testing.assert_close(relative_offsets(pairs, grid), expected)
+
+
+def test_localisation_loss_is_the_mean_l1_distance_per_pair() -> None:
+    predicted = torch.tensor([[[0.5, -0.5], [0.0, 0.25]]])
+    target = torch.tensor([[[0.0, 0.0], [0.0, -0.25]]])
+    assert localisation_loss(predicted, target).item() == pytest.approx((1.0 + 0.5) / 2)
+    assert localisation_loss(target, target).item() == 0.0
+
+
+def test_token_pairs_come_from_the_global_generator() -> None:
+    """A resumed run restores the global generator, so it must draw the same pairs again."""
+    torch.manual_seed(3)
+    first = sample_token_pairs(4, 16, 8, torch.device("cpu"))
+    torch.manual_seed(3)
+    assert torch.equal(sample_token_pairs(4, 16, 8, torch.device("cpu")), first)
+    assert first.shape == (4, 8, 2) and first.min() >= 0 and first.max() < 16

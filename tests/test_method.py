@@ -628,6 +628,35 @@ def test_the_contrastive_head_trains_with_the_student_and_is_never_exported() ->
     assert not any("contrast" in key for key in backbone_state(state, "teacher"))
 
 
+@pytest.mark.parametrize("algorithm", ["dino", "ibot"])
+def test_the_drloc_head_locates_patch_tokens_trains_with_the_student_and_is_never_exported(algorithm: str) -> None:
+    from dinopre.export import backbone_state
+    from dinopre.losses import localisation_loss, relative_offsets, sample_token_pairs
+    from dinopre.method import DRLOC_PAIRS
+
+    method = tiny_method(drloc_weight=0.5, algorithm=algorithm).train()
+    plain = tiny_method(algorithm=algorithm).train()
+    assert "drloc_head" in method.student and method.loss_names[-1] == "drloc"
+    assert "drloc_head" not in plain.student and "drloc" not in plain.loss_names
+    batch = crop_batch() if algorithm == "dino" else ibot_batch()
+    torch.manual_seed(7)
+    out = method(batch, TEACHER_TEMP, *(() if algorithm == "dino" else (PATCH_TEMP,)))
+    with torch.no_grad():  # the student's tokens (masked for iBOT), as the loss saw them
+        masks = batch.masks if algorithm == "ibot" else None
+        tokens = method.student["backbone"].forward_features(batch.global_crops, masks=masks).patch_tokens
+    torch.manual_seed(7)  # nothing else in the step draws from the global generator (no drop-path here)
+    pairs = sample_token_pairs(2 * B, tokens.shape[1], DRLOC_PAIRS, tokens.device)
+    expected = localisation_loss(method.student["drloc_head"](tokens, pairs), relative_offsets(pairs, (4, 4)))
+    assert out["drloc"].item() == pytest.approx(expected.item(), rel=1e-5)
+    main = out["dino"] if algorithm == "dino" else out["cls"] + out["patch"]
+    assert out["loss"].item() == pytest.approx(main.item() + 0.5 * out["drloc"].item(), rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in method.student["drloc_head"].parameters())
+    assert method.student["backbone"].pos_embed.grad.abs().sum() > 0
+    state = {"teacher": method.teacher.state_dict(), "student": method.student.state_dict()}
+    assert not any("drloc" in key for key in backbone_state(state, "teacher"))
+
+
 @pytest.mark.parametrize("view", ["gray", "pattern"])
 def test_the_teacher_can_see_its_views_without_colour(view: str) -> None:
     from dinopre.augment import grayscale_normalized

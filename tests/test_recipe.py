@@ -20,7 +20,7 @@ BEFORE_RECIPES = {
              "warmup_teacher_temp_epochs": 0, "centering": "ema", "koleo_weight": 0.0,
              "teacher_momentum_base": 0.996,
              # options added with the recipes, off under `reference` as before them
-             "teacher_view": "rgb", "contrast_weight": 0.0, "zero_mean_patches": False},
+             "teacher_view": "rgb", "contrast_weight": 0.0, "drloc_weight": 0.0, "zero_mean_patches": False},
 }
 BEFORE_RECIPES["hands"] = {**BEFORE_RECIPES["face"], "global_crop_scale": (0.5, 1.0), "local_crop_scale": (0.1, 0.5)}
 

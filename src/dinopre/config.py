@@ -115,6 +115,7 @@ class MethodConfig:
     teacher_view: str | None = None  # rgb | gray | pattern: how the teacher sees its views
     contrast_weight: float | None = None  # a training-only contrastive head between the global views (0: off)
     contrast_temperature: float = 0.2
+    drloc_weight: float | None = None  # a training-only head that locates pairs of patch tokens (Drloc; 0: off)
     teacher_momentum_base: float | None = None
     teacher_momentum_final: float = 1.0
     # iBOT only (bytedance/ibot ViT-S recipe)
@@ -244,6 +245,7 @@ REFERENCE_VALUES: dict[str, Any] = {
     "koleo_weight": 0.0,
     "teacher_view": "rgb",
     "contrast_weight": 0.0,
+    "drloc_weight": 0.0,
     "teacher_momentum_base": 0.996,
     "zero_mean_patches": False,
 }
@@ -510,6 +512,7 @@ UPPER_BOUNDS: dict[str, float] = {
     "freeze_last_layer_epochs": 1_000_000, "warmup_teacher_temp_epochs": 1_000_000,
     "warmup_teacher_patch_temp_epochs": 1_000_000, "weight_decay": 100.0, "weight_decay_end": 100.0,
     "student_temp": 100.0, "teacher_temp": 100.0, "contrast_weight": 1000.0, "contrast_temperature": 100.0,
+    "drloc_weight": 1000.0,
     "warmup_teacher_temp": 100.0, "teacher_patch_temp": 100.0,
     "warmup_teacher_patch_temp": 100.0, "koleo_weight": 1000.0, "patch_loss_weight": 1e6, "cls_loss_weight": 1e6,
     "clip_grad_norm": 1e6, "knn_temperature": 100.0, "eval_every": 1_000_000,
@@ -622,6 +625,8 @@ def _validate_method(config: PretrainConfig) -> None:
     _require(m.contrast_temperature > 0, f"contrast_temperature must be positive, got {m.contrast_temperature}.")
     _require(not m.contrast_weight or config.optim.batch_size >= 2,
              "--contrast-weight needs at least 2 images per batch (the others are its negatives); raise --batch-size.")
+    _require(m.drloc_weight is None or m.drloc_weight >= 0,
+             f"--drloc-weight must be 0 (off) or positive, got {m.drloc_weight}.")
     _require(m.koleo_weight is None or m.koleo_weight >= 0,
              f"--koleo-weight must be 0 (off) or positive, got {m.koleo_weight}.")
     _require(not m.koleo_weight or config.optim.batch_size >= 2,

@@ -96,3 +96,28 @@ class ProjectionHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, in_dim) features -> (R, out_dim) embeddings."""
         return self.mlp(x)
+
+
+class LocalisationHead(nn.Module):
+    """A training-only MLP that reads two patch tokens and predicts how far apart they lie on the patch grid.
+
+    Drloc (Liu et al., "Efficient Training of Visual Transformers with Small Datasets", NeurIPS 2021): the pair's
+    concatenated tokens (2 x in_dim) -> hidden -> hidden -> (drow, dcol), ReLU, as in the paper. Solving it needs
+    tokens that know where they are relative to each other, the spatial structure a ViT otherwise lacks early on
+    small data. Never exported.
+
+    Args:
+        in_dim: backbone token width.
+        hidden_dim: width of the two hidden layers (512 in the paper).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 512) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.ReLU(), nn.Linear(hidden_dim, 2))
+
+    def forward(self, tokens: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) tokens and (B, P, 2) index pairs -> (B, P, 2) predicted offsets of the first from the second."""
+        index = pairs.flatten(1).unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (B, 2P, D)
+        picked = tokens.gather(1, index).unflatten(1, pairs.shape[1:])  # (B, P, 2, D)
+        return self.mlp(picked.flatten(-2))

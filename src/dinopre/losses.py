@@ -89,6 +89,28 @@ def info_nce(embeddings: torch.Tensor, num_views: int, temperature: float) -> to
         return -(log_p.masked_fill(~positives, 0.0).sum(1) / positives.sum(1)).mean()
 
 
+def sample_token_pairs(batch: int, num_tokens: int, pairs: int, device: torch.device) -> torch.Tensor:
+    """(batch, pairs, 2) indices of token pairs, drawn uniformly with replacement from the global generator (whose
+    state the checkpoints carry, so a resumed run draws the same pairs)."""
+    return torch.randint(num_tokens, (batch, pairs, 2), device=device)
+
+
+def relative_offsets(pairs: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(..., 2) token-index pairs on a (rows, cols) grid -> (..., 2) offsets (drow / rows, dcol / cols) of the first
+    token from the second, each in (-1, 1): Drloc's targets (Liu et al., NeurIPS 2021, eq. 2)."""
+    rows, cols = grid
+    first, second = pairs.unbind(-1)
+    drow = torch.div(first, cols, rounding_mode="floor") - torch.div(second, cols, rounding_mode="floor")
+    dcol = first % cols - second % cols
+    return torch.stack([drow / rows, dcol / cols], dim=-1).float()
+
+
+def localisation_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Drloc's loss: the L1 distance between predicted and true (..., 2) offsets, averaged over pairs, in fp32."""
+    with torch.autocast(predicted.device.type, enabled=False):
+        return (predicted.float() - target.float()).abs().sum(-1).mean()
+
+
 class _CenteredLoss(nn.Module):
     """What the DINO and iBOT losses share: a student temperature and the teacher's centering.
 

@@ -20,8 +20,17 @@ from torch import nn
 from dinopre.augment import grayscale_normalized, standardized_luma
 from dinopre.config import PretrainConfig
 from dinopre.data import CropBatch
-from dinopre.heads import DINOHead, ProjectionHead
-from dinopre.losses import DINOLoss, IBOTPatchLoss, info_nce, koleo_loss, teacher_diagnostics
+from dinopre.heads import DINOHead, LocalisationHead, ProjectionHead
+from dinopre.losses import (
+    DINOLoss,
+    IBOTPatchLoss,
+    info_nce,
+    koleo_loss,
+    localisation_loss,
+    relative_offsets,
+    sample_token_pairs,
+    teacher_diagnostics,
+)
 from dinopre.vit import VisionTransformer
 
 
@@ -43,6 +52,9 @@ class StudentTeacher(nn.Module):
             (SimCLR's InfoNCE), or None; it is never exported.
         contrast_weight: weight of that loss in the total.
         contrast_temperature: its softmax temperature.
+        drloc_head: a training-only head that predicts the grid offset between two of the student's patch tokens
+            of a global view (Drloc), or None; it is never exported.
+        drloc_weight: weight of that loss in the total.
         zero_mean_patches: keep the patch filters at zero mean per colour channel (`constrain` after each step),
             so a patch token does not change when a constant is added to a channel of the patch.
     """
@@ -61,6 +73,8 @@ class StudentTeacher(nn.Module):
         contrast_head: ProjectionHead | None = None,
         contrast_weight: float = 0.0,
         contrast_temperature: float = 0.2,
+        drloc_head: LocalisationHead | None = None,
+        drloc_weight: float = 0.0,
         zero_mean_patches: bool = False,
     ) -> None:
         super().__init__()
@@ -72,6 +86,8 @@ class StudentTeacher(nn.Module):
             modules["patch_head"] = patch_head
         if contrast_head is not None:
             modules["contrast_head"] = contrast_head
+        if drloc_head is not None:
+            modules["drloc_head"] = drloc_head
         self.student = nn.ModuleDict(modules)
         self.teacher = copy.deepcopy(self.student)
         for block in self.teacher["backbone"].blocks:
@@ -83,6 +99,7 @@ class StudentTeacher(nn.Module):
         self.koleo_weight = koleo_weight
         self.teacher_view = teacher_view
         self.contrast_weight, self.contrast_temperature = contrast_weight, contrast_temperature
+        self.drloc_weight = drloc_weight
 
     @property
     def is_ibot(self) -> bool:
@@ -93,7 +110,8 @@ class StudentTeacher(nn.Module):
         """The total and its parts, as keys of `forward`'s result."""
         names = ("loss", "cls", "patch") if self.is_ibot else ("loss", "dino")
         names += ("koleo",) if self.koleo_weight > 0 else ()
-        return names + ("contrast",) if "contrast_head" in self.student else names
+        names += ("contrast",) if "contrast_head" in self.student else ()
+        return names + ("drloc",) if "drloc_head" in self.student else names
 
     def train(self, mode: bool = True) -> StudentTeacher:
         super().train(mode)
@@ -138,11 +156,19 @@ class StudentTeacher(nn.Module):
             return self._forward_ibot(batch, teacher_temp, teacher_patch_temp, diagnostics)
         with torch.no_grad():
             teacher_logits = self.teacher["head"](self.teacher["backbone"](self._teacher_views(batch)))  # (G*B, K)
-        global_cls = self.student["backbone"](batch.global_crops)  # (G*B, D)
+        global_cls, patch_tokens = self._student_globals(batch)
         student_logits = self.student["head"](self._student_cls(global_cls, batch))  # (V*B, K)
         out = self._diagnostics(teacher_logits, teacher_temp) if diagnostics else {}
         loss = self._cls_loss(student_logits, teacher_logits, batch, teacher_temp)
-        return self._with_koleo({"loss": loss, "dino": loss.detach(), **out}, global_cls, batch)
+        return self._with_regularisers({"loss": loss, "dino": loss.detach(), **out}, global_cls, batch, patch_tokens)
+
+    def _student_globals(self, batch: CropBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The student's (G*B, D) CLS features of the global views, and their (G*B, N, D) patch tokens when a loss
+        reads them (Drloc)."""
+        if "drloc_head" not in self.student:
+            return self.student["backbone"](batch.global_crops), None
+        features = self.student["backbone"].forward_features(batch.global_crops)
+        return features.cls, features.patch_tokens
 
     def _teacher_views(self, batch: CropBatch) -> torch.Tensor:
         """The global views as the teacher sees them (`teacher_view`)."""
@@ -152,10 +178,11 @@ class StudentTeacher(nn.Module):
             return standardized_luma(batch.global_crops)
         return batch.global_crops
 
-    def _with_koleo(self, losses: dict[str, torch.Tensor], global_cls: torch.Tensor,
-                    batch: CropBatch) -> dict[str, torch.Tensor]:
-        """Add the regularisers of the student's global-view CLS features to the total, per process: KoLeo on each
-        view (DINOv2) and the contrastive loss between views (through the training-only head)."""
+    def _with_regularisers(self, losses: dict[str, torch.Tensor], global_cls: torch.Tensor, batch: CropBatch,
+                           patch_tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Add the student's regularisers of its global views to the total, per process: KoLeo on each view's CLS
+        features (DINOv2), the contrastive loss between views and the relative localisation of patch tokens
+        (each through its training-only head)."""
         views = global_cls.shape[0] // batch.batch_size
         if self.koleo_weight > 0:
             koleo = sum(koleo_loss(view) for view in global_cls.chunk(views))
@@ -163,7 +190,17 @@ class StudentTeacher(nn.Module):
         if "contrast_head" in self.student:
             contrast = info_nce(self.student["contrast_head"](global_cls), views, self.contrast_temperature)
             losses = {**losses, "loss": losses["loss"] + self.contrast_weight * contrast, "contrast": contrast.detach()}
+        if "drloc_head" in self.student and patch_tokens is not None:
+            drloc = self._localisation(patch_tokens, batch)
+            losses = {**losses, "loss": losses["loss"] + self.drloc_weight * drloc, "drloc": drloc.detach()}
         return losses
+
+    def _localisation(self, patch_tokens: torch.Tensor, batch: CropBatch) -> torch.Tensor:
+        """Drloc's loss on (G*B, N, D) patch tokens: DRLOC_PAIRS random pairs per view, offsets on the patch grid."""
+        patch = self.student["backbone"].patch_embed.patch_size
+        grid = (batch.global_crops.shape[-2] // patch, batch.global_crops.shape[-1] // patch)
+        pairs = sample_token_pairs(patch_tokens.shape[0], patch_tokens.shape[1], DRLOC_PAIRS, patch_tokens.device)
+        return localisation_loss(self.student["drloc_head"](patch_tokens, pairs), relative_offsets(pairs, grid))
 
     def _student_cls(self, global_cls: torch.Tensor, batch: CropBatch) -> torch.Tensor:
         """Student CLS features of every view: globals (already computed) then locals, one call per resolution."""
@@ -197,8 +234,8 @@ class StudentTeacher(nn.Module):
         patch_loss = self.patch_loss(student_masked_logits, teacher_patch_logits, batch.mask_index,
                                      teacher_temp=teacher_patch_temp)
         loss = self.loss_weights[0] * cls_loss + self.loss_weights[1] * patch_loss
-        return self._with_koleo({"loss": loss, "cls": cls_loss.detach(), "patch": patch_loss.detach(), **out},
-                                student.cls, batch)
+        return self._with_regularisers({"loss": loss, "cls": cls_loss.detach(), "patch": patch_loss.detach(), **out},
+                                       student.cls, batch, student.patch_tokens)
 
     @staticmethod
     def _heads(model: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,6 +266,7 @@ class StudentTeacher(nn.Module):
 
 
 CONTRAST_DIM = 128  # SimCLR's projection width
+DRLOC_PAIRS = 64  # token pairs per view: Drloc's m (Liu et al. 2021), the whole 8 x 8 grid of a 64 px crop once
 
 
 @torch.no_grad()
@@ -265,7 +303,9 @@ def build_method(config: PretrainConfig) -> StudentTeacher:
     extras = {"koleo_weight": method.koleo_weight, "teacher_view": method.teacher_view,
               "contrast_weight": method.contrast_weight, "contrast_temperature": method.contrast_temperature,
               "contrast_head": ProjectionHead(m.vit_embed_dim, m.head_hidden_dim, CONTRAST_DIM)
-              if method.contrast_weight > 0 else None, "zero_mean_patches": m.zero_mean_patches}
+              if method.contrast_weight > 0 else None, "drloc_weight": method.drloc_weight,
+              "drloc_head": LocalisationHead(m.vit_embed_dim) if method.drloc_weight > 0 else None,
+              "zero_mean_patches": m.zero_mean_patches}
     if not ibot:
         return StudentTeacher(backbone, head(m.out_dim), loss, **extras)
     return StudentTeacher(

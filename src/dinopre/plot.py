@@ -16,7 +16,7 @@ from typing import Any
 from dinopre.errors import ConfigError, RunDirError
 
 INSTALL_HINT = 'dinopre plot draws with matplotlib: install it with pip install "dinopre[plots]".'
-LOSS_PARTS = ("dino", "cls", "patch", "koleo", "contrast")
+LOSS_PARTS = ("dino", "cls", "patch", "koleo", "contrast", "drloc")
 
 
 @dataclass

@@ -28,6 +28,7 @@ _SHOWN = (
     ("patch", "patch", "{:.4f}"),
     ("koleo", "koleo", "{:.3f}"),
     ("contrast", "contrast", "{:.3f}"),
+    ("drloc", "drloc", "{:.3f}"),
     ("lr", "lr", "{:.2e}"),
     ("weight_decay", "wd", "{:.3f}"),
     ("momentum", "momentum", "{:.5f}"),
@@ -163,7 +164,7 @@ class PlainReporter:
     def _epoch_line(self, event: EpochEnded) -> None:
         best = " (best)" if event.is_best else ""
         parts = "".join(f" {name} {value:.4f}" for name, value in event.parts.items()
-                        if name in ("cls", "patch", "koleo", "contrast"))
+                        if name in ("cls", "patch", "koleo", "contrast", "drloc"))
         self.console.print(f"epoch {event.epoch + 1}/{event.epochs} done: loss {event.loss:.4f}{best}{parts}, "
                            f"{event.seconds:.1f} s, {event.images_per_sec:.0f} img/s")
         if format_evaluation(event.evaluation):
