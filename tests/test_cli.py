@@ -41,6 +41,7 @@ def test_help_keeps_bracketed_defaults_and_install_hints() -> None:
     assert "[model] [data] [optim] [method] [run] tables" in train_help
     assert 'pip install "dinopre[tensorboard]" (or [wandb], [mlflow])' in train_help
     assert "[default: the recipe's: 0.1 under auto, 0 under reference]" in train_help
+    assert "[default: 0 under both recipes: no gain measured at the original tool's budget]" in train_help
     assert 'pip install "dinopre[plots]"' in _unwrapped(invoke("plot", "--help").output)
 
 

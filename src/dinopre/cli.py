@@ -257,7 +257,8 @@ def train(
         show_default=False)] = None,
     drloc_weight: Annotated[float | None, typer.Option(
         help="Weight of a relative-localisation loss (Drloc, Liu et al. 2021): a training-only head, never exported, "
-        "predicts how far apart two of the student's patch tokens lie; 0 is off \\[default: the recipe's].",
+        "predicts how far apart two of the student's patch tokens lie; 0 is off \\[default: 0 under both recipes: "
+        "no gain measured at the original tool's budget].",
         rich_help_panel=METHOD, show_default=False)] = None,
     teacher_momentum_base: Annotated[float | None, typer.Option(
         help="Teacher EMA momentum at the start (cosine to the final value); raise it (0.999) for small batches.",

@@ -266,7 +266,7 @@ class StudentTeacher(nn.Module):
 
 
 CONTRAST_DIM = 128  # SimCLR's projection width
-DRLOC_PAIRS = 64  # token pairs per view: Drloc's m (Liu et al. 2021), the whole 8 x 8 grid of a 64 px crop once
+DRLOC_PAIRS = 64  # token pairs per view (Liu et al. 2021 sample a few dozen): as many as the 8 x 8 grid of a 64 px crop
 
 
 @torch.no_grad()
