@@ -24,12 +24,12 @@ except ModuleNotFoundError:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dinopre import vit  # noqa: E402
-from dinopre.config import build_config  # noqa: E402
-from dinopre.data import CropBatch  # noqa: E402
-from dinopre.masking import MaskSampler  # noqa: E402
-from dinopre.method import build_method  # noqa: E402
-from dinopre.recipe import resolve  # noqa: E402
+from dinopre.config.recipe import resolve  # noqa: E402
+from dinopre.config.settings import build_config  # noqa: E402
+from dinopre.data.dataset import CropBatch  # noqa: E402
+from dinopre.data.masking import MaskSampler  # noqa: E402
+from dinopre.model import vit  # noqa: E402
+from dinopre.model.method import build_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import WORKLOADS  # noqa: E402

@@ -117,9 +117,9 @@ def _flag_value(flags: list[str], name: str, default: str) -> str:
 def random_backbone(flags: list[str]) -> torch.nn.Module:
     """The untrained backbone of this shape, drawn as a plain ViT is (the reference recipe: no constraint on the
     patch filters, which `auto` would apply at the start)."""
-    from dinopre.config import build_config
-    from dinopre.method import build_method
-    from dinopre.recipe import resolve
+    from dinopre.config.recipe import resolve
+    from dinopre.config.settings import build_config
+    from dinopre.model.method import build_method
 
     settings = {"train_dir": ["unused"], "image_size": int(_flag_value(flags, "--image-size", "64")),
                 "patch_size": int(_flag_value(flags, "--patch-size", "8")),
@@ -128,7 +128,7 @@ def random_backbone(flags: list[str]) -> torch.nn.Module:
                 "vit_num_heads": int(_flag_value(flags, "--vit-num-heads", "4")),
                 "local_crop_size": int(_flag_value(flags, "--local-crop-size", "32")), "recipe": "reference"}
     config = resolve(build_config("face", cli_settings=settings), num_images=2000).config
-    torch.manual_seed(int(_flag_value(flags, "--seed", "0")))  # as `dinopre.runtime.setup` seeds a run
+    torch.manual_seed(int(_flag_value(flags, "--seed", "0")))  # as `dinopre.train.runtime.setup` seeds a run
     return build_method(config).teacher["backbone"]
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dinopre.demo import colour_ramp
+from dinopre.data.demo import colour_ramp
 
 SUPERSAMPLE = 4
 NUM_CLASSES = 5

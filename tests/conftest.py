@@ -47,7 +47,7 @@ def tiny_settings(tmp_path: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def face_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of 48 synthetic face-like JPEG crops in two subfolders (tests recursive scanning)."""
-    from dinopre.demo import write_synthetic_folder
+    from dinopre.data.demo import write_synthetic_folder
 
     root = tmp_path_factory.mktemp("faces")
     write_synthetic_folder(root / "signer_a", "face", 24, size=48)

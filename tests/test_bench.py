@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dinopre.config import build_config
-from dinopre.heads import DINOHead
-from dinopre.vit import VisionTransformer
+from dinopre.config.settings import build_config
+from dinopre.model.heads import DINOHead
+from dinopre.model.vit import VisionTransformer
 
 _BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 _spec = importlib.util.spec_from_file_location("bench", _BENCH)
@@ -80,7 +80,7 @@ def test_activation_estimate_counts_what_the_gpu_path_saves(monkeypatch: pytest.
     """benchmarks/activation_memory.py counts saved activations; the GPU path (fused norms) keeps less of them."""
     import sys
 
-    from dinopre import vit
+    from dinopre.model import vit
 
     monkeypatch.syspath_prepend(str(_BENCH.parent))
     spec = importlib.util.spec_from_file_location("activation_memory", _BENCH.parent / "activation_memory.py")

@@ -88,7 +88,7 @@ def test_a_collapse_is_recorded_even_with_quiet(tmp_path: Path) -> None:
 def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
-    monkeypatch.setattr("dinopre.engine.fit",
+    monkeypatch.setattr("dinopre.train.engine.fit",
                         lambda config, reporter, overwrite=False, resume_from=None, inputs=():
                         seen.setdefault("c", config))
     config_file = tmp_path / "c.toml"
@@ -178,7 +178,7 @@ def test_an_existing_run_is_refused_with_what_to_do(tmp_path: Path) -> None:
 
 def test_ibot_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
-    monkeypatch.setattr("dinopre.engine.fit",
+    monkeypatch.setattr("dinopre.train.engine.fit",
                         lambda config, reporter, overwrite=False, resume_from=None, inputs=():
                         seen.setdefault("c", config))
     result = invoke("train", "face", "--train-dir", "d", "--algorithm", "ibot", "--no-shared-head",
@@ -223,7 +223,7 @@ def _file_only_in_readme() -> set[str]:
 def test_train_options_settings_and_the_readme_agree() -> None:
     """Every `train` option is a setting (so it reaches the configuration, none is dropped), and every setting
     without an option is listed in the README as reachable through a config file only."""
-    from dinopre.config import FIELD_SECTION
+    from dinopre.config.settings import FIELD_SECTION
 
     options = _options("train")
     assert options - TRAIN_ONLY <= set(FIELD_SECTION), options - TRAIN_ONLY - set(FIELD_SECTION)
@@ -231,7 +231,7 @@ def test_train_options_settings_and_the_readme_agree() -> None:
 
 
 def test_resume_options_are_exactly_the_settings_a_resume_may_change() -> None:
-    from dinopre.config import RESUME_MAY_CHANGE
+    from dinopre.config.settings import RESUME_MAY_CHANGE
 
     options = _options("resume") - {"target", "quiet"}
     paths = {"output_dir", "export_backbone", "stream"}  # fixed by the run directory being resumed
@@ -240,17 +240,17 @@ def test_resume_options_are_exactly_the_settings_a_resume_may_change() -> None:
 
 def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     """Give every setting-option a non-default value on the command line: each arrives in the config."""
-    from dinopre.config import FIELD_SECTION
+    from dinopre.config.settings import FIELD_SECTION
 
     seen = {}
 
     def fake_fit(config, reporter, **kwargs):
         seen["config"] = config
-        from dinopre.engine import FitResult
+        from dinopre.train.engine import FitResult
 
         return FitResult(Path("x"), 0.0, 0, [])
 
-    monkeypatch.setattr("dinopre.engine.fit", fake_fit)
+    monkeypatch.setattr("dinopre.train.engine.fit", fake_fit)
     values = {"train_dir": ["d"], "num_local_crops": "3", "local_crop_size": "32", "global_crop_scale": ["0.3", "0.9"],
               "local_crop_scale": ["0.1", "0.3"], "flip_prob": "0.25", "num_workers": "3", "augment_on": "workers",
               "strict_data": None, "image_size": "64", "patch_size": "8", "vit_embed_dim": "48", "vit_depth": "2",
@@ -290,6 +290,6 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
 
 
 def build_default(preset: str):
-    from dinopre.config import build_config
+    from dinopre.config.settings import build_config
 
     return build_config(preset, cli_settings={"train_dir": ["elsewhere"]})

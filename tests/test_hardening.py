@@ -19,11 +19,11 @@ from conftest import TINY
 from PIL import Image
 from typer.testing import CliRunner
 
+from dinopre.base.errors import ConfigError, RunDirError
 from dinopre.cli import app
-from dinopre.config import build_config
-from dinopre.engine import fit
-from dinopre.errors import ConfigError, RunDirError
+from dinopre.config.settings import build_config
 from dinopre.progress import NullReporter
+from dinopre.train.engine import fit
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -45,8 +45,8 @@ def test_an_unexpected_error_with_live_workers_ends_the_process(face_folder: Pat
     """A failure in the trainer while data workers run (which ignore SIGTERM) used to hang the process at exit;
     now the workers are killed and the error comes out."""
     code = f"""
-        import dinopre.engine as engine
-        from dinopre.config import build_config
+        import dinopre.train.engine as engine
+        from dinopre.config.settings import build_config
         from dinopre.progress import NullReporter
 
         calls = {{"n": 0}}
@@ -93,7 +93,7 @@ def _hold(folder: Path) -> subprocess.Popen:
     code = f"""
         import sys, time
         from pathlib import Path
-        from dinopre.rundir import RunDirectory
+        from dinopre.files.rundir import RunDirectory
         held = RunDirectory(Path({str(folder)!r}))
         held.lock()
         print("locked", flush=True)
@@ -163,7 +163,7 @@ def test_a_full_disk_inside_torch_save_is_the_disk_full_sentence(tmp_path: Path,
     """torch.save turns a failed write into a RuntimeError; the cause is reported, not a traceback."""
     import builtins
 
-    from dinopre.checkpoint import atomic_save
+    from dinopre.files.checkpoint import atomic_save
 
     real_open = builtins.open
 
@@ -218,9 +218,9 @@ def test_file_names_that_are_not_utf8_train_and_are_reported_printably(tmp_path:
 def test_thin_images_of_both_orientations_in_one_batch_stay_small() -> None:
     """A 1 x 65000 and a 65000 x 1 image used to pad the batch to 65000 x 65000 (50 GB); their views are still
     rendered from the right part of each image."""
-    from dinopre.augment import ColorJitterSettings, MultiCropAugmentation
-    from dinopre.batch_augment import BatchAugmentation, source_cap
-    from dinopre.data import MultiCropDataset, SyntheticSource, collate_crops
+    from dinopre.data.augment import ColorJitterSettings, MultiCropAugmentation
+    from dinopre.data.batch_augment import BatchAugmentation, source_cap
+    from dinopre.data.dataset import MultiCropDataset, SyntheticSource, collate_crops
 
     class Thin(SyntheticSource):
         def load(self, index: int) -> Image.Image:
@@ -244,7 +244,7 @@ def test_any_decoder_failure_is_that_files_problem(tmp_path: Path, monkeypatch: 
                                                   error: Exception) -> None:
     from PIL import ImageFile
 
-    from dinopre.images import BadImageError, load_rgb
+    from dinopre.data.images import BadImageError, load_rgb
 
     path = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(path)
@@ -292,7 +292,7 @@ def test_train_resume_takes_a_folder_given_as_an_absolute_path(face_folder: Path
 
 def test_a_runs_params_json_is_a_config_file(finished_run: Path, tmp_path: Path) -> None:
     """The README says a past run's settings can be reused: `--config RUN/params.json`."""
-    from dinopre.config import read_config_file
+    from dinopre.config.settings import read_config_file
 
     settings = read_config_file(finished_run / "params.json")
     assert settings["vit_embed_dim"] == TINY["vit_embed_dim"] and settings["preset"] == "face"
@@ -324,7 +324,7 @@ def test_ctrl_c_after_checkpoints_names_them(finished_run: Path, tmp_path: Path,
     """A second Ctrl-C used to say 'nothing was saved' after checkpoints had been written."""
     import shutil
 
-    import dinopre.engine as engine
+    import dinopre.train.engine as engine
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)

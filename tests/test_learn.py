@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinopre.evaluation import weighted_knn_accuracy
+from dinopre.train.evaluation import weighted_knn_accuracy
 
 _BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(_BENCHMARKS))  # learn.py imports its sibling probes.py

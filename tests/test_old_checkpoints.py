@@ -1,6 +1,6 @@
 """Checkpoints written by earlier versions of dinopre still resume, bit for bit.
 
-`data/checkpoint_v1_ibot_step4.pt` was written by dinopre 0.1.0 as it stood before the package was split into
+`fixtures/checkpoint_v1_ibot_step4.pt` was written by dinopre 0.1.0 as it stood before the package was split into
 subpackages (issue 24): `dinopre train face --demo` with a tiny iBOT model and every recipe option that keeps state
 on (KoLeo, Sinkhorn-Knopp centering, the contrastive head, the pattern teacher view, zero-mean patch filters),
 48 demo images, batch 8 (6 steps per epoch), 2 epochs, `--checkpoint-every 4`, one process, one CPU thread,
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinopre.config import build_config
-from dinopre.engine import fit
+from dinopre.config.settings import build_config
+from dinopre.train.engine import fit
 
-OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint_v1_ibot_step4.pt"
+OLD_CHECKPOINT = Path(__file__).parent / "fixtures" / "checkpoint_v1_ibot_step4.pt"
 FINAL_WEIGHTS = "e2d8296ed8c008c527740c589c2006780469389ac6e89e9088d0c7999d6cc8f0"
 SETTINGS = dict(image_size=32, patch_size=8, local_crop_size=16, num_local_crops=2, vit_embed_dim=32, vit_depth=2,
                 vit_num_heads=2, drop_path_rate=0.1, out_dim=64, head_hidden_dim=64, head_bottleneck_dim=16,

@@ -9,10 +9,10 @@ import pytest
 from rich.console import Console
 
 from dinopre import progress
-from dinopre.config import build_config
-from dinopre.events import RunStarted, StepLogged
+from dinopre.base.events import RunStarted, StepLogged
+from dinopre.config.recipe import resolve
+from dinopre.config.settings import build_config
 from dinopre.progress import RichReporter, StepClock, format_eta
-from dinopre.recipe import resolve
 
 
 def test_eta_formats_hours_minutes_seconds() -> None:

@@ -28,14 +28,14 @@ from conftest import TINY
 from PIL import Image
 from typer.testing import CliRunner
 
-from dinopre.checkpoint import KIND_TRAINING
+from dinopre.base.errors import DataError, RunDirError
+from dinopre.base.events import RunFinished
 from dinopre.cli import app
-from dinopre.config import PretrainConfig, advisories, build_config
-from dinopre.data import MAX_FALLBACKS
-from dinopre.engine import fit
-from dinopre.errors import DataError, RunDirError
-from dinopre.events import RunFinished
-from dinopre.recipe import resolve
+from dinopre.config.recipe import resolve
+from dinopre.config.settings import PretrainConfig, advisories, build_config
+from dinopre.data.dataset import MAX_FALLBACKS
+from dinopre.files.checkpoint import KIND_TRAINING
+from dinopre.train.engine import fit
 
 REPO = Path(__file__).resolve().parents[1]
 DINOPRE = str(Path(sys.executable).parent / "dinopre")
@@ -173,7 +173,7 @@ def _write_broken_files(folder: Path) -> list[Path]:
 def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """32 good face JPEGs + 8 odd-but-valid images + 8 broken files = 48 = 6 batches of 8, so every file is visited
     in every epoch."""
-    from dinopre.demo import write_synthetic_folder
+    from dinopre.data.demo import write_synthetic_folder
 
     root = tmp_path_factory.mktemp("mixed")
     write_synthetic_folder(root / "good", "face", 32, size=48)
@@ -350,7 +350,7 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path: Path, mo
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dinopre.engine.fit", interrupted)
+    monkeypatch.setattr("dinopre.train.engine.fit", interrupted)
     result = invoke("train", "face", "--demo", "-q", "--output-dir", tmp_path / "run")
     assert result.exit_code == 130
     _one_error_line(result.output)
@@ -361,7 +361,7 @@ def test_ctrl_c_before_any_checkpoint_does_not_promise_one(tmp_path: Path, monke
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dinopre.engine.fit", interrupted)
+    monkeypatch.setattr("dinopre.train.engine.fit", interrupted)
     result = invoke("train", "face", "--demo", "-q", "--output-dir", tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
     assert "holds the last checkpoint" not in result.output and "RUN_DIR" not in result.output, result.output
@@ -447,7 +447,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(
     """ENOSPC half-way through the 2nd epoch's checkpoint write: RunDirError in one sentence naming the file and 'No
     space left'; checkpoint_last.pt (and best) still hold epoch 1 and load; no temporary file is left; the run
     resumes once space is freed."""
-    import dinopre.checkpoint
+    import dinopre.files.checkpoint
 
     real_save = torch.save
     calls = {"n": 0}
@@ -459,7 +459,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_save(obj, handle, *args, **kwargs)
 
-    monkeypatch.setattr(dinopre.checkpoint.torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(dinopre.files.checkpoint.torch, "save", save_until_the_disk_fills)
     run = tmp_path / "run"
     with pytest.raises(RunDirError) as info:
         fit(_config(face_folder, run), Recorder())
@@ -473,7 +473,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(
     assert _load(run / "checkpoint_best.pt")["epoch"] == 1
     assert _tmp_files(run) == []
 
-    monkeypatch.setattr(dinopre.checkpoint.torch, "save", real_save)  # space was freed
+    monkeypatch.setattr(dinopre.files.checkpoint.torch, "save", real_save)  # space was freed
     fit(_config(face_folder, run), Recorder(), resume_from=run)
     assert _load(run / "checkpoint_last.pt")["epoch"] == 2
 
@@ -499,7 +499,7 @@ class _TornWriter:
 def _fill_disk_on_metrics_append(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> None:
     import builtins
 
-    import dinopre.rundir
+    import dinopre.files.rundir
 
     real_open = builtins.open
     calls = {"n": 0}
@@ -512,7 +512,7 @@ def _fill_disk_on_metrics_append(monkeypatch: pytest.MonkeyPatch, failing_call: 
                 return _TornWriter(handle)
         return handle
 
-    monkeypatch.setattr(dinopre.rundir, "open", open_metrics, raising=False)
+    monkeypatch.setattr(dinopre.files.rundir, "open", open_metrics, raising=False)
 
 
 def test_disk_full_while_logging_is_a_run_dir_error(face_folder: Path, tmp_path: Path,
@@ -614,7 +614,7 @@ def _hostile_checkpoint(path: Path, marker: Path) -> Path:
 @pytest.fixture(scope="module")
 def trained_run(face_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A finished 1-epoch tiny run on the conftest faces, and its exported backbone."""
-    from dinopre.export import export_checkpoint
+    from dinopre.files.export import export_checkpoint
 
     root = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as patch:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from dinopre.config import FIELD_SECTION, PRESETS, build_config
+from dinopre.config.settings import FIELD_SECTION, PRESETS, build_config
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -84,7 +84,7 @@ def config_value(config: Any, name: str) -> Any:
 @pytest.fixture(scope="module")
 def image_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """24 small synthetic crops per kind (32 px JPEGs and 48 px PNGs in a subfolder: recursive scan)."""
-    from dinopre.demo import write_synthetic_folder
+    from dinopre.data.demo import write_synthetic_folder
 
     root = tmp_path_factory.mktemp("rois")
     folders = {}
@@ -184,7 +184,7 @@ def test_a_single_patch_mask_ratio_is_a_fixed_share() -> None:
     (["--out-dim", "4096", "--patch-out-dim", "4096"], None),  # the same size: dinopre's shared head is kept
 ])
 def test_a_different_patch_out_dim_gives_a_separate_patch_head(argv: list[str], shared: bool | None) -> None:
-    from dinopre.recipe import resolve
+    from dinopre.config.recipe import resolve
 
     settings = parse("face", "--train-dir", "a", "--algorithm", "ibot", *argv)
     assert settings.get("shared_head") is shared
@@ -381,14 +381,14 @@ def test_pretrain_utils_in_order_loader_and_reexports(image_folders: dict[str, P
 
 
 def test_pretrain_utils_refuses_a_dataset_smaller_than_a_batch(image_folders: dict[str, Path]) -> None:
-    from dinopre.errors import DataError
+    from dinopre.base.errors import DataError
 
     with pytest.raises(DataError, match="fewer than --batch-size 64"):
         pretrain_utils.build_dataloader([image_folders["face"]], batch_size=64)
 
 
 def test_default_transform_matches_the_face_preset() -> None:
-    from dinopre.config import DataConfig
+    from dinopre.config.settings import DataConfig
 
     transform = pretrain_utils.build_multicrop_transform()
     face = PRESETS["face"]

@@ -40,7 +40,7 @@ _ensure_dinopre_importable()
 
 # Both imports are cheap (no torch): `--help` and malformed flags answer at once; torch loads only to train.
 from dinopre.cli import train_with_settings  # noqa: E402
-from dinopre.config import FIELD_SECTION, PRESETS, RECIPE_SETTINGS, SECTIONS, reference_value  # noqa: E402
+from dinopre.config.settings import FIELD_SECTION, PRESETS, RECIPE_SETTINGS, SECTIONS, reference_value  # noqa: E402
 
 
 def preset_default(preset: str, name: str) -> Any:

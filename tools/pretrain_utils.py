@@ -4,8 +4,8 @@ Old code imported these helpers from `tools/pretrain_utils.py` (the DataLoader a
 transforms, without torchvision). They are now thin wrappers over the package modules, which new code should use
 directly:
 
-- `dinopre.augment.MultiCropAugmentation`: the multi-crop transform (PIL + torch only);
-- `dinopre.data`: folder scanning (`scan_image_files`, `SUPPORTED_EXTENSIONS`), `MultiCropDataset`,
+- `dinopre.data.augment.MultiCropAugmentation`: the multi-crop transform (PIL + torch only);
+- `dinopre.data.dataset`: folder scanning (`scan_image_files`, `SUPPORTED_EXTENSIONS`), `MultiCropDataset`,
   `EpochBatchSampler`, `build_loader` and the crop-major `CropBatch`.
 
 Usage from old code (tools/ is not a package)::
@@ -35,8 +35,8 @@ except ModuleNotFoundError as _exc:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dinopre.augment import MultiCropAugmentation  # noqa: E402
-from dinopre.data import (  # noqa: E402
+from dinopre.data.augment import MultiCropAugmentation  # noqa: E402
+from dinopre.data.dataset import (  # noqa: E402
     SUPPORTED_EXTENSIONS,
     CropBatch,
     EpochBatchSampler,
@@ -46,7 +46,7 @@ from dinopre.data import (  # noqa: E402
     check_dataset_size,
     scan_image_files,
 )
-from dinopre.masking import MaskSampler  # noqa: E402
+from dinopre.data.masking import MaskSampler  # noqa: E402
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -69,7 +69,7 @@ def build_multicrop_transform(
 ) -> MultiCropAugmentation:
     """The DINO multi-crop transform: 2 global views and `num_local_crops` local views per image.
 
-    Kept for backwards compatibility; it builds `dinopre.augment.MultiCropAugmentation`, which new code should use.
+    Kept for backwards compatibility; it builds `dinopre.data.augment.MultiCropAugmentation`, which new code should use.
     The defaults are the `face` preset's (`dinopre train face`); pass `flip_prob=0.0` and scales `(0.5, 1.0)` /
     `(0.1, 0.5)` for the `hands` preset.
 
@@ -115,7 +115,7 @@ def build_dataset(
 ) -> MultiCropDataset:
     """The multi-crop dataset over every supported image under `train_dirs`, recursively.
 
-    Kept for backwards compatibility; it builds `dinopre.data.MultiCropDataset` over
+    Kept for backwards compatibility; it builds `dinopre.data.dataset.MultiCropDataset` over
     `FolderSource(scan_image_files(train_dirs))`. Items are keyed by `(epoch, index)`: the augmentation of image
     `index` in `epoch` is a pure function of `(seed, epoch, index)`.
 
@@ -123,14 +123,14 @@ def build_dataset(
         train_dirs: one folder or several.
         transform: the multi-crop transform, e.g. from `build_multicrop_transform`.
         seed: the seed of the augmentation draws.
-        mask_sampler: iBOT patch-mask generator for the global views (`dinopre.masking.MaskSampler`); None for
+        mask_sampler: iBOT patch-mask generator for the global views (`dinopre.data.masking.MaskSampler`); None for
             DINO.
 
     Returns:
         The dataset; `dataset[(epoch, index)]` gives (global views, local views, index, masks or None).
 
     Raises:
-        dinopre.errors.DataError: a folder is missing or holds no supported image.
+        dinopre.base.errors.DataError: a folder is missing or holds no supported image.
     """
     files = scan_image_files(_as_roots(train_dirs))
     return MultiCropDataset(FolderSource(tuple(files)), transform, seed, mask_sampler)
@@ -162,7 +162,7 @@ def build_dataloader(
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of crop-major `CropBatch`es over `epochs` passes of the images under `train_dirs`.
 
-    Kept for backwards compatibility; it combines `dinopre.data.EpochBatchSampler` and `dinopre.data.build_loader`,
+    Kept for backwards compatibility; it combines `dinopre.data.dataset`'s `EpochBatchSampler` and `build_loader`,
     as `dinopre train` does. One iterator spans all `epochs` (each a fresh seeded permutation when `shuffle`);
     every epoch drops its last incomplete batch, so it has `len(images) // batch_size` steps.
 
@@ -178,11 +178,11 @@ def build_dataloader(
         mask_sampler: iBOT patch-mask generator; the batches then carry `masks`.
 
     Returns:
-        A `torch.utils.data.DataLoader` yielding `dinopre.data.CropBatch`: `global_crops` (2*B, 3, H, W),
+        A `torch.utils.data.DataLoader` yielding `dinopre.data.dataset.CropBatch`: `global_crops` (2*B, 3, H, W),
         `local_crops` (L*B, 3, h, w) or None, `indices` (B,), `masks` (2*B, N) or None.
 
     Raises:
-        dinopre.errors.DataError: a folder is missing, holds no supported image, or fewer images than one batch.
+        dinopre.base.errors.DataError: a folder is missing, holds no supported image, or fewer images than one batch.
     """
     dataset = build_dataset(train_dirs, transform or build_multicrop_transform(), seed, mask_sampler=mask_sampler)
     check_dataset_size(len(dataset), batch_size)  # one clear sentence instead of an empty loader

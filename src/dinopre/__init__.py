@@ -9,11 +9,11 @@ __all__ = ["__version__", "load_dinov2_backbone"]
 
 
 def load_dinov2_backbone(spec: str):  # noqa: ANN201 (the return type lives in a torch module, imported lazily)
-    """Load an exported backbone from a `file::PATH[:MODEL]` spec, strictly; see `dinopre.export`.
+    """Load an exported backbone from a `file::PATH[:MODEL]` spec, strictly; see `dinopre.files.export`.
 
     Returns:
         An `nn.Module` in eval mode whose `forward(x)` gives the (B, D) CLS embedding.
     """
-    from dinopre.export import load_dinov2_backbone as load
+    from dinopre.files.export import load_dinov2_backbone as load
 
     return load(spec)

@@ -15,7 +15,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from dinopre import __version__
-from dinopre.config import (
+from dinopre.base.errors import Interrupted, TrainingStopped, UserError
+from dinopre.config.settings import (
     ALGORITHMS,
     AUGMENT_PLACES,
     BEST_BY,
@@ -26,7 +27,6 @@ from dinopre.config import (
     RECIPES,
     TEACHER_VIEWS,
 )
-from dinopre.errors import Interrupted, TrainingStopped, UserError
 
 app = typer.Typer(
     name="dinopre",
@@ -43,7 +43,7 @@ DATA, MODEL, OPTIM, METHOD, EVAL, RUN = ("Data", "Model", "Optimization", "Metho
 
 
 def _choices(name: str, values: Iterable[str]) -> Any:
-    """A str Enum of a setting's allowed values, built from dinopre.config's list so that the options' choices and
+    """A str Enum of a setting's allowed values, built from the settings module's list so that the options' choices and
     the config's validation can never disagree."""
     return Enum(name, {value: value for value in values}, type=str)
 
@@ -329,7 +329,7 @@ def train(
 def _settings_given(options: dict[str, Any]) -> dict[str, Any]:
     """The configuration settings among a command's options that the user gave (every option named like a
     setting is one: the options and the configuration cannot drift apart)."""
-    from dinopre.config import FIELD_SECTION
+    from dinopre.config.settings import FIELD_SECTION
 
     return {key: value.value if isinstance(value, Enum) else value
             for key, value in options.items() if key in FIELD_SECTION and value is not None}
@@ -338,7 +338,7 @@ def _settings_given(options: dict[str, Any]) -> dict[str, Any]:
 def _run_training(preset: str, demo: bool, config_file: Path | None, cli_settings: dict[str, Any], *,
                   overwrite: bool, quiet: bool, resume_from: Path | None = None) -> None:
     """Resolve the configuration, then train (or continue `resume_from`)."""
-    from dinopre.config import build_config, read_config_file
+    from dinopre.config.settings import build_config, read_config_file
 
     def resolve() -> tuple[Any, Path | None]:
         file_settings = read_config_file(config_file) if config_file is not None else None
@@ -381,7 +381,7 @@ class _SaveWatch:
         self.reporter, self.saved = reporter, None
 
     def emit(self, event: object) -> None:
-        from dinopre.events import CheckpointSaved
+        from dinopre.base.events import CheckpointSaved
 
         if isinstance(event, CheckpointSaved):
             self.saved = event
@@ -393,7 +393,7 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool, inputs: tuple[Path,
     watch = None
     try:
         config, resume_from = resolve()
-        from dinopre.engine import fit  # torch is imported only now: --help and bad flags stay instant
+        from dinopre.train.engine import fit  # torch is imported only now: --help and bad flags stay instant
 
         reporter = _make_reporter(quiet)
         watch = _SaveWatch(reporter)
@@ -421,7 +421,7 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool, inputs: tuple[Path,
 def _here(error: BaseException) -> str:
     """The message to print for `error` in this process: none on a process other than the main one when all of them
     stopped together (the main one says it), else the message, naming the process when there are several."""
-    from dinopre.distributed import launched_rank, shown_here
+    from dinopre.base.distributed import launched_rank, shown_here
 
     if not shown_here(error):
         return ""
@@ -429,7 +429,7 @@ def _here(error: BaseException) -> str:
 
 
 def _make_reporter(quiet: bool) -> Any:
-    from dinopre.distributed import launched_rank
+    from dinopre.base.distributed import launched_rank
     from dinopre.progress import NullReporter, PlainReporter, RichReporter
 
     if quiet or launched_rank() > 0:  # one process reports progress
@@ -466,7 +466,7 @@ def resume(
     overrides = _settings_given(locals())
 
     def resolve() -> tuple[Any, Path]:
-        from dinopre.resume import resume_config
+        from dinopre.train.resume import resume_config
 
         return resume_config(target, overrides)
 
@@ -496,7 +496,7 @@ def export(
 ) -> None:
     """Export a checkpoint's backbone; the file is reloaded strictly before the command succeeds."""
     try:
-        from dinopre.export import export_checkpoint
+        from dinopre.files.export import export_checkpoint
 
         path, sidecar, note = export_checkpoint(checkpoint, output, fmt=format.value, weights=weights.value,
                                                 force=force)
@@ -517,7 +517,7 @@ def inspect_checkpoint(
 ) -> None:
     """Describe a training checkpoint or a backbone export: kind, versions, progress, config, sizes, sha256."""
     try:
-        from dinopre.export import inspect_file
+        from dinopre.files.export import inspect_file
 
         info = inspect_file(path)
     except UserError as exc:
@@ -547,7 +547,7 @@ def verify_backbone(
         fail(f"--checkpoint '{checkpoint}' does not exist or is not a file; give a training checkpoint.")
     if image_size is not None and image_size < 1:
         fail(f"--image-size must be a positive number of pixels, got {image_size}.")
-    from dinopre.export import verify_backbone as verify
+    from dinopre.files.export import verify_backbone as verify
     from dinopre.progress import print_verification
 
     try:
@@ -599,8 +599,8 @@ def preview(
         if value < low:
             fail(f"{name} must be at least {low}, got {value}.")
     try:
-        from dinopre.config import build_config, read_config_file
-        from dinopre.preview import preview as draw
+        from dinopre.config.settings import build_config, read_config_file
+        from dinopre.viz.preview import preview as draw
 
         file_settings = read_config_file(config) if config is not None else None
         resolved = build_config(preset.value, demo=demo, file_settings=file_settings, cli_settings=cli_settings)
@@ -620,7 +620,7 @@ def plot(
     """Draw training curves: loss and its parts, lr, momentum and teacher temperature, teacher entropy against
     ln K, k-NN and RankMe (needs matplotlib: pip install "dinopre\\[plots]")."""
     try:
-        from dinopre.plot import plot_runs
+        from dinopre.viz.plot import plot_runs
 
         path = plot_runs(runs, output, force=force)
     except UserError as exc:
@@ -660,7 +660,7 @@ def attention(
     if image_size is not None and image_size < 1:
         fail(f"--image-size must be a positive number of pixels, got {image_size}.")
     try:
-        from dinopre.attention import draw_attention
+        from dinopre.viz.attention import draw_attention
 
         path, notes = draw_attention(model, images or [], output, weights=weights.value, image_size=image_size,
                                      limit=max_images, keep=keep_mass or None, mean=mean, cell=cell_size,

@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from dinopre.config import SECTIONS, config_to_dict
-from dinopre.events import CollapseWarning, EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged, Stopped
+from dinopre.base.events import CollapseWarning, EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged, Stopped
+from dinopre.config.settings import SECTIONS, config_to_dict
 
 _SHOWN = (
     ("loss", "loss", "{:.4f}"),

@@ -1,0 +1,110 @@
+"""What the engine tells the outside world while it runs: event records and the Reporter protocol.
+
+The engine never prints (style principle 9); it emits these plain records and `dinopre.progress` renders them.
+Imports no torch, so reporters stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from dinopre.config.settings import PretrainConfig
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    config: PretrainConfig
+    run_dir: Path
+    num_images: int
+    data_description: str
+    steps_per_epoch: int
+    total_steps: int
+    device: str
+    precision: str
+    num_workers: int
+    parameters: dict[str, int]
+    resumed_from: Path | None = None  # the checkpoint a resumed run continues
+    start_step: int = 0  # global steps already done
+    warnings: tuple[str, ...] = ()  # settings known to go wrong, problems found while scanning
+    augment_on: str = "workers"  # where the views are rendered: "workers" or "device"
+    recipe_notes: tuple[str, ...] = ()  # `out_dim 1024 (2,000 images)`: what the recipe derived, and why
+
+
+@dataclass(frozen=True)
+class ScanProgress:
+    images_found: int
+    done: bool
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The run stopped on a signal after saving a checkpoint."""
+
+    signal_name: str
+    global_step: int
+    checkpoint: Path
+
+
+@dataclass(frozen=True)
+class StepLogged:
+    epoch: int  # 0-based
+    epochs: int
+    step_in_epoch: int  # steps done in this epoch
+    steps_per_epoch: int
+    global_step: int  # steps done in the run
+    total_steps: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    epoch: int  # 0-based
+    epochs: int
+    loss: float
+    is_best: bool
+    seconds: float
+    images_per_sec: float
+    parts: dict[str, float]  # epoch means of the loss and its parts
+    evaluation: dict[str, Any] = field(default_factory=dict)  # label-free signals, k-NN, collapse verdict
+    global_step: int = 0  # steps done in the run at the end of this epoch
+
+
+@dataclass(frozen=True)
+class CollapseWarning:
+    """The epoch's signals say the run has collapsed; `message` says which way and what to change."""
+
+    epoch: int  # 0-based
+    verdict: str  # "uniform" or "one-hot"
+    message: str
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    path: Path
+    epoch: int  # completed epochs
+    global_step: int
+    mid_epoch: bool
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    run_dir: Path
+    best_loss: float
+    best_epoch: int  # 0-based
+    last_checkpoint: Path
+    best_checkpoint: Path
+    export_path: Path | None
+    seconds: float
+    bad_files: int = 0
+    bad_files_report: Path | None = None
+    best_by: str = "loss"  # what chose checkpoint_best.pt
+    best_knn: float | None = None
+
+
+class Reporter(Protocol):
+    """Receives the engine's events (ScanProgress, RunStarted, StepLogged, EpochEnded, CollapseWarning,
+    CheckpointSaved, Stopped, RunFinished)."""
+
+    def emit(self, event: object) -> None: ...

@@ -1,0 +1,1 @@
+"""Settings, presets, config files, validation and the recipe that derives unset settings."""

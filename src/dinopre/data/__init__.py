@@ -1,0 +1,1 @@
+"""Images in: scanning folders, decoding, demo images, multi-crop views, masks and the data loader."""

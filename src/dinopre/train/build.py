@@ -1,0 +1,130 @@
+"""From a configuration to everything a run trains with: the one way to build a run.
+
+`engine.fit` and `benchmarks/bench.py` both call `build_run`, so a benchmark measures exactly what training runs
+(`--compile` included) and the recipe is resolved the same way for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dinopre.base import distributed
+from dinopre.base.errors import ConfigError
+from dinopre.base.events import Reporter
+from dinopre.config.recipe import ResolvedRecipe, resolve
+from dinopre.config.settings import PretrainConfig
+from dinopre.data.dataset import check_dataset_size
+from dinopre.data.pipeline import DataSource, build_source
+from dinopre.model.method import StudentTeacher, build_method
+from dinopre.model.optim import build_optimizer
+from dinopre.model.schedules import Schedules, build_schedules
+from dinopre.train.runtime import Runtime, default_num_workers, setup
+
+
+@dataclass
+class RunParts:
+    """What a run trains with.
+
+    Attributes:
+        config: the complete configuration (the recipe's choices filled in).
+        recipe: what the recipe derived, and why.
+        runtime: device and precision.
+        data: the training images.
+        steps_per_epoch: optimizer steps per epoch (the last incomplete batch is dropped).
+        num_workers: data-loading processes.
+        method: student and teacher on the device (backbones compiled with `--compile`).
+        optimizer: AdamW over the student.
+        schedules: the per-step lr, weight decay, momentum and temperatures.
+        model: what a step calls: `method` itself, or `method` in DistributedDataParallel when several processes
+            train (its gradients are averaged across them).
+        world_size: training processes.
+    """
+
+    config: PretrainConfig
+    recipe: ResolvedRecipe
+    runtime: Runtime
+    data: DataSource
+    steps_per_epoch: int
+    num_workers: int
+    method: StudentTeacher
+    optimizer: torch.optim.Optimizer
+    schedules: Schedules
+    model: nn.Module
+    world_size: int = 1
+
+    @property
+    def batch_per_rank(self) -> int:
+        """Images each process takes of a global batch of `--batch-size`."""
+        return self.config.optim.batch_size // self.world_size
+
+
+def data_parallel(method: StudentTeacher, device: torch.device) -> nn.Module:
+    """Wrap the method for several processes: DDP averages the gradients of what the optimizer trains.
+
+    DDP registers its hooks on parameters that require gradients, i.e. the student's backbone and heads; the teacher
+    (frozen) and the loss centers (buffers) stay out of it. Buffers are not broadcast each step
+    (`broadcast_buffers=False`): the centers are already equal on every process, since their update is all-reduced.
+    Checkpoints save `method.student` itself, so no key gains a `module.` prefix.
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch >= 2.12 names the option `forward_sync_buffers` (and warns about the old name); both keep the
+    # initial broadcast, after which every process holds the same centers anyway.
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else "broadcast_buffers")
+    return DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None, **{no_sync: False})
+
+
+def compile_backbones(method: StudentTeacher) -> None:
+    """torch.compile the student's and the teacher's backbone (the bulk of the FLOPs).
+
+    Only `forward_features` is replaced, on the instances, so state dicts, checkpoints and exports keep their keys
+    (no `_orig_mod.` prefix, cf. nanoGPT) and both the DINO and the iBOT (masked) paths run compiled. Heads and
+    losses stay eager: they are small, and the iBOT masks give them data-dependent shapes.
+    """
+    for model in (method.student, method.teacher):
+        backbone = model["backbone"]
+        backbone.forward_features = torch.compile(backbone.forward_features)
+
+
+def build_run(config: PretrainConfig, reporter: Reporter | None = None,
+              previous_recipe: dict[str, str] | None = None, *, rescan: bool = False) -> RunParts:
+    """Set up the device, find the images, resolve the recipe and build the model, optimizer and schedules.
+
+    The global generator is seeded before the model is built, so the same configuration gives the same weights.
+
+    Args:
+        config: the configuration (recipe settings may be unset).
+        reporter: receives the scan's progress.
+        previous_recipe: the derived settings' reasons of a run being resumed.
+        rescan: list the training folders afresh instead of reading the cached index (a resume does, so that it
+            sees files rewritten in place).
+
+    Raises:
+        UserError: no usable device, no images, fewer images than a batch, or an invalid derived setting.
+    """
+    world = distributed.launch().world_size if distributed.launch() is not None else 1
+    if config.optim.batch_size % world:
+        raise ConfigError(f"--batch-size {config.optim.batch_size} is the global batch and must divide by the "
+                          f"{world} training processes; use a multiple of {world}.")
+    runtime = setup(config.run.device, config.run.precision, config.run.seed, distributed.local_rank())
+    data = build_source(config, reporter, use_cache=not rescan)
+    steps_per_epoch = check_dataset_size(len(data.source), config.optim.batch_size)
+    recipe = resolve(config, len(data.source), previous_recipe)
+    config = recipe.config
+    method = build_method(config).to(runtime.device)
+    if config.run.compile:
+        compile_backbones(method)
+    model = data_parallel(method, runtime.device) if distributed.launch() is not None else method
+    if distributed.rank() > 0:  # drop path: each process draws its own (the weights above are the same everywhere)
+        torch.manual_seed(config.run.seed + 1_000_003 * distributed.rank())
+    num_workers = (config.data.num_workers if config.data.num_workers is not None
+                   else default_num_workers(distributed.local_world_size()))
+    return RunParts(config, recipe, runtime, data, steps_per_epoch, num_workers, method,
+                    build_optimizer(method.student, runtime.device), build_schedules(config, steps_per_epoch), model,
+                    world)

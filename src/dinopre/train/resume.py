@@ -1,0 +1,121 @@
+"""Continuing a run: finding its checkpoint, the configuration it continues with, and the checks that the
+requested run may continue it (same settings but the few a resume may change, epochs left to do).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dinopre.base.errors import ConfigError
+from dinopre.config.settings import (
+    RECIPE_SETTINGS,
+    RESUME_MAY_CHANGE,
+    SECTIONS,
+    PretrainConfig,
+    config_differences,
+    config_from_dict,
+    config_to_dict,
+    setting,
+    with_settings,
+)
+from dinopre.data.pipeline import absolute_roots
+from dinopre.files.checkpoint import CheckpointError, load_training_checkpoint
+from dinopre.files.rundir import RunDirectory
+from dinopre.files.schema import check_centers
+
+
+def find_checkpoint(target: str | Path) -> Path:
+    """The checkpoint to resume: the file itself, or `checkpoint_last.pt` of a run directory.
+
+    Raises:
+        CheckpointError: nothing to resume at `target`.
+    """
+    target = Path(target)
+    if target.is_dir():
+        candidate = target / RunDirectory(target).last.name
+        if not candidate.is_file():
+            raise CheckpointError(f"'{target}' holds no checkpoint_last.pt; give a run directory of dinopre train "
+                                  "or the path of a checkpoint.")
+        return candidate
+    if not target.exists():
+        raise CheckpointError(f"'{target}' does not exist; give a run directory or a checkpoint file.")
+    return target
+
+
+def saved_config(state: dict[str, Any]) -> PretrainConfig:
+    """The configuration a training checkpoint was written with.
+
+    Checkpoints written before `--augment-on` existed rendered their views in the data workers; they carry no
+    `augment_on` and continue that way (the new default would change how views are resampled mid-run). Those
+    written before recipes existed used the reference values, which they hold, and continue with `reference`.
+    """
+    settings = {key: dict(value) if isinstance(value, dict) else value for key, value in state["config"].items()}
+    if isinstance(settings.get("data"), dict):
+        settings["data"].setdefault("augment_on", "workers")
+    if isinstance(settings.get("method"), dict):
+        settings["method"].setdefault("recipe", "reference")
+    return config_from_dict(settings)
+
+
+def continued_config(config: PretrainConfig, state: dict[str, Any]) -> PretrainConfig:
+    """The configuration a resumed run uses: the requested one, with the recipe settings it leaves unset taken from
+    the checkpoint (what the run was started with; more epochs do not derive them again)."""
+    saved = saved_config(state)
+    return with_settings(config, {name: setting(saved, name) for name in RECIPE_SETTINGS | {"recipe"}
+                                     if setting(config, name) is None})
+
+
+def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[PretrainConfig, Path]:
+    """The configuration of `dinopre resume`: the checkpoint's own, writing into the checkpoint's folder, with the
+    few settings a resume may change (`epochs`, `device`, `num_workers`, `augment_on`, `log_interval`,
+    `checkpoint_every`).
+
+    Returns:
+        The configuration and the checkpoint path.
+    """
+    path = find_checkpoint(checkpoint)
+    state = load_training_checkpoint(path)
+    settings = config_to_dict(saved_config(state))
+    flat = {"output_dir": str(path.parent), **{k: v for k, v in overrides.items() if v is not None}}
+    roots = state.get("data", {}).get("roots")
+    if roots and settings["data"]["train_dir"]:  # the folders the run read, whatever the working directory now
+        flat["train_dir"] = list(roots)
+    for section in SECTIONS:
+        for key in settings[section]:
+            if key in flat:
+                settings[section][key] = flat[key]
+    return config_from_dict(settings), path
+
+
+def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any]:
+    """Load a checkpoint and check that `config` may continue it.
+
+    Raises:
+        CheckpointError: unreadable or not a training checkpoint.
+        ConfigError: settings differ beyond what a resume may change, or the epochs are already done.
+    """
+    path = find_checkpoint(path)
+    state = load_training_checkpoint(path)
+    try:
+        saved = saved_config(state)
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot read ({exc}).") from None
+    check_centers(state, path, saved.model.out_dim,
+                  saved.resolved_patch_out_dim if saved.method.algorithm == "ibot" else None)
+    differences = config_differences(saved, config)
+    roots = state.get("data", {}).get("roots")
+    if roots and config.data.train_dir:  # compared as absolute paths: `data` and `$PWD/data` are the same folder
+        differences = [d for d in differences if not d.startswith("train_dir:")]
+        if list(absolute_roots(config.data.train_dir)) != list(roots):
+            differences.insert(0, f"train_dir: checkpoint {list(roots)!r}, requested "
+                                  f"{list(absolute_roots(config.data.train_dir))!r}")
+    if differences:
+        may_change = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(RESUME_MAY_CHANGE))
+        raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
+                          f"{may_change} may change.")
+    done, in_epoch = state["epoch"], state["step_in_epoch"]
+    if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
+        raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "
+                          f"N > {done} to train longer.")
+    return state
