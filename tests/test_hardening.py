@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY
@@ -207,7 +208,8 @@ def test_file_names_that_are_not_utf8_train_and_are_reported_printably(tmp_path:
     data.mkdir()
     for i in range(8):
         name = os.fsdecode(b"caf\xe9_%d.png" % i)
-        Image.new("RGB", (40, 40), (20 * i, 100, 200)).save(data / name)
+        noise = np.random.default_rng(i).integers(0, 64, (40, 40, 3))  # not one flat colour: not a blank crop
+        Image.fromarray((noise + (20 * i, 100, 150)).astype(np.uint8), "RGB").save(data / name)
     (data / os.fsdecode(b"bro\xefken.png")).write_bytes(b"not an image")
     result = fit(build_config("face", cli_settings=_settings(data, tmp_path / "run", epochs=1)), NullReporter())
     assert result.epoch_losses
@@ -270,7 +272,8 @@ def test_resume_notices_images_rewritten_in_place(face_folder: Path, tmp_path: P
     touched = runner.invoke(app, ["resume", str(out), "--epochs", "2"])
     assert touched.exit_code == 0, touched.output
     assert "other modification times" in touched.output
-    Image.new("RGB", (77, 77), (1, 2, 3)).save(victim, format="JPEG")  # rewritten: another size
+    noise = np.random.default_rng(0).integers(0, 256, (77, 77, 3), dtype=np.uint8)  # not blank: still trained on
+    Image.fromarray(noise, "RGB").save(victim, format="JPEG")  # rewritten: another size
     rewritten = runner.invoke(app, ["resume", str(out), "--epochs", "3"])
     assert rewritten.exit_code == 2 and "have another size since the checkpoint" in rewritten.output
 

@@ -131,7 +131,10 @@ def _write_odd_files(folder: Path) -> list[Path]:
     rgba = rng.integers(0, 256, (48, 48, 4), dtype=np.uint8)
     rgba[:, :24, 3] = 0
     Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
-    Image.new("CMYK", (48, 48), (10, 200, 150, 20)).save(folder / "cmyk.jpg")
+    # CMYK, 4 x 4 and 1 x 300: each of two colours, since an image of one flat colour is a blank crop, left out
+    cmyk = Image.new("CMYK", (48, 48), (10, 200, 150, 20))
+    cmyk.paste((200, 10, 150, 20), (0, 0, 24, 48))
+    cmyk.save(folder / "cmyk.jpg")
     palette = Image.fromarray(rng.integers(0, 16, (48, 48), dtype=np.uint8), "P")
     palette.putpalette(list(rng.integers(0, 256, 768)))
     palette.save(folder / "palette.png", transparency=0)
@@ -139,8 +142,12 @@ def _write_odd_files(folder: Path) -> list[Path]:
     exif[0x0112] = 6
     Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8), "RGB").save(folder / "rotated.jpg",
                                                                                   exif=exif.tobytes())
-    Image.new("RGB", (4, 4), (200, 30, 30)).save(folder / "tiny4x4.png")
-    Image.new("RGB", (1, 300), (30, 200, 30)).save(folder / "strip1x300.png")
+    tiny = Image.new("RGB", (4, 4), (200, 30, 30))
+    tiny.putpixel((0, 0), (30, 30, 200))
+    tiny.save(folder / "tiny4x4.png")
+    strip = Image.new("RGB", (1, 300), (30, 200, 30))
+    strip.paste((200, 30, 30), (0, 0, 1, 150))
+    strip.save(folder / "strip1x300.png")
     Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8), "L").save(folder / "GRAY.JPG")
     return sorted(folder.iterdir())
 

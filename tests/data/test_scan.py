@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dinopre.base.errors import DataError
+from dinopre.data.index import MAGIC, read_index
 from dinopre.data.scan import ScanResult, cache_dir, scan_roots
 
 OLD_NS = 1_000_000_000 * 10**9  # 2001-09-09: a directory time no edit made today can produce
@@ -48,7 +50,18 @@ def _age_folders(root: Path, step: int = 0) -> None:
 
 
 def _index_files(cache: Path) -> list[Path]:
-    return sorted(cache.glob("index-*.json")) if cache.exists() else []
+    return sorted(cache.glob("index-*.idx")) if cache.exists() else []
+
+
+def _rewrite_header(index: Path, change) -> None:
+    """Edit the JSON header of a cached index in place (its arrays unchanged)."""
+    data = index.read_bytes()
+    start = len(MAGIC) + 8
+    (size,) = struct.unpack("<Q", data[len(MAGIC):start])
+    header = json.loads(data[start:start + size])
+    change(header)
+    text = json.dumps(header).encode()
+    index.write_bytes(MAGIC + struct.pack("<Q", len(text)) + text + data[start + size:])
 
 
 # ============ what a scan finds ============
@@ -245,22 +258,47 @@ def test_a_corrupt_cache_file_is_ignored_and_replaced(tmp_path: Path, cache: Pat
     index.write_bytes(content)
     result = scan_roots([str(root)])
     assert result.cached_roots == 0 and _rel(result, root) == ["2.png", "a/1.png"]
-    assert [entry[0] for entry in json.loads(index.read_text())["files"]] == [str(p) for p in result.files]
+    assert [os.fsdecode(p) for p in read_index(index)[0].paths()] == [str(p) for p in result.files]
     assert scan_roots([str(root)]).cached_roots == 1
 
 
-@pytest.mark.parametrize("drop", ["files", "as_given"])
+@pytest.mark.parametrize("drop", ["lengths", "as_given", "dirs", "folders"])
 def test_a_cache_file_missing_keys_is_ignored(tmp_path: Path, cache: Path, drop: str) -> None:
-    """A JSON index with the right version and folder times but a missing key is ignored, not a crash."""
+    """An index with the right version and folder times but a missing key is ignored, not a crash."""
     root = tmp_path / "data"
     _touch(root, "1.png")
     scan_roots([str(root)])
     (index,) = _index_files(cache)
-    record = json.loads(index.read_text())
-    del record[drop]
-    index.write_text(json.dumps(record))
+    _rewrite_header(index, lambda header: header.pop(drop))
     result = scan_roots([str(root)])
-    assert _rel(result, root) == ["1.png"]
+    assert _rel(result, root) == ["1.png"] and result.cached_roots == 0
+
+
+def test_an_index_cut_short_is_ignored(tmp_path: Path, cache: Path) -> None:
+    """A cached index whose arrays are cut short (a full disk, a copy interrupted) is rebuilt, not misread."""
+    root = tmp_path / "data"
+    _touch(root, "a/1.png", "2.png")
+    scan_roots([str(root)])
+    (index,) = _index_files(cache)
+    index.write_bytes(index.read_bytes()[:-3])
+    result = scan_roots([str(root)])
+    assert result.cached_roots == 0 and _rel(result, root) == ["2.png", "a/1.png"]
+
+
+def test_an_index_of_dinopre_0_1_is_rebuilt_and_removed(tmp_path: Path, cache: Path) -> None:
+    """The JSON index of dinopre 0.1 (full paths) is never read: the folder is scanned, the new index written and
+    the old one removed, even when the old one lists other files."""
+    root = tmp_path / "data"
+    _touch(root, "1.png", "2.png")
+    scan_roots([str(root)])
+    (index,) = _index_files(cache)
+    old = index.with_name(index.name.replace(".idx", ".json"))
+    old.write_text(json.dumps({"version": 2, "root": str(root.resolve()), "as_given": str(root), "dirs": {},
+                               "files": [[str(root / "gone.png"), 1, 1]], "skipped": [], "linked_dirs": 0}))
+    index.unlink()
+    result = scan_roots([str(root)])
+    assert result.cached_roots == 0 and _rel(result, root) == ["1.png", "2.png"]
+    assert not old.exists() and _index_files(cache) == [index]
 
 
 def test_use_cache_false_writes_and_reads_nothing(tmp_path: Path, cache: Path) -> None:

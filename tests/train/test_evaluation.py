@@ -96,9 +96,12 @@ def test_monitor_subset_is_fixed_by_the_seed() -> None:
 
 
 def _write(folder: Path, count: int, colour: tuple[int, int, int], size: int = 16) -> None:
+    """Images of about one colour, with a faint ramp: one of a single flat colour is a blank crop, left out."""
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        Image.new("RGB", (size + i % 3, size), colour).save(folder / f"{i:03d}.png")
+        ramp = np.arange(size + i % 3)[None, :, None] % 21 - 10
+        pixels = np.clip(np.array(colour)[None, None, :] + ramp + np.zeros((size, 1, 1)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, "RGB").save(folder / f"{i:03d}.png")
 
 
 def test_a_labelled_folder_with_train_and_test_folds(tmp_path: Path) -> None:

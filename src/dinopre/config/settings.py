@@ -68,6 +68,7 @@ class DataConfig:
     demo: bool = False
     demo_images: int = 512
     strict_data: bool = False
+    keep_blank: bool = False  # train on blank crops (one flat colour) instead of leaving them out (dinopre.data.blank)
     num_local_crops: int = 8
     local_crop_size: int = 96
     global_crop_scale: tuple[float, float] | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,8 +28,8 @@ class BadImageError(Exception):
     """A file that cannot be used as a training image; the message is a short reason."""
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file to an 8-bit RGB image.
+def load_rgb(path: Path | BinaryIO) -> Image.Image:
+    """Decode an image file (a path, or a file object such as a tar member's bytes) to an 8-bit RGB image.
 
     Raises:
         BadImageError: the file cannot be read or decoded, or is too large (decompression bomb).

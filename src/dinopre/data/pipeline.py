@@ -8,10 +8,12 @@ run; the views are rendered on the device in whole batches (`dinopre.data.batch_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,18 +25,20 @@ from dinopre.base.events import Reporter, ScanProgress
 from dinopre.config.settings import PretrainConfig
 from dinopre.data.augment import ColorJitterSettings, MultiCropAugmentation
 from dinopre.data.batch_augment import BatchAugmentation, source_cap
+from dinopre.data.blank import BLANK_FILES
 from dinopre.data.dataset import (
     CropBatch,
     EpochBatchSampler,
-    FolderSource,
     ImageSource,
     MultiCropDataset,
     RawBatch,
     SyntheticSource,
     build_loader,
 )
+from dinopre.data.fingerprint import digests
 from dinopre.data.masking import MaskSampler
-from dinopre.data.scan import scan_roots
+from dinopre.data.scan import ScanResult, scan_roots
+from dinopre.data.sources import BlankFiles, IndexSource, JoinedSource, split_blank
 
 
 def build_augmentation(config: PretrainConfig) -> MultiCropAugmentation:
@@ -186,19 +190,11 @@ def _changed_files(before: int | None, now: int) -> str:
             "data order would differ; restore the folder or start a new run.")
 
 
-def fingerprint(roots: tuple[str, ...], files: list[Path], stats: list[tuple[int, int]]) -> DataFingerprint:
-    """The fingerprint of a scan's files (paths relative to the root each was found under)."""
-    names, sizes, mtimes, legacy = (hashlib.sha256() for _ in range(4))
-    bases = [os.fsencode(Path(root).expanduser()) for root in roots]
-    for path, (size, mtime) in zip(files, stats):
-        raw = os.fsencode(path)
-        root = next((i for i, base in enumerate(bases) if raw.startswith(base)), -1)
-        names.update(b"%d/%s\n" % (root, raw[len(bases[root]):] if root >= 0 else raw))
-        sizes.update(b"%d\n" % size)
-        mtimes.update(b"%d\n" % mtime)
-    legacy.update(b"\n".join(os.fsencode(path) for path in files))
-    return DataFingerprint(len(files), names.hexdigest(), sizes.hexdigest(), mtimes.hexdigest(), legacy.hexdigest(),
-                           absolute_roots(roots))
+def fingerprint(roots: tuple[str, ...], scan: ScanResult) -> DataFingerprint:
+    """The fingerprint of the files a run trains on (paths relative to the root each was found under)."""
+    parts = [(root.index, root.shard_names if root.kind == "shards" else None) for root in scan.roots]
+    names, sizes, mtimes, legacy = digests(parts, roots)
+    return DataFingerprint(scan.count, names, sizes, mtimes, legacy, absolute_roots(roots))
 
 
 def absolute_roots(roots: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -212,8 +208,14 @@ class DataSource:
 
     source: ImageSource
     description: str
-    fingerprint: DataFingerprint  # a resume refuses a changed folder
+    digest: Callable[[], DataFingerprint]  # computed when first asked for: `dinopre preview` never needs it
     warnings: tuple[str, ...] = ()
+    blank: BlankFiles = BlankFiles()  # the blank crops left out
+
+    @functools.cached_property
+    def fingerprint(self) -> DataFingerprint:
+        """What a resume checks: a changed folder or shard set is refused."""
+        return self.digest()
 
 
 def build_source(config: PretrainConfig, reporter: Reporter | None = None, *, use_cache: bool = True) -> DataSource:
@@ -227,8 +229,8 @@ def build_source(config: PretrainConfig, reporter: Reporter | None = None, *, us
     if config.data.demo and not config.data.train_dir:
         source = SyntheticSource(config.preset, config.data.demo_images)
         name = f"synthetic:{config.preset}:{len(source)}"
-        return DataSource(source, f"{len(source)} built-in synthetic {config.preset} crops (--demo)",
-                          DataFingerprint(len(source), name, "", "", hashlib.sha256(name.encode()).hexdigest()))
+        print_ = DataFingerprint(len(source), name, "", "", hashlib.sha256(name.encode()).hexdigest())
+        return DataSource(source, f"{len(source)} built-in synthetic {config.preset} crops (--demo)", lambda: print_)
 
     def progress(found: int) -> None:
         if reporter is not None:
@@ -236,23 +238,61 @@ def build_source(config: PretrainConfig, reporter: Reporter | None = None, *, us
 
     scan = scan_roots(config.data.train_dir, progress, use_cache=use_cache)
     if reporter is not None:
-        reporter.emit(ScanProgress(len(scan.files), done=True))
+        reporter.emit(ScanProgress(scan.count, done=True))
     if scan.unreadable_dirs and config.data.strict_data:
         folder, reason = scan.unreadable_dirs[0]
         raise DataError(f"Folder '{shown_path(folder)}' cannot be read ({reason}); fix its permissions or drop "
                         "--strict-data.")
+    kept, blank = _split(scan, config.data.keep_blank)
+    source = _source_of(kept, config.data.keep_blank)
+    if not len(source):
+        raise DataError(f"Every image under {_listed(config.data.train_dir)} is a blank crop (one flat colour); "
+                        "there is nothing to train on (--keep-blank trains on them anyway).")
+    return DataSource(source, _description(config, scan, len(source), len(blank)),
+                      lambda: fingerprint(config.data.train_dir, kept), _scan_warnings(scan, blank), blank)
+
+
+def _split(scan: ScanResult, keep_blank: bool) -> tuple[ScanResult, BlankFiles]:
+    """The scan with its blank crops left out (unless kept), and those left out."""
+    kept, blank = [], []
+    for root in scan.roots:
+        train, flat = split_blank(root.index, keep_blank)
+        kept.append(dataclasses.replace(root, index=train))
+        blank.append(flat)
+    return dataclasses.replace(scan, roots=kept), BlankFiles(tuple(index for index in blank if len(index)))
+
+
+def _source_of(scan: ScanResult, keep_blank: bool) -> ImageSource:
+    parts = [IndexSource(root.index, shards=root.kind == "shards", keep_blank=keep_blank) for root in scan.roots]
+    return parts[0] if len(parts) == 1 else JoinedSource(parts)
+
+
+def _listed(roots: tuple[str, ...]) -> str:
+    return ", ".join(f"'{shown_path(root)}'" for root in roots)
+
+
+def _scan_warnings(scan: ScanResult, blank: BlankFiles) -> tuple[str, ...]:
     warnings = [f"Folder '{shown_path(folder)}' could not be read ({reason}); its images are left out."
                 for folder, reason in scan.unreadable_dirs]
     if scan.skipped_files:
         path, reason = scan.skipped_files[0]
         warnings.append(f"{len(scan.skipped_files)} file(s) named like images are not regular files and are left out "
                         f"(e.g. '{shown_path(path)}': {reason}).")
+    if len(blank):
+        example = next(iter(blank))[0]
+        warnings.append(f"{len(blank)} blank crop(s) (one flat colour, e.g. '{example}') are left out and listed in "
+                        f"{BLANK_FILES}; --keep-blank trains on them.")
+    return tuple(warnings)
+
+
+def _description(config: PretrainConfig, scan: ScanResult, count: int, blank: int) -> str:
     cached = " (file index from cache)" if scan.cached_roots == len(config.data.train_dir) else ""
     linked = f", {scan.linked_dirs} linked folder(s) followed" if scan.linked_dirs else ""
+    left_out = f", {blank} blank crop(s) left out" if blank else ""
+    shards = sum(len(root.shard_names) for root in scan.roots)
+    in_shards = f" in {shards} shard(s)" if shards else ""
     roots = ", ".join(shown_path(root) for root in config.data.train_dir)
-    description = f"{len(scan.files)} images under {roots}{linked}{cached}"
-    return DataSource(FolderSource(tuple(scan.files)), description,
-                      fingerprint(config.data.train_dir, scan.files, scan.stats), tuple(warnings))
+    return f"{count} images{in_shards} under {roots}{linked}{left_out}{cached}"
 
 
 def shown_path(path: str | Path) -> str:

@@ -36,7 +36,7 @@ from PIL import Image
 from dinopre.base.errors import DataError
 from dinopre.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from dinopre.data.images import BadImageError, load_rgb
-from dinopre.data.scan import scan_image_files
+from dinopre.data.scan import usable_files
 
 _MONITOR_STREAM = 3  # separates the monitor subset's generator from the data order and the samples'
 _SPLIT_STREAM = 4
@@ -199,8 +199,9 @@ def _class_folders(folder: Path) -> list[Path]:
 
 
 def _class_images(folder: Path) -> list[Path]:
+    """A class's images, blank crops left out (a class with only blank crops counts as empty)."""
     try:
-        return scan_image_files([str(folder)])
+        return usable_files([str(folder)])
     except DataError:
         return []
 

@@ -49,10 +49,14 @@ def saved_config(state: dict[str, Any]) -> PretrainConfig:
     Checkpoints written before `--augment-on` existed rendered their views in the data workers; they carry no
     `augment_on` and continue that way (the new default would change how views are resampled mid-run). Those
     written before recipes existed used the reference values, which they hold, and continue with `reference`.
+    Those written before blank crops were left out trained on every file of their folders and continue with
+    `keep_blank`.
     """
     settings = {key: dict(value) if isinstance(value, dict) else value for key, value in state["config"].items()}
     if isinstance(settings.get("data"), dict):
         settings["data"].setdefault("augment_on", "workers")
+        # Written before blank crops were left out: the run trained on them, and its fingerprint counts them.
+        settings["data"].setdefault("keep_blank", bool(settings["data"].get("train_dir")))
     if isinstance(settings.get("method"), dict):
         settings["method"].setdefault("recipe", "reference")
     return config_from_dict(settings)

@@ -162,18 +162,19 @@ def interpolated_size_note(native: int, asked: int) -> str:
 
 
 def collect_images(paths: list[Path], limit: int) -> list[Path]:
-    """Image files given directly or found under folders (sorted, recursively), at most `limit` of them.
+    """Image files given directly or found under folders (sorted, recursively, blank crops left out), at most
+    `limit` of them.
 
     Raises:
         DataError: a path does not exist, or no image was found.
     """
     from dinopre.base.errors import DataError
-    from dinopre.data.scan import scan_image_files
+    from dinopre.data.scan import usable_files
 
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(scan_image_files([str(path)]))
+            found.extend(usable_files([str(path)])[:max(0, limit - len(found))])
         elif path.is_file():
             found.append(path)
         else:
@@ -197,6 +198,7 @@ def draw_attention(model_path: Path, paths: list[Path], output: Path, *, weights
         UserError: an unusable model, no usable image, a bad option or an output that must not be written.
     """
     from dinopre.base.errors import DataError
+    from dinopre.data.blank import reject_flat
     from dinopre.data.images import BadImageError, load_rgb
     from dinopre.files.export import load_any_backbone
     from dinopre.files.outputs import check_output, check_parent_writable
@@ -220,7 +222,7 @@ def draw_attention(model_path: Path, paths: list[Path], output: Path, *, weights
         loaders += [(source.describe(i).replace("synthetic ", ""), lambda i=i: source.load(i)) for i in range(limit)]
     for path in collect_images(paths, limit - len(loaders)) if paths else []:
         try:
-            image = load_rgb(path)
+            image = reject_flat(load_rgb(path))  # a blank crop shows nothing to attend to
         except BadImageError as exc:
             notes.append(f"'{path}' was skipped: {exc}.")
             continue
