@@ -112,6 +112,9 @@ def summary_lines(event: RunFinished) -> list[str]:
         lines.append(f"export with     dinopre export {event.best_checkpoint} {event.run_dir / 'backbone.pt'}")
     if event.bad_files:
         lines.append(f"skipped files   {event.bad_files} could not be decoded; listed in {event.bad_files_report}")
+    if event.blank_files:
+        lines.append(f"blank crops     {event.blank_files} left out (one flat colour); listed in "
+                     f"{event.blank_files_report}")
     lines.append(f"continue with   dinopre resume {event.run_dir} --epochs N")
     return lines
 
@@ -278,6 +281,41 @@ class RichReporter(PlainReporter):
         if self.live is not None:
             self.live.stop()
             self.live = None
+
+
+class CountProgress:
+    """A bar of `done / total` items for a command that is not training (`dinopre pack`): live on a terminal, a line
+    every tenth of the way in a log, nothing when quiet. Call it with (done, total); use it as a context manager."""
+
+    def __init__(self, what: str, *, quiet: bool = False, console: Console | None = None) -> None:
+        self.what, self.quiet = what, quiet
+        self.console = console or Console(highlight=False, soft_wrap=True, stderr=True)
+        self.bar: Progress | None = None
+        self.task: Any = None
+        self.shown = -1
+
+    def __enter__(self) -> CountProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if not self.console.is_terminal:
+            tenth = done * 10 // max(total, 1)
+            if tenth > self.shown:
+                self.shown = tenth
+                self.console.print(f"{self.what}: {done}/{total}", markup=False)
+            return
+        if self.bar is None:
+            self.bar = Progress(TextColumn(self.what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                console=self.console)
+            self.task = self.bar.add_task(self.what, total=total)
+            self.bar.start()
+        self.bar.update(self.task, completed=done)
 
 
 def print_inspection(info: dict[str, Any], console: Console | None = None) -> None:

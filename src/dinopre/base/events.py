@@ -101,6 +101,8 @@ class RunFinished:
     bad_files_report: Path | None = None
     best_by: str = "loss"  # what chose checkpoint_best.pt
     best_knn: float | None = None
+    blank_files: int = 0  # blank crops left out (at scan time or when decoded)
+    blank_files_report: Path | None = None
 
 
 class Reporter(Protocol):

@@ -16,6 +16,7 @@ import hashlib
 import os
 import pickle
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,14 @@ def atomic_save(obj: Any, path: Path) -> str:
     return writer.digest.hexdigest()
 
 
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write a small text file atomically (same guarantees as `atomic_save`)."""
+def atomic_write_text(text: str | Iterable[str], path: Path) -> None:
+    """Write a text file atomically (same guarantees as `atomic_save`); `text` may come in pieces, so a long list
+    is never one string in memory."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+            handle.writelines([text] if isinstance(text, str) else text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

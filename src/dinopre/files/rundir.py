@@ -2,20 +2,24 @@
 
 `checkpoint_last.pt` (every epoch and every `--checkpoint-every` steps), `checkpoint_best.pt` (lowest epoch mean
 loss), `params.json` (resolved config + environment), `metrics.jsonl` (one JSON object per log step and per
-epoch), `artifacts.json` (every checkpoint and export written, with its sha256). Every write is atomic.
+epoch), `artifacts.json` (every checkpoint and export written, with its sha256), `bad_files.json` (files that could
+not be decoded) and `blank_files.json` (blank crops left out, `dinopre.data.blank`). Every write is atomic.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import socket
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dinopre.base.errors import RunDirError
+from dinopre.data.blank import BLANK_FILES, DECODED, is_blank_reason
 from dinopre.files.checkpoint import TMP_MARK, atomic_save, atomic_write_text, sha256_file
 from dinopre.files.outputs import write_error
 
@@ -35,6 +39,9 @@ class RunDirectory:
         self.path = Path(path)
         self.artifacts: dict[str, Any] = {}
         self._lock: Any = None  # the open lock file while this process holds the folder
+        self._scanned_blanks: Iterable[tuple[str, str]] = ()  # the blank crops the scan left out
+        self._decoded_blanks: dict[str, str] = {}  # blank images met when decoded, as last written
+        self._blanks_written = 0  # records in blank_files.json
 
     # ---- one live writer per folder
 
@@ -124,7 +131,7 @@ class RunDirectory:
         if resuming:
             self.load_artifacts()
         else:  # a new run: logs of a run that died before its first checkpoint (or was overwritten) go
-            for name in (METRICS, ARTIFACTS, BAD_FILES, CHECKPOINT_LAST, CHECKPOINT_BEST):
+            for name in (METRICS, ARTIFACTS, BAD_FILES, BLANK_FILES, CHECKPOINT_LAST, CHECKPOINT_BEST):
                 (self.path / name).unlink(missing_ok=True)
 
     def load_artifacts(self) -> None:
@@ -135,17 +142,51 @@ class RunDirectory:
             self.artifacts = {}  # a missing or damaged index is rebuilt from the files written from now on
 
     def read_bad_files(self) -> dict[str, str]:
-        """Files a previous part of this run could not use, {path: reason}."""
-        try:
-            return {r["file"]: r["reason"] for r in json.loads((self.path / BAD_FILES).read_text(encoding="utf-8"))}
-        except (OSError, ValueError, KeyError, TypeError):
-            return {}
+        """Files a previous part of this run could not use, {path: reason}: those that could not be decoded and the
+        blank images met when decoded."""
+        bad = _read_records(self.path / BAD_FILES)
+        self._decoded_blanks = {path: reason for path, reason in _read_records(self.path / BLANK_FILES).items()
+                                if reason == DECODED}
+        return {**bad, **self._decoded_blanks}
 
     def write_bad_files(self, bad: dict[str, str]) -> Path:
-        """bad_files.json: every file skipped so far, with the reason."""
-        records = [{"file": path, "reason": reason} for path, reason in sorted(bad.items())]
-        atomic_write_text(json.dumps(records, indent=2) + "\n", self.path / BAD_FILES)
+        """bad_files.json: every file skipped so far that could not be decoded, with the reason; blank images met
+        when decoded go to blank_files.json instead, beside those the scan left out."""
+        broken = {path: reason for path, reason in bad.items() if not is_blank_reason(reason)}
+        blanks = {path: reason for path, reason in bad.items() if is_blank_reason(reason)}
+        if broken or (self.path / BAD_FILES).exists():
+            records = [{"file": path, "reason": reason} for path, reason in sorted(broken.items())]
+            atomic_write_text(json.dumps(records, indent=2) + "\n", self.path / BAD_FILES)
+        if blanks != self._decoded_blanks:
+            self._decoded_blanks = blanks
+            self._write_blanks()
         return self.path / BAD_FILES
+
+    def write_blank_files(self, scanned: Iterable[tuple[str, str]]) -> Path | None:
+        """blank_files.json: the blank crops the scan left out (`scanned`, iterable again at each write) and those
+        met when decoded, with the reason; None (and no file) when there are none."""
+        self._scanned_blanks = scanned
+        return self._write_blanks()
+
+    def _write_blanks(self) -> Path | None:
+        records = iter(itertools.chain(self._scanned_blanks, sorted(self._decoded_blanks.items())))
+        first = next(records, None)
+        if first is None:
+            return None
+        self._blanks_written = 1
+
+        def rest() -> Iterator[str]:
+            for record in records:
+                self._blanks_written += 1
+                yield ",\n  " + _record(*record)
+
+        lines = itertools.chain(["[\n  " + _record(*first)], rest(), ["\n]\n"])
+        atomic_write_text(lines, self.path / BLANK_FILES)  # streamed: a third of 10^7 crops may be listed
+        return self.path / BLANK_FILES
+
+    def blank_report(self) -> tuple[int, Path | None]:
+        """How many blank crops blank_files.json lists, and its path (None when there are none)."""
+        return self._blanks_written, self.path / BLANK_FILES if self._blanks_written else None
 
     def write_params(self, params: dict[str, Any]) -> None:
         atomic_write_text(json.dumps(params, indent=2) + "\n", self.path / PARAMS)
@@ -210,6 +251,18 @@ class RunDirectory:
         atomic_write_text(json.dumps(self.artifacts, indent=2) + "\n", self.path / ARTIFACTS)
 
 
+def _record(path: str, reason: str) -> str:
+    return json.dumps({"file": path, "reason": reason})
+
+
+def _read_records(path: Path) -> dict[str, str]:
+    """{file: reason} of a bad_files.json or blank_files.json (empty when missing or damaged)."""
+    try:
+        return {r["file"]: r["reason"] for r in json.loads(path.read_text(encoding="utf-8"))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def _record_step(line: str) -> float:
     """The global step of a metrics line; infinity for a line cut short by a crash (so it is dropped)."""
     try:
@@ -233,6 +286,9 @@ class NullRunDirectory(RunDirectory):
 
     def write_bad_files(self, bad: dict[str, str]) -> Path:
         return self.path / BAD_FILES
+
+    def write_blank_files(self, scanned: Iterable[tuple[str, str]]) -> Path | None:
+        return None
 
     def write_params(self, params: dict[str, Any]) -> None:
         pass

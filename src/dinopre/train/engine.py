@@ -36,6 +36,7 @@ from dinopre.base.events import (
 from dinopre.base.signals import StopSignals
 from dinopre.config.recipe import ResolvedRecipe
 from dinopre.config.settings import PretrainConfig, advisories, config_to_dict, setting
+from dinopre.data.blank import is_blank_reason
 from dinopre.data.dataset import EXHAUSTED, EpochBatchSampler, ImageSource
 from dinopre.data.images import BadImageError
 from dinopre.data.pipeline import (
@@ -312,6 +313,7 @@ def _start(parts: RunParts, files: RunDirectory, reporter: Reporter, state: dict
     files.write_params({"config": config_to_dict(config), "recipe": recipe_record(recipe),
                         "environment": environment_info(runtime, parts.num_workers, on_device, parts.world_size,
                                                         parts.batch_per_rank)})
+    files.write_blank_files(data.blank)
     if distributed.is_main() and state is None:  # what the first batch's views look like (`dinopre preview`)
         views = write_views(config, data.source, files.path / VIEWS, device=runtime.device)
         if trackers is not None:
@@ -347,9 +349,10 @@ def _train(run: _Run, started: float, inputs: tuple[Path, ...], resume_from: str
         run.stop.deferring = False
     export_path = _export(run, inputs, resume_from) if config.run.export_backbone and distributed.is_main() else None
     report = files.write_bad_files(run.bad_files) if run.bad_files else None
+    broken = sum(not is_blank_reason(reason) for reason in run.bad_files.values())
     run.reporter.emit(RunFinished(files.path, run.best_loss, run.best_epoch, files.last, files.best, export_path,
-                                  time.perf_counter() - started, len(run.bad_files), report,
-                                  config.resolved_best_by, run.best_knn))
+                                  time.perf_counter() - started, broken, report,
+                                  config.resolved_best_by, run.best_knn, *files.blank_report()))
     return FitResult(files.path, run.best_loss, run.best_epoch, run.epoch_losses, export_path, run.epoch_parts,
                      run.evaluations)
 
@@ -642,8 +645,9 @@ def _note_bad_files(run: _Run, records: list[tuple[int, str]]) -> None:
     good_records = [(index, reason) for index, reason in records if index != EXHAUSTED]
     for index, reason in good_records:
         run.bad_files[run.source.describe(index)] = reason
-    if run.config.data.strict_data:
-        name, reason = next(iter(run.bad_files.items()))
+    broken = [(index, reason) for index, reason in good_records if not is_blank_reason(reason)]
+    if run.config.data.strict_data and broken:  # a blank image is left out, not an error
+        name, reason = run.source.describe(broken[0][0]), broken[0][1]
         raise DataError(f"'{name}' cannot be used ({reason}); fix or remove it, or drop --strict-data to skip "
                         "such files.")
     if len(good_records) < len(records):
