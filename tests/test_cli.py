@@ -253,7 +253,8 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
     monkeypatch.setattr("dinopre.train.engine.fit", fake_fit)
     values = {"train_dir": ["d"], "num_local_crops": "3", "local_crop_size": "32", "global_crop_scale": ["0.3", "0.9"],
               "local_crop_scale": ["0.1", "0.3"], "flip_prob": "0.25", "num_workers": "3", "augment_on": "workers",
-              "strict_data": None, "image_size": "64", "patch_size": "8", "vit_embed_dim": "48", "vit_depth": "2",
+              "strict_data": None, "keep_blank": None, "image_size": "64", "patch_size": "8", "vit_embed_dim": "48",
+              "vit_depth": "2",
               "vit_num_heads": "3", "vit_mlp_ratio": "2.0", "drop_path_rate": "0.05", "out_dim": "128",
               "head_hidden_dim": "96", "norm_last_layer": False, "shared_head": False, "patch_out_dim": "64",
               "zero_mean_patches": None,

@@ -95,8 +95,9 @@ TRAIN_EPILOG = (
 
 # Options `train` shares with `preview` (one definition each, so the two cannot drift apart).
 _TRAIN_DIR = Annotated[list[Path] | None, typer.Option(
-    "--train-dir", help="Folder of images, searched recursively (.png .jpg .jpeg .bmp .tif .tiff). Repeat for "
-    "several folders.", rich_help_panel=DATA, show_default=False)]
+    "--train-dir", help="Folder of images, searched recursively (.png .jpg .jpeg .bmp .tif .tiff), or tar shards: "
+    "a folder of .tar files, one .tar, or a quoted brace pattern such as 'data/face-{000000..000999}.tar' "
+    "(`dinopre pack` writes them). Repeat for several.", rich_help_panel=DATA, show_default=False)]
 _DEMO = Annotated[bool, typer.Option(
     "--demo", help="Train a tiny model on built-in synthetic crops (under a minute on a laptop CPU); with "
     "--train-dir, the same quick recipe runs on your folder.",
@@ -172,6 +173,10 @@ def train(
     strict_data: Annotated[bool | None, typer.Option(
         "--strict-data", help="Stop at the first image that cannot be decoded (or unreadable folder) instead of "
         "skipping it and listing it in bad_files.json.", rich_help_panel=DATA, show_default=False)] = None,
+    keep_blank: Annotated[bool | None, typer.Option(
+        "--keep-blank", help="Train on blank crops too (images of one flat colour, such as the black crops the "
+        "pipeline's extractor writes when it finds no face or hand) instead of leaving them out and listing them in "
+        "blank_files.json.", rich_help_panel=DATA, show_default=False)] = None,
     image_size: _IMAGE_SIZE = None,
     patch_size: _PATCH_SIZE = None,
     vit_embed_dim: Annotated[int | None, typer.Option(help="Token width (384 = ViT-S).", rich_help_panel=MODEL,
@@ -670,6 +675,40 @@ def attention(
     for note in notes:
         typer.echo(note)
     typer.echo(f"Wrote {path}.")
+
+
+PACK_EPILOG = (
+    "Example: dinopre pack crops/face shards/face --shard-size 1GB, then dinopre train face --train-dir shards/face "
+    "(or the brace pattern the command prints). Pack each stream (face, hand_l, hand_r) on its own."
+)
+
+
+@app.command(epilog=PACK_EPILOG)
+def pack(
+    folders: Annotated[list[Path], typer.Argument(help="Folders of crops, searched recursively.", show_default=False)],
+    output_dir: Annotated[Path, typer.Argument(help="The folder to create for the shards (must not exist).",
+                                               show_default=False)],
+    shard_size: Annotated[str, typer.Option(help="Largest shard: 1GB, 500MB, 2GiB, ...")] = "1GB",
+    shuffle_seed: Annotated[int | None, typer.Option(
+        help="Spread the images over the shards in this seed's random order \\[default: the folders' sorted order].",
+        show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+) -> None:
+    """Write folders of crops into tar shards (the WebDataset layout) for --train-dir, leaving out blank crops and
+    files that cannot be decoded (listed in left_out.json)."""
+    try:
+        from dinopre.data.pack import pack_folders, parse_size
+        from dinopre.progress import CountProgress
+
+        size = parse_size(shard_size)
+        with CountProgress("packing", quiet=quiet) as progress:
+            result = pack_folders(folders, output_dir, shard_size=size, shuffle_seed=shuffle_seed, progress=progress)
+    except UserError as exc:
+        fail(str(exc))
+    if not quiet:
+        typer.echo(f"Wrote {result.members} images into {len(result.shards)} shard(s) in {result.output}; left out "
+                   f"{result.blank} blank and {result.undecodable} undecodable file(s) (left_out.json). Train on them "
+                   f"with --train-dir {result.output} or --train-dir '{result.pattern()}'.")
 
 
 def main() -> None:
