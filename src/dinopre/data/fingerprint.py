@@ -13,6 +13,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
+
 from dinopre.data.index import FileIndex
 
 _CHUNK = 1 << 16  # files hashed per join
@@ -59,13 +61,47 @@ def _hash_run(hashes: list, index: FileIndex, start: int, end: int, head: bytes 
               first: bool) -> None:
     names, sizes, mtimes, legacy = hashes
     prefix = index.folders[index.folder[start]]
-    buffer = index.names[index.offsets[start]:index.offsets[end]].tobytes()
-    cuts = (index.offsets[start:end + 1] - index.offsets[start]).tolist()
-    own = [buffer[a:b] for a, b in zip(cuts, cuts[1:])]
     if head is not None:
-        names.update(b"".join([head + name + b"\n" for name in own]))
+        names.update(records(index, start, end, head))
     else:
-        names.update(b"".join([_file_name(prefix + name, bases) + b"\n" for name in own]))
-    sizes.update(b"".join([b"%d\n" % value for value in index.sizes[start:end].tolist()]))
-    mtimes.update(b"".join([b"%d\n" % value for value in index.mtimes[start:end].tolist()]))
-    legacy.update(("" if first else "\n").encode() + b"\n".join([prefix + name for name in own]))
+        buffer = index.names[index.offsets[start]:index.offsets[end]].tobytes()
+        cuts = (index.offsets[start:end + 1] - index.offsets[start]).tolist()
+        names.update(b"".join([_file_name(prefix + buffer[a:b], bases) + b"\n" for a, b in zip(cuts, cuts[1:])]))
+    sizes.update(decimal_lines(index.sizes[start:end]))
+    mtimes.update(decimal_lines(index.mtimes[start:end]))
+    legacy.update((b"" if first else b"\n") + records(index, start, end, prefix)[:-1])
+
+
+def records(index: FileIndex, start: int, end: int, head: bytes) -> bytes:
+    """`head + name + b"\\n"` for each entry in [start, end), built with numpy (no Python object per entry)."""
+    lengths = np.diff(index.offsets[start:end + 1])
+    count, width = end - start, len(head) + 1
+    out = np.empty(int(lengths.sum()) + count * width, dtype=np.uint8)
+    record_starts = index.offsets[start:end] - index.offsets[start] + np.arange(count) * width
+    name_bytes = index.names[index.offsets[start]:index.offsets[end]]
+    out[np.arange(len(name_bytes)) + np.repeat(np.arange(count) * width + len(head), lengths)] = name_bytes
+    for i, byte in enumerate(head):
+        out[record_starts + i] = byte
+    out[record_starts + len(head) + lengths] = ord("\n")
+    return out.tobytes()
+
+
+def decimal_lines(values: np.ndarray) -> bytes:
+    """`b"%d\\n"` of each value, joined, built with numpy (no Python object per value)."""
+    values = np.asarray(values, dtype=np.int64)
+    if not len(values):
+        return b""
+    negative = values < 0
+    magnitude = np.abs(values).astype(np.uint64)
+    powers = np.uint64(10) ** np.arange(1, 20, dtype=np.uint64)
+    digits = np.searchsorted(powers, magnitude, side="right") + 1
+    width = int(digits.max()) + 2  # a sign, the digits, a newline
+    table = np.empty((len(values), width), dtype=np.uint8)
+    table[:, -1] = ord("\n")
+    rest = magnitude.copy()
+    for column in range(width - 2, 0, -1):  # digits right-aligned; unused columns are cut below
+        table[:, column] = (rest % np.uint64(10)).astype(np.uint8) + ord("0")
+        rest //= np.uint64(10)
+    first = width - 1 - digits - negative  # each row's first column: its sign or its first digit
+    table[negative, first[negative]] = ord("-")
+    return table[np.arange(width)[None, :] >= first[:, None]].tobytes()
