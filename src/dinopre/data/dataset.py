@@ -9,6 +9,7 @@ run (the reference code respawns its workers every epoch and loses seconds each 
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,6 +339,34 @@ def check_dataset_size(num_samples: int, batch_size: int) -> int:
     return num_samples // batch_size
 
 
+def start_worker(worker_id: int) -> None:
+    """A data worker's first act: leave SIGINT/SIGTERM to the trainer (`ignore_stop_signals`), and keep from
+    writing into the memory it shares with the trainer.
+
+    A forked worker shares the trainer's pages until it writes to one. Two things write to them: glibc, which after
+    the first large buffer is freed raises its mmap threshold (up to 32 MiB), so that every later decoded image and
+    batch is carved out of the heap the worker inherited, whose free holes are the trainer's pages; and the garbage
+    collector, which writes to every object it walks. Measured over 100 steps at batch 64, with 10^3 files: a
+    worker's private memory grew from 29 to 224-270 MiB (a copy of the trainer's heap, PyTorch issue #13246); with
+    the threshold pinned at 128 KiB, from 29 to 31 MiB. Large buffers then come from fresh mappings, returned on
+    free; `gc.freeze` moves the inherited objects out of the collector's reach without touching them.
+    """
+    ignore_stop_signals(worker_id)
+    _pin_mmap_threshold()
+    gc.freeze()
+
+
+def _pin_mmap_threshold(size: int = 128 * 1024) -> None:
+    """glibc's M_MMAP_THRESHOLD, fixed at its default (which also stops its dynamic raising); a no-op elsewhere."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows)
+        return
+    mallopt(ctypes.c_int(-3), ctypes.c_int(size))  # -3: M_MMAP_THRESHOLD
+
+
 def build_loader(
     dataset: MultiCropDataset, sampler: EpochBatchSampler, num_workers: int, pin_memory: bool
 ) -> torch.utils.data.DataLoader:
@@ -351,7 +380,7 @@ def build_loader(
         # The loader draws its workers' base seed when an iterator starts; from its own generator, not the global
         # one, so starting the loader again on resume leaves the drop-path draws of the run unchanged.
         generator=torch.Generator().manual_seed(0),
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=start_worker,
         persistent_workers=False,  # one iterator spans every epoch, so workers live for the whole run anyway
         prefetch_factor=4 if num_workers > 0 else None,
     )
