@@ -203,7 +203,7 @@ def test_the_probe_preview_and_attention_leave_blanks_out(tmp_path: Path) -> Non
 def test_old_checkpoints_continue_with_their_blanks() -> None:
     """A checkpoint written before blank detection trained on every file of its folders: it continues so."""
     from dinopre.config.settings import config_to_dict
-    from dinopre.train.resume import saved_config
+    from dinopre.train.resume import continued_config, saved_config
 
     old = config_to_dict(build_config("face", cli_settings={"train_dir": ["d"]}))
     del old["data"]["keep_blank"]
@@ -211,3 +211,25 @@ def test_old_checkpoints_continue_with_their_blanks() -> None:
     demo = config_to_dict(build_config("face", demo=True))
     del demo["data"]["keep_blank"]
     assert not saved_config({"config": demo}).data.keep_blank
+    requested = build_config("face", cli_settings={"train_dir": ["d"]})  # `train --resume` with the same flags
+    assert continued_config(requested, {"config": old}).data.keep_blank
+    assert not continued_config(requested, {"config": config_to_dict(requested)}).data.keep_blank
+
+
+@pytest.mark.slow
+def test_a_run_from_before_blank_detection_resumes_on_its_blanks(crops: dict[str, Path], tmp_path: Path) -> None:
+    """A checkpoint without `keep_blank` trained on every file: `train --resume` with the same flags continues on
+    them (its fingerprint counts them) instead of refusing the folder as changed."""
+    import torch
+
+    from dinopre.train.engine import fit
+
+    settings = {**TINY, "train_dir": [str(crops["mixed"])], "output_dir": str(tmp_path / "run"), "epochs": 1}
+    fit(build_config("face", cli_settings={**settings, "keep_blank": True}), Recorder())
+    path = tmp_path / "run" / "checkpoint_last.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["data"]["keep_blank"]  # as dinopre wrote it before blank crops were left out
+    torch.save(state, path)
+    result = fit(build_config("face", cli_settings={**settings, "epochs": 2}), Recorder(), resume_from=path)
+    assert len(result.epoch_losses) == 2
+    assert torch.load(path, weights_only=True)["config"]["data"]["keep_blank"] is True

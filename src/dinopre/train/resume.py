@@ -66,8 +66,17 @@ def continued_config(config: PretrainConfig, state: dict[str, Any]) -> PretrainC
     """The configuration a resumed run uses: the requested one, with the recipe settings it leaves unset taken from
     the checkpoint (what the run was started with; more epochs do not derive them again)."""
     saved = saved_config(state)
-    return with_settings(config, {name: setting(saved, name) for name in RECIPE_SETTINGS | {"recipe"}
-                                     if setting(config, name) is None})
+    values = {name: setting(saved, name) for name in RECIPE_SETTINGS | {"recipe"} if setting(config, name) is None}
+    if _before_blank_crops(state, config):
+        values["keep_blank"] = saved.data.keep_blank
+    return with_settings(config, values)
+
+
+def _before_blank_crops(state: dict[str, Any], config: PretrainConfig) -> bool:
+    """Whether the checkpoint was written before blank crops were left out and the request leaves `keep_blank` at
+    its default: the run continues as it started (`saved_config`), not refused for a setting it never had."""
+    data = state.get("config", {}).get("data")
+    return isinstance(data, dict) and "keep_blank" not in data and not config.data.keep_blank
 
 
 def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[PretrainConfig, Path]:
@@ -108,6 +117,8 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any
     check_centers(state, path, saved.model.out_dim,
                   saved.resolved_patch_out_dim if saved.method.algorithm == "ibot" else None)
     differences = config_differences(saved, config)
+    if _before_blank_crops(state, config):
+        differences = [d for d in differences if not d.startswith("keep_blank:")]
     roots = state.get("data", {}).get("roots")
     if roots and config.data.train_dir:  # compared as absolute paths: `data` and `$PWD/data` are the same folder
         differences = [d for d in differences if not d.startswith("train_dir:")]
