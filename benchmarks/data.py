@@ -9,7 +9,8 @@
 
 What it measures:
 - `startup`: `dinopre preview hands --train-dir DIR` run twice in a fresh process, first with an empty index cache
-  (the first scan) and then from the cached index: wall time and peak RSS (`ru_maxrss` of the child).
+  (the first scan; with `--cache`, whatever that cache holds) and then from the cached index: wall time, CPU time
+  and peak RSS (`ru_maxrss` of the child).
 - `workers`: the private memory (USS: Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) of each of 2 data
   workers after its first and after its last batch of `--steps` steps at batch 64, drawing from the run's data
   order (`EpochBatchSampler`) through the run's dataset (`pipeline.build_dataset`: decode, the draws, the uint8
@@ -158,31 +159,32 @@ def _worker_collate(samples: list) -> tuple:
 
 
 def workers(folder: str, steps: int, batch: int, num_workers: int) -> dict[str, Any]:
-    """USS of each data worker after its first and its last batch (run inside the measured version)."""
+    """USS of each data worker after its first and its last batch (run inside the measured version): the run's
+    dataset, sampler, loader and worker lifetime, with a collate function that also reports the worker's USS."""
     import torch
 
-    from dinopre.base.signals import ignore_stop_signals
     from dinopre.config.settings import build_config
-    from dinopre.data.dataset import EpochBatchSampler
-    from dinopre.data.pipeline import build_dataset, build_source
+    from dinopre.data.dataset import EpochBatchSampler, build_loader
+    from dinopre.data.pipeline import build_dataset, build_source, worker_processes
 
     torch.set_num_threads(1)
     config = build_config("hands", cli_settings={"train_dir": [folder], "batch_size": batch})
     data = build_source(config)
     dataset, _ = build_dataset(config, data.source)
-    sampler = EpochBatchSampler(len(data.source), batch, config.run.seed, 0, 1)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                         collate_fn=_worker_collate, generator=torch.Generator().manual_seed(0),
-                                         worker_init_fn=ignore_stop_signals, prefetch_factor=4)
+    epochs = -(-steps // (len(data.source) // batch))  # the whole of 10^6 files, or as many epochs as it takes
+    sampler = EpochBatchSampler(len(data.source), batch, config.run.seed, 0, epochs)
+    loader = build_loader(dataset, sampler, num_workers, pin_memory=False)
+    loader.collate_fn = _worker_collate  # the measuring hook; everything else as the run builds it
     seen: dict[int, list[float]] = {}
     started = time.perf_counter()
-    for step, (_, pid, uss) in enumerate(loader):
-        seen.setdefault(pid, []).append(uss)
-        if step + 1 == steps:
-            break
+    with worker_processes(loader) as batches:
+        for step in range(steps):
+            _, pid, uss = next(batches)
+            seen.setdefault(pid, []).append(uss)
     return {"images": len(data.source), "steps": steps, "seconds": time.perf_counter() - started,
             "main_rss_mib": _rss(), "workers": [{"pid": pid, "first_mib": values[0], "last_mib": values[-1],
-                                                 "batches": len(values)} for pid, values in sorted(seen.items())]}
+                                                 "batches": len(values), "every_10": values[::10]}
+                                                for pid, values in sorted(seen.items())]}
 
 
 def _rss() -> float:
@@ -250,10 +252,10 @@ def bound() -> dict[str, Any]:
 # ============ driver ============
 
 
-def _child(args: list[str], src: Path) -> Any:
-    """Run this script's measure in a process with `src` first on the path; its JSON result."""
-    env = {"DINOPRE_CACHE_DIR": tempfile.mkdtemp(prefix="dinopre-bench-cache-"), **os.environ,
-           "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1"}
+def _child(args: list[str], src: Path, cache: Path) -> Any:
+    """Run this script's measure in a process with `src` first on the path and `cache` as the index cache; its
+    JSON result."""
+    env = {**os.environ, "DINOPRE_CACHE_DIR": str(cache), "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run([sys.executable, str(HERE), *args], env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{args[0]} failed:\n{done.stderr[-3000:]}")
@@ -274,6 +276,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--cache", type=Path, help="the index cache to use (default: a new, empty one)")
     args = parser.parse_args()
     if args.what == "make":
         make(Path(args.paths[0]), args.files, args.shards)
@@ -285,18 +288,18 @@ def main() -> None:
         print(json.dumps(throughput(args.paths[0], args.paths[1], args.images, args.repeats)))  # noqa: T201
         return
     result: dict[str, Any] = {"what": args.what, "src": str(args.src), "paths": args.paths}
+    cache = args.cache or Path(tempfile.mkdtemp(prefix="dinopre-bench-cache-"))
     if args.what == "bound":
         result.update(bound())
     elif args.what == "startup":
-        cache = Path(tempfile.mkdtemp(prefix="dinopre-bench-cache-"))
         result["first"] = startup(args.paths[0], args.src, cache)
         result["cached"] = startup(args.paths[0], args.src, cache)
     elif args.what == "workers":
         result.update(_child(["_workers", args.paths[0], "--steps", str(args.steps), "--batch", str(args.batch),
-                              "--workers", str(args.workers)], args.src))
+                              "--workers", str(args.workers)], args.src, cache))
     else:
         result.update(_child(["_throughput", *args.paths[:2], "--images", str(args.images), "--repeats",
-                              str(args.repeats)], args.src))
+                              str(args.repeats)], args.src, cache))
     print(json.dumps(result, indent=2))  # noqa: T201 - a benchmark script's output is its result
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
