@@ -229,8 +229,9 @@ def build_source(config: PretrainConfig, reporter: Reporter | None = None, *, us
     if config.data.demo and not config.data.train_dir:
         source = SyntheticSource(config.preset, config.data.demo_images)
         name = f"synthetic:{config.preset}:{len(source)}"
-        print_ = DataFingerprint(len(source), name, "", "", hashlib.sha256(name.encode()).hexdigest())
-        return DataSource(source, f"{len(source)} built-in synthetic {config.preset} crops (--demo)", lambda: print_)
+        synthetic = DataFingerprint(len(source), name, "", "", hashlib.sha256(name.encode()).hexdigest())
+        return DataSource(source, f"{len(source)} built-in synthetic {config.preset} crops (--demo)",
+                          lambda: synthetic)
 
     def progress(found: int) -> None:
         if reporter is not None:
