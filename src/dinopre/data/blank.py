@@ -8,12 +8,13 @@ so they are found at scan time and left out of the index before the sampler is b
 
 Only files small enough to be flat are decoded at scan time (`SCAN_SIZE_BOUND`). Measured on 224 px JPEGs
 (`python benchmarks/data.py bound`): a flat colour is 1,409-2,003 bytes in colour (4:2:0 or 4:4:4 chroma, any
-quality from 50 to 100) and 918-922 bytes in grayscale, a flat PNG 226 bytes; crops of a real photograph
-(colour, grayscale, blurred with a sigma of 4 or 8 px) are 1.7-6.3 KB at their smallest and 3.9-24 KB at their
-median. 4,096 bytes keeps a 2x margin over every flat JPEG (room for EXIF or an ICC profile) while leaving most
-real crops undecoded: a real crop under the bound only costs a decode at the first scan, never a wrong verdict. A
-flat image above the bound (a large or uncompressed one) is still caught when it is decoded for training
-(`BlankImageError`) and skipped like a broken file.
+quality from 50 to 100) and 918-922 bytes in grayscale, a flat PNG 226 bytes; 200 crops of a real photograph are
+at least 3,235 bytes in colour or grayscale at quality 75 (medians 8.8-23 KB), and blurred with a sigma of 4 or 8 px
+at least 1,651 bytes (medians 3.8-8.0 KB). 4,096 bytes keeps a 2x margin over every flat JPEG (room for EXIF or an
+ICC profile) and leaves every sharp crop undecoded; about half of the heavily blurred ones at quality 75 fall under
+it, which costs them one decode at the first scan, never a wrong verdict. A flat image above the bound (a large or
+uncompressed one) is still caught when it is decoded for training (`BlankImageError`) and skipped like a broken
+file.
 """
 
 from __future__ import annotations
