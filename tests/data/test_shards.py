@@ -253,6 +253,8 @@ def test_pack_refuses_an_existing_output_and_one_inside_its_input(folder: Path, 
         pack_folders([folder], packed)
     with pytest.raises(ConfigError, match="lies inside the input folder"):
         pack_folders([folder], folder / "shards")
+    with pytest.raises(ConfigError, match="holds .tar shards already"):
+        pack_folders([packed], tmp_path / "again")
     for args in (["pack", folder, packed], ["pack", folder, folder / "sub"],
                  ["pack", tmp_path / "nope", tmp_path / "o"], ["pack", folder, tmp_path / "o2", "--shard-size", "big"]):
         result = invoke(*args)

@@ -116,6 +116,9 @@ def pack_folders(folders: list[Path], output: Path, *, shard_size: int = 10**9, 
     """
     check_paths(folders, output)
     scan = scan_roots([str(folder) for folder in folders], find_blank=False)
+    for folder, root in zip(folders, scan.roots):
+        if root.kind == "shards":
+            raise ConfigError(f"'{folder}' holds .tar shards already; pack reads folders of images.")
     order = np.arange(scan.count) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(
         scan.count)
     members = _Members(scan.roots, folders)
