@@ -596,7 +596,7 @@ def test_a_cuda_training_step_never_waits_for_the_host(algorithm: str) -> None:
 
 
 def test_koleo_adds_its_weighted_term_on_each_global_view() -> None:
-    from dinopre.model.losses import koleo_loss
+    from dinopre.model.regularisers.koleo import koleo_loss
 
     plain, regularised = tiny_method(), tiny_method(koleo_weight=0.5)
     batch = crop_batch()
@@ -612,7 +612,7 @@ def test_koleo_adds_its_weighted_term_on_each_global_view() -> None:
 
 def test_the_contrastive_head_trains_with_the_student_and_is_never_exported() -> None:
     from dinopre.files.export import backbone_state
-    from dinopre.model.losses import info_nce
+    from dinopre.model.regularisers.contrast import info_nce
 
     method = tiny_method(contrast_weight=2.0).train()
     assert "contrast_head" in method.student and method.loss_names[-1] == "contrast"
@@ -631,8 +631,7 @@ def test_the_contrastive_head_trains_with_the_student_and_is_never_exported() ->
 @pytest.mark.parametrize("algorithm", ["dino", "ibot"])
 def test_the_drloc_head_locates_patch_tokens_trains_with_the_student_and_is_never_exported(algorithm: str) -> None:
     from dinopre.files.export import backbone_state
-    from dinopre.model.losses import localisation_loss, relative_offsets, sample_token_pairs
-    from dinopre.model.method import DRLOC_PAIRS
+    from dinopre.model.regularisers.drloc import DRLOC_PAIRS, localisation_loss, relative_offsets, sample_token_pairs
 
     method = tiny_method(drloc_weight=0.5, algorithm=algorithm).train()
     plain = tiny_method(algorithm=algorithm).train()

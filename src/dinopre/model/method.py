@@ -8,11 +8,15 @@ iBOT patch head: `shared_head` uses the CLS head for patch tokens too (the iBOT 
 serves both; otherwise a separate head with `patch_out_dim` prototypes (DINOv2's `ibot.separate_head`). The
 student's patch head runs on the masked tokens only, the only ones the loss reads; the teacher's runs on every
 patch token, because the patch center is the mean over all of them (iBOT `iBOTLoss.update_center`).
+
+Regularisers (KoLeo, contrastive, Drloc: `model.regularisers`) add their weighted terms on the student's global
+views; the pair loops over them and holds their training-only heads in the student's ModuleDict.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -20,17 +24,10 @@ from torch import nn
 from dinopre.config.settings import PretrainConfig
 from dinopre.data.augment import grayscale_normalized, standardized_luma
 from dinopre.data.dataset import CropBatch
-from dinopre.model.heads import DINOHead, LocalisationHead, ProjectionHead
-from dinopre.model.losses import (
-    DINOLoss,
-    IBOTPatchLoss,
-    info_nce,
-    koleo_loss,
-    localisation_loss,
-    relative_offsets,
-    sample_token_pairs,
-    teacher_diagnostics,
-)
+from dinopre.model.heads import DINOHead
+from dinopre.model.losses import DINOLoss, IBOTPatchLoss, teacher_diagnostics
+from dinopre.model.regularisers.registry import build_regularisers
+from dinopre.model.regularisers.regulariser import Regulariser, StudentGlobals
 from dinopre.model.vit import VisionTransformer
 
 
@@ -44,17 +41,11 @@ class StudentTeacher(nn.Module):
         patch_loss: the iBOT patch loss; None for DINO.
         patch_head: a separate patch head, or None to share `head` (iBOT only).
         loss_weights: (CLS, patch) weights of the iBOT total.
-        koleo_weight: weight of the KoLeo regulariser on the student's global-view CLS features (0: off).
         teacher_view: how the teacher sees its views: `rgb` (as rendered, DINO), `gray` (luma: its targets cannot
             depend on colour, so the student learns features that do not either) or `pattern` (luma standardised
             per view: nor on brightness and contrast).
-        contrast_head: a training-only projection head for a contrastive loss between the student's global views
-            (SimCLR's InfoNCE), or None; it is never exported.
-        contrast_weight: weight of that loss in the total.
-        contrast_temperature: its softmax temperature.
-        drloc_head: a training-only head that predicts the grid offset between two of the student's patch tokens
-            of a global view (Drloc), or None; it is never exported.
-        drloc_weight: weight of that loss in the total.
+        regularisers: extra terms on the student's global views, added to the total in this order; their heads
+            join the student's ModuleDict (under `head_key`, listed after the DINO heads) and are never exported.
         zero_mean_patches: keep the patch filters at zero mean per colour channel (`constrain` after each step),
             so a patch token does not change when a constant is added to a channel of the patch.
     """
@@ -68,13 +59,8 @@ class StudentTeacher(nn.Module):
         patch_loss: IBOTPatchLoss | None = None,
         patch_head: DINOHead | None = None,
         loss_weights: tuple[float, float] = (1.0, 1.0),
-        koleo_weight: float = 0.0,
         teacher_view: str = "rgb",
-        contrast_head: ProjectionHead | None = None,
-        contrast_weight: float = 0.0,
-        contrast_temperature: float = 0.2,
-        drloc_head: LocalisationHead | None = None,
-        drloc_weight: float = 0.0,
+        regularisers: Sequence[Regulariser] = (),
         zero_mean_patches: bool = False,
     ) -> None:
         super().__init__()
@@ -84,10 +70,7 @@ class StudentTeacher(nn.Module):
         modules = {"backbone": backbone, "head": head}
         if patch_head is not None:
             modules["patch_head"] = patch_head
-        if contrast_head is not None:
-            modules["contrast_head"] = contrast_head
-        if drloc_head is not None:
-            modules["drloc_head"] = drloc_head
+        modules.update({r.head_key: r.head for r in regularisers if r.head is not None})
         self.student = nn.ModuleDict(modules)
         self.teacher = copy.deepcopy(self.student)
         for block in self.teacher["backbone"].blocks:
@@ -96,10 +79,9 @@ class StudentTeacher(nn.Module):
         self.dino_loss = loss
         self.patch_loss = patch_loss
         self.loss_weights = loss_weights
-        self.koleo_weight = koleo_weight
         self.teacher_view = teacher_view
-        self.contrast_weight, self.contrast_temperature = contrast_weight, contrast_temperature
-        self.drloc_weight = drloc_weight
+        self.regularisers = tuple(regularisers)  # a plain tuple: their heads are registered in `student` only
+        self._needs_patch_tokens = any(r.needs_patch_tokens for r in self.regularisers)
 
     @property
     def is_ibot(self) -> bool:
@@ -109,9 +91,7 @@ class StudentTeacher(nn.Module):
     def loss_names(self) -> tuple[str, ...]:
         """The total and its parts, as keys of `forward`'s result."""
         names = ("loss", "cls", "patch") if self.is_ibot else ("loss", "dino")
-        names += ("koleo",) if self.koleo_weight > 0 else ()
-        names += ("contrast",) if "contrast_head" in self.student else ()
-        return names + ("drloc",) if "drloc_head" in self.student else names
+        return names + tuple(r.name for r in self.regularisers)
 
     def train(self, mode: bool = True) -> StudentTeacher:
         super().train(mode)
@@ -156,19 +136,22 @@ class StudentTeacher(nn.Module):
             return self._forward_ibot(batch, teacher_temp, teacher_patch_temp, diagnostics)
         with torch.no_grad():
             teacher_logits = self.teacher["head"](self.teacher["backbone"](self._teacher_views(batch)))  # (G*B, K)
-        global_cls, patch_tokens = self._student_globals(batch)
-        student_logits = self.student["head"](self._student_cls(global_cls, batch))  # (V*B, K)
+        student = self._student_globals(batch)
+        student_logits = self.student["head"](self._student_cls(student.cls, batch))  # (V*B, K)
         out = self._diagnostics(teacher_logits, teacher_temp) if diagnostics else {}
         loss = self._cls_loss(student_logits, teacher_logits, batch, teacher_temp)
-        return self._with_regularisers({"loss": loss, "dino": loss.detach(), **out}, global_cls, batch, patch_tokens)
+        return self._with_regularisers({"loss": loss, "dino": loss.detach(), **out}, student)
 
-    def _student_globals(self, batch: CropBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The student's (G*B, D) CLS features of the global views, and their (G*B, N, D) patch tokens when a loss
-        reads them (Drloc)."""
-        if "drloc_head" not in self.student:
-            return self.student["backbone"](batch.global_crops), None
+    def _student_globals(self, batch: CropBatch) -> StudentGlobals:
+        """The student's (G*B, D) CLS features of the global views, and their (G*B, N, D) patch tokens only when a
+        regulariser reads them (the CLS-only path is cheaper)."""
+        if not self._needs_patch_tokens:
+            return self._globals(self.student["backbone"](batch.global_crops), None, batch)
         features = self.student["backbone"].forward_features(batch.global_crops)
-        return features.cls, features.patch_tokens
+        return self._globals(features.cls, features.patch_tokens, batch)
+
+    def _globals(self, cls: torch.Tensor, patch_tokens: torch.Tensor | None, batch: CropBatch) -> StudentGlobals:
+        return StudentGlobals(cls, patch_tokens, batch, self.student["backbone"].patch_embed.patch_size)
 
     def _teacher_views(self, batch: CropBatch) -> torch.Tensor:
         """The global views as the teacher sees them (`teacher_view`)."""
@@ -178,29 +161,13 @@ class StudentTeacher(nn.Module):
             return standardized_luma(batch.global_crops)
         return batch.global_crops
 
-    def _with_regularisers(self, losses: dict[str, torch.Tensor], global_cls: torch.Tensor, batch: CropBatch,
-                           patch_tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Add the student's regularisers of its global views to the total, per process: KoLeo on each view's CLS
-        features (DINOv2), the contrastive loss between views and the relative localisation of patch tokens
-        (each through its training-only head)."""
-        views = global_cls.shape[0] // batch.batch_size
-        if self.koleo_weight > 0:
-            koleo = sum(koleo_loss(view) for view in global_cls.chunk(views))
-            losses = {**losses, "loss": losses["loss"] + self.koleo_weight * koleo, "koleo": koleo.detach()}
-        if "contrast_head" in self.student:
-            contrast = info_nce(self.student["contrast_head"](global_cls), views, self.contrast_temperature)
-            losses = {**losses, "loss": losses["loss"] + self.contrast_weight * contrast, "contrast": contrast.detach()}
-        if "drloc_head" in self.student and patch_tokens is not None:
-            drloc = self._localisation(patch_tokens, batch)
-            losses = {**losses, "loss": losses["loss"] + self.drloc_weight * drloc, "drloc": drloc.detach()}
+    def _with_regularisers(self, losses: dict[str, torch.Tensor], student: StudentGlobals) -> dict[str, torch.Tensor]:
+        """Add each regulariser's weighted term to the total, per process, in their order (a term that draws random
+        numbers, Drloc's pairs, draws them here), and its detached value under its name."""
+        for regulariser in self.regularisers:
+            term = regulariser.loss(student)
+            losses = {**losses, "loss": losses["loss"] + regulariser.weight * term, regulariser.name: term.detach()}
         return losses
-
-    def _localisation(self, patch_tokens: torch.Tensor, batch: CropBatch) -> torch.Tensor:
-        """Drloc's loss on (G*B, N, D) patch tokens: DRLOC_PAIRS random pairs per view, offsets on the patch grid."""
-        patch = self.student["backbone"].patch_embed.patch_size
-        grid = (batch.global_crops.shape[-2] // patch, batch.global_crops.shape[-1] // patch)
-        pairs = sample_token_pairs(patch_tokens.shape[0], patch_tokens.shape[1], DRLOC_PAIRS, patch_tokens.device)
-        return localisation_loss(self.student["drloc_head"](patch_tokens, pairs), relative_offsets(pairs, grid))
 
     def _student_cls(self, global_cls: torch.Tensor, batch: CropBatch) -> torch.Tensor:
         """Student CLS features of every view: globals (already computed) then locals, one call per resolution."""
@@ -235,7 +202,7 @@ class StudentTeacher(nn.Module):
                                      teacher_temp=teacher_patch_temp)
         loss = self.loss_weights[0] * cls_loss + self.loss_weights[1] * patch_loss
         return self._with_regularisers({"loss": loss, "cls": cls_loss.detach(), "patch": patch_loss.detach(), **out},
-                                       student.cls, batch, student.patch_tokens)
+                                       self._globals(student.cls, student.patch_tokens, batch))
 
     @staticmethod
     def _heads(model: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,10 +230,6 @@ class StudentTeacher(nn.Module):
         student_params = list(self.student.parameters())
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
-
-
-CONTRAST_DIM = 128  # SimCLR's projection width
-DRLOC_PAIRS = 64  # token pairs per view (Liu et al. 2021 sample a few dozen): as many as the 8 x 8 grid of a 64 px crop
 
 
 @torch.no_grad()
@@ -300,11 +263,8 @@ def build_method(config: PretrainConfig) -> StudentTeacher:
 
     loss = DINOLoss(m.out_dim, student_temp=method.student_temp, center_momentum=method.center_momentum,
                     centering=method.centering)
-    extras = {"koleo_weight": method.koleo_weight, "teacher_view": method.teacher_view,
-              "contrast_weight": method.contrast_weight, "contrast_temperature": method.contrast_temperature,
-              "contrast_head": ProjectionHead(m.vit_embed_dim, m.head_hidden_dim, CONTRAST_DIM)
-              if method.contrast_weight > 0 else None, "drloc_weight": method.drloc_weight,
-              "drloc_head": LocalisationHead(m.vit_embed_dim) if method.drloc_weight > 0 else None,
+    # The regularisers' heads draw their weights before the DINO heads: the order every run so far was built in.
+    extras = {"teacher_view": method.teacher_view, "regularisers": build_regularisers(config),
               "zero_mean_patches": m.zero_mean_patches}
     if not ibot:
         return StudentTeacher(backbone, head(m.out_dim), loss, **extras)

@@ -1,0 +1,41 @@
+"""KoLeo (Sablayrolles et al. 2019, as in DINOv2): spreads the student's global-view CLS features apart by pushing
+each image away from its nearest neighbour in the batch. No head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dinopre.config.settings import PretrainConfig
+from dinopre.model.regularisers.regulariser import Regulariser, StudentGlobals
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser of one view's (B, D) features: -mean_i log ||x_i - x_nn(i)|| on L2-normalised x, fp32.
+
+    The nearest neighbour excludes the image itself (DINOv2 sets the diagonal of the similarities to -1). Needs at
+    least 2 rows; eps keeps an exact duplicate at -log(eps) instead of infinity (dinov2#143).
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        x = F.normalize(features.float(), dim=-1, eps=eps)
+        similarity = x @ x.t()
+        similarity.fill_diagonal_(-1.0)
+        nearest = similarity.argmax(dim=1)
+        distances = F.pairwise_distance(x, x[nearest], p=2, eps=eps)
+        return -torch.log(distances + eps).mean()
+
+
+class KoLeo(Regulariser):
+    """KoLeo on each global view's CLS features separately (DINOv2), summed over the views."""
+
+    name = "koleo"
+
+    def loss(self, student: StudentGlobals) -> torch.Tensor:
+        """The sum over the global views of `koleo_loss`."""
+        return sum(koleo_loss(view) for view in student.cls.chunk(student.views))  # type: ignore[return-value]
+
+
+def build(config: PretrainConfig) -> KoLeo | None:
+    """KoLeo at `koleo_weight`, or None when that is 0."""
+    weight = config.method.koleo_weight
+    return KoLeo(weight) if weight > 0 else None
