@@ -21,14 +21,13 @@ from rich.text import Text
 
 from dinopre.base.events import CollapseWarning, EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged, Stopped
 from dinopre.config.settings import SECTIONS, config_to_dict
+from dinopre.model.regularisers.registry import REGULARISERS
 
 _SHOWN = (
     ("loss", "loss", "{:.4f}"),
     ("cls", "cls", "{:.4f}"),
     ("patch", "patch", "{:.4f}"),
-    ("koleo", "koleo", "{:.3f}"),
-    ("contrast", "contrast", "{:.3f}"),
-    ("drloc", "drloc", "{:.3f}"),
+    *((name, name, "{:.3f}") for name in REGULARISERS),
     ("lr", "lr", "{:.2e}"),
     ("weight_decay", "wd", "{:.3f}"),
     ("momentum", "momentum", "{:.5f}"),
@@ -39,6 +38,7 @@ _SHOWN = (
     ("images_per_sec", "img/s", "{:.0f}"),
     ("data_wait", "data wait", "{:.0%}"),
 )
+_EPOCH_PARTS = ("cls", "patch", *REGULARISERS)  # the loss parts an epoch's line shows beside its loss
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -164,7 +164,7 @@ class PlainReporter:
     def _epoch_line(self, event: EpochEnded) -> None:
         best = " (best)" if event.is_best else ""
         parts = "".join(f" {name} {value:.4f}" for name, value in event.parts.items()
-                        if name in ("cls", "patch", "koleo", "contrast", "drloc"))
+                        if name in _EPOCH_PARTS)
         self.console.print(f"epoch {event.epoch + 1}/{event.epochs} done: loss {event.loss:.4f}{best}{parts}, "
                            f"{event.seconds:.1f} s, {event.images_per_sec:.0f} img/s")
         if format_evaluation(event.evaluation):

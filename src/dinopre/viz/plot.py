@@ -7,6 +7,7 @@ against its maximum ln K (near the maximum: uniform collapse; near 0: one-hot co
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -14,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from dinopre.base.errors import ConfigError, RunDirError
+from dinopre.model.regularisers.registry import REGULARISERS
 
 INSTALL_HINT = 'dinopre plot draws with matplotlib: install it with pip install "dinopre[plots]".'
-LOSS_PARTS = ("dino", "cls", "patch", "koleo", "contrast", "drloc")
+# Parts a run did not log are skipped. Old runs' metrics.jsonl are plotted too: a regulariser that ever leaves the
+# registry keeps its name here.
+LOSS_PARTS = ("dino", "cls", "patch", *REGULARISERS)
 
 
 @dataclass
@@ -108,7 +112,7 @@ def draw_curves(runs: list[RunCurves], output: Path) -> Path:
 
 def _loss_panel(ax: Any, run: RunCurves, colour: str) -> None:
     ax.plot(*run.series("loss"), color=colour, label=f"{run.name} loss")
-    styles = iter(["--", "-.", ":", (0, (1, 4)), (0, (5, 5))])
+    styles = itertools.cycle(["--", "-.", ":", (0, (1, 4)), (0, (5, 5))])  # cycles once a run logs 6 parts
     for part in LOSS_PARTS:
         x, y = run.series(part)
         if x and (run.series("loss")[1] != y):
