@@ -32,6 +32,7 @@ class KoLeo(Regulariser):
 
     def loss(self, student: StudentGlobals) -> torch.Tensor:
         """The sum over the global views of `koleo_loss`."""
+        # Python's sum (0 + view 1 + view 2): the same additions, hence the same bits, as every run so far made.
         return sum(koleo_loss(view) for view in student.cls.chunk(student.views))  # type: ignore[return-value]
 
 
