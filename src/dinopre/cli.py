@@ -149,6 +149,10 @@ _CONFIG = Annotated[Path | None, typer.Option(
     show_default=False)]
 _SEED = Annotated[int | None, typer.Option(help="Seed; the same seed and data give the same run.",
                                          rich_help_panel=RUN, show_default=False)]
+_RENDEZVOUS_HELP = ("With torchrun or srun: how long to wait for every process to join before giving up "
+                    "\\[default: DINOPRE_RENDEZVOUS_TIMEOUT, else 300].")
+_RENDEZVOUS_TIMEOUT = Annotated[float | None, typer.Option(metavar="SECONDS", help=_RENDEZVOUS_HELP,
+                                                           rich_help_panel=RUN, show_default=False)]
 _DEVICE = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX \\[default: auto].",
                                            rich_help_panel=RUN, show_default=False)]
 
@@ -318,6 +322,7 @@ def train(
         "--logger", help="Also log to tensorboard, wandb or mlflow (repeatable; metrics.jsonl is always written). "
         'Each needs its package: pip install "dinopre\\[tensorboard]" (or \\[wandb], \\[mlflow]).', rich_help_panel=RUN,
         show_default=False)] = None,
+    rendezvous_timeout: _RENDEZVOUS_TIMEOUT = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.",
                                         rich_help_panel=RUN)] = False,
 ) -> None:
@@ -460,6 +465,8 @@ def resume(
                                                          show_default=False)] = None,
     eval_every: Annotated[int | None, typer.Option(help="Epochs between two k-NN evaluations (with --eval-dir).",
                                                    show_default=False)] = None,
+    rendezvous_timeout: Annotated[float | None, typer.Option(metavar="SECONDS", help=_RENDEZVOUS_HELP,
+                                                             show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Continue a run exactly where it stopped: same data order, augmentations, masks, schedules and centers."""

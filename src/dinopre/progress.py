@@ -19,7 +19,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from dinopre.base.events import CollapseWarning, EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged, Stopped
+from dinopre.base.events import (
+    CollapseWarning,
+    EpochEnded,
+    Notice,
+    RunFinished,
+    RunStarted,
+    ScanProgress,
+    StepLogged,
+    Stopped,
+)
 from dinopre.config.settings import SECTIONS, config_to_dict
 from dinopre.model.regularisers.registry import REGULARISERS
 
@@ -149,6 +158,9 @@ class PlainReporter:
             self._epoch_line(event)
         elif isinstance(event, CollapseWarning):
             self.console.print(f"warning: {event.message}", style="yellow", markup=False)
+        elif isinstance(event, Notice):
+            self.console.print(f"warning: {event.message}" if event.warning else event.message,
+                               style="yellow" if event.warning else None, markup=False)
         elif isinstance(event, RunFinished):
             self._summary(event)
 
@@ -256,6 +268,8 @@ class RichReporter(PlainReporter):
         elif isinstance(event, RunFinished):
             self.close()
             self._summary(event)
+        elif isinstance(event, Notice):  # printed above the live display
+            super().emit(event)
 
     def _summary(self, event: RunFinished) -> None:
         text = Text("\n".join(summary_lines(event)))

@@ -103,8 +103,17 @@ class RunFinished:
     best_knn: float | None = None
 
 
+@dataclass(frozen=True)
+class Notice:
+    """One sentence about the run's surroundings: a wait for the other processes, a tracker connecting, failing or
+    starting a new run. `warning` when something did not go as asked (training goes on)."""
+
+    message: str
+    warning: bool = False
+
+
 class Reporter(Protocol):
     """Receives the engine's events (ScanProgress, RunStarted, StepLogged, EpochEnded, CollapseWarning,
-    CheckpointSaved, Stopped, RunFinished)."""
+    CheckpointSaved, Stopped, RunFinished, Notice)."""
 
     def emit(self, event: object) -> None: ...

@@ -36,6 +36,12 @@ CENTERINGS = ("ema", "sinkhorn")  # how the teacher's targets are balanced (dino
 RECIPES = ("auto", "reference")  # where unset settings come from (dinopre.config.recipe)
 TEACHER_VIEWS = ("rgb", "gray", "pattern")  # how the teacher sees its views (dinopre.model.method)
 LOGGERS = ("tensorboard", "wandb", "mlflow")  # experiment trackers beside metrics.jsonl (dinopre.train.trackers)
+# With several processes: "global" gathers the features of every process (the run is the same on 1 and N processes),
+# "process" keeps each process's own (as DINOv2, and dinopre before: runs started so continue so).
+REGULARISER_SCOPES = ("global", "process")
+# "sample": drop path's masks come from each sample's own generator, like its views, whatever the processes;
+# "process": from each process's generator (dinopre before: runs started so continue so).
+DROP_PATH_SCOPES = ("sample", "process")
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class ModelConfig:
     patch_out_dim: int | None = None
     # Patch filters with zero mean per colour channel: a token ignores a patch's mean colour (dinopre.model.method).
     zero_mean_patches: bool | None = None
+    # Whose random numbers drop path draws (DROP_PATH_SCOPES); None: "sample" for a new run, the run's own on resume.
+    drop_path_scope: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,9 @@ class MethodConfig:
     contrast_weight: float | None = None  # a training-only contrastive head between the global views (0: off)
     contrast_temperature: float = 0.2
     drloc_weight: float | None = None  # a training-only head that locates pairs of patch tokens (Drloc; 0: off)
+    # Which batch KoLeo and the contrastive loss see (REGULARISER_SCOPES); None: "global" for a new run, the run's own
+    # on resume.
+    regulariser_scope: str | None = None
     teacher_momentum_base: float | None = None
     teacher_momentum_final: float = 1.0
     # iBOT only (bytedance/ibot ViT-S recipe)
@@ -143,6 +154,7 @@ class RunConfig:
     export_backbone: str | None = None
     stream: str | None = None
     logger: tuple[str, ...] = ()  # experiment trackers (LOGGERS), beside metrics.jsonl
+    rendezvous_timeout: float | None = None  # seconds to wait for the other processes (None: 300 or the environment)
 
 
 @dataclass(frozen=True)
@@ -515,7 +527,7 @@ UPPER_BOUNDS: dict[str, float] = {
     "drloc_weight": 1000.0,
     "warmup_teacher_temp": 100.0, "teacher_patch_temp": 100.0,
     "warmup_teacher_patch_temp": 100.0, "koleo_weight": 1000.0, "patch_loss_weight": 1e6, "cls_loss_weight": 1e6,
-    "clip_grad_norm": 1e6, "knn_temperature": 100.0, "eval_every": 1_000_000,
+    "clip_grad_norm": 1e6, "knn_temperature": 100.0, "eval_every": 1_000_000, "rendezvous_timeout": 7 * 86400,
 }
 # Settings that may not be negative where no other check says more.
 NON_NEGATIVE = ("seed",)
@@ -554,6 +566,8 @@ def _validate_model(config: PretrainConfig) -> None:
              f"units for --vit-embed-dim {m.vit_embed_dim}; use a ratio such as 4 (DINO's).")
     _require(m.drop_path_rate is None or 0.0 <= m.drop_path_rate < 1.0,
              f"--drop-path-rate must be in [0, 1), got {m.drop_path_rate}.")
+    _require(m.drop_path_scope is None or m.drop_path_scope in DROP_PATH_SCOPES,
+             f"drop_path_scope must be one of {', '.join(DROP_PATH_SCOPES)}, got '{m.drop_path_scope}'.")
 
 
 def _validate_scale(flag: str, scale: tuple[float, ...] | None) -> None:
@@ -627,6 +641,8 @@ def _validate_method(config: PretrainConfig) -> None:
              "--contrast-weight needs at least 2 images per batch (the others are its negatives); raise --batch-size.")
     _require(m.drloc_weight is None or m.drloc_weight >= 0,
              f"--drloc-weight must be 0 (off) or positive, got {m.drloc_weight}.")
+    _require(m.regulariser_scope is None or m.regulariser_scope in REGULARISER_SCOPES,
+             f"regulariser_scope must be one of {', '.join(REGULARISER_SCOPES)}, got '{m.regulariser_scope}'.")
     _require(m.koleo_weight is None or m.koleo_weight >= 0,
              f"--koleo-weight must be 0 (off) or positive, got {m.koleo_weight}.")
     _require(not m.koleo_weight or config.optim.batch_size >= 2,
@@ -667,6 +683,8 @@ def _validate_run(config: PretrainConfig) -> None:
     for name in r.logger:
         _require(name in LOGGERS, f"--logger must be one of {', '.join(LOGGERS)}, got '{name}'.")
     _require(len(set(r.logger)) == len(r.logger), f"--logger names a tracker twice: {', '.join(r.logger)}.")
+    _require(r.rendezvous_timeout is None or r.rendezvous_timeout > 0,
+             f"--rendezvous-timeout must be a positive number of seconds, got {r.rendezvous_timeout}.")
 
 
 def _validate_eval(config: PretrainConfig) -> None:
@@ -688,7 +706,7 @@ def _validate_eval(config: PretrainConfig) -> None:
 # Where the views are rendered only changes their resampling, like a change of device changes rounding.
 RESUME_MAY_CHANGE = frozenset(
     {"epochs", "device", "num_workers", "augment_on", "log_interval", "checkpoint_every", "output_dir",
-     "export_backbone", "stream", "eval_every"}
+     "export_backbone", "stream", "eval_every", "rendezvous_timeout"}
 )
 
 

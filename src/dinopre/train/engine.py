@@ -27,6 +27,7 @@ from dinopre.base.events import (
     CheckpointSaved,
     CollapseWarning,
     EpochEnded,
+    Notice,
     Reporter,
     RunFinished,
     RunStarted,
@@ -238,7 +239,9 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
         TrainingStopped: a non-finite loss; the last good checkpoint is kept.
     """
     started = time.perf_counter()
-    with StopSignals() as stop, distributed.session(device_type(config.run.device)):
+    with StopSignals() as stop, distributed.session(device_type(config.run.device),
+                                                    rendezvous_timeout=config.run.rendezvous_timeout,
+                                                    notify=lambda message: reporter.emit(Notice(message))):
         return _fit(config, reporter if distributed.is_main() else NullReporter(), overwrite, resume_from, inputs,
                     stop, started)
 

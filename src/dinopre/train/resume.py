@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dinopre.base.errors import ConfigError
+from dinopre.config.recipe import NEW_RUN_SCOPES
 from dinopre.config.settings import (
     RECIPE_SETTINGS,
     RESUME_MAY_CHANGE,
@@ -48,22 +49,34 @@ def saved_config(state: dict[str, Any]) -> PretrainConfig:
 
     Checkpoints written before `--augment-on` existed rendered their views in the data workers; they carry no
     `augment_on` and continue that way (the new default would change how views are resampled mid-run). Those
-    written before recipes existed used the reference values, which they hold, and continue with `reference`.
+    written before recipes existed used the reference values, which they hold, and continue with `reference`. Those
+    written before the scopes existed computed KoLeo and the contrastive loss per process and drew drop path from
+    each process's generator, and continue so (`process`).
     """
     settings = {key: dict(value) if isinstance(value, dict) else value for key, value in state["config"].items()}
     if isinstance(settings.get("data"), dict):
         settings["data"].setdefault("augment_on", "workers")
     if isinstance(settings.get("method"), dict):
         settings["method"].setdefault("recipe", "reference")
+        settings["method"].setdefault("regulariser_scope", "process")
+    if isinstance(settings.get("model"), dict):
+        settings["model"].setdefault("drop_path_scope", "process")
     return config_from_dict(settings)
+
+
+def _with_saved_scopes(config: PretrainConfig, saved: PretrainConfig) -> PretrainConfig:
+    """`config` with the scopes it leaves unset taken from the run it continues (they shape its random numbers)."""
+    return with_settings(config, {name: setting(saved, name) for name in NEW_RUN_SCOPES
+                                  if setting(config, name) is None})
 
 
 def continued_config(config: PretrainConfig, state: dict[str, Any]) -> PretrainConfig:
     """The configuration a resumed run uses: the requested one, with the recipe settings it leaves unset taken from
     the checkpoint (what the run was started with; more epochs do not derive them again)."""
     saved = saved_config(state)
-    return with_settings(config, {name: setting(saved, name) for name in RECIPE_SETTINGS | {"recipe"}
-                                     if setting(config, name) is None})
+    return with_settings(_with_saved_scopes(config, saved), {name: setting(saved, name)
+                                                              for name in RECIPE_SETTINGS | {"recipe"}
+                                                              if setting(config, name) is None})
 
 
 def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[PretrainConfig, Path]:
@@ -103,7 +116,7 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any
         raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot read ({exc}).") from None
     check_centers(state, path, saved.model.out_dim,
                   saved.resolved_patch_out_dim if saved.method.algorithm == "ibot" else None)
-    differences = config_differences(saved, config)
+    differences = config_differences(saved, _with_saved_scopes(config, saved))
     roots = state.get("data", {}).get("roots")
     if roots and config.data.train_dir:  # compared as absolute paths: `data` and `$PWD/data` are the same folder
         differences = [d for d in differences if not d.startswith("train_dir:")]
