@@ -1,5 +1,10 @@
 """A contrastive loss between the student's global views (SimCLR's InfoNCE, Chen et al. 2020) through a
-training-only projection head, which is never exported."""
+training-only projection head, which is never exported.
+
+Its negatives are the global batch by default: with several processes each gathers every process's embeddings
+(with their gradients), so the loss does not depend on the number of processes, as SimCLR does across devices.
+Runs started with per-process negatives (`regulariser_scope` "process") continue so.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinopre.base.distributed import all_gather_with_grad
 from dinopre.config.settings import PretrainConfig
 from dinopre.model.regularisers.regulariser import Regulariser, StudentGlobals
 
@@ -40,7 +46,7 @@ def info_nce(embeddings: torch.Tensor, num_views: int, temperature: float) -> to
 
     Each row must pick out the other views of its own image among all rows of the batch (its own row excluded):
     -log of the softmax weight, at `temperature`, of its positives, averaged over positives and rows. In-batch
-    negatives only, per process (no gathering across processes).
+    negatives only: `Contrast` gathers the rows of every process first when its scope is global.
     """
     with torch.autocast(embeddings.device.type, enabled=False):
         z = F.normalize(embeddings.float(), dim=-1)
@@ -66,13 +72,17 @@ class Contrast(Regulariser):
     name = "contrast"
     head: ProjectionHead
 
-    def __init__(self, weight: float, head: ProjectionHead, temperature: float) -> None:
+    def __init__(self, weight: float, head: ProjectionHead, temperature: float, scope: str = "global") -> None:
         super().__init__(weight, head)
         self.temperature = temperature
+        self.scope = scope
 
     def loss(self, student: StudentGlobals) -> torch.Tensor:
         """`info_nce` of the projected CLS features, each image's other global views its positives."""
-        return info_nce(self.head(student.cls), student.views, self.temperature)
+        embeddings = self.head(student.cls)
+        if self.scope == "global":  # view by view, so the rows stay crop-major over the global batch
+            embeddings = torch.cat([all_gather_with_grad(view) for view in embeddings.chunk(student.views)])
+        return info_nce(embeddings, student.views, self.temperature)
 
 
 def build(config: PretrainConfig) -> Contrast | None:
@@ -81,4 +91,4 @@ def build(config: PretrainConfig) -> Contrast | None:
     if not method.contrast_weight > 0:
         return None
     head = ProjectionHead(m.vit_embed_dim, m.head_hidden_dim, CONTRAST_DIM)
-    return Contrast(method.contrast_weight, head, method.contrast_temperature)
+    return Contrast(method.contrast_weight, head, method.contrast_temperature, method.regulariser_scope or "global")

@@ -43,7 +43,7 @@ class StudentGlobals:
 
 
 class Regulariser(ABC):
-    """One extra term of the student's loss, added to the total as `weight * loss(...)`, per process.
+    """One extra term of the student's loss, added to the total as `weight * loss(...)`.
 
     Subclasses set `name` (the key of the term's detached value among the step's losses, logged and shown; the
     registry lists it) and `needs_patch_tokens`, and implement `loss`. A training-only `head` is put in the
