@@ -28,7 +28,7 @@ from dinopre.model.heads import DINOHead
 from dinopre.model.losses import DINOLoss, IBOTPatchLoss, teacher_diagnostics
 from dinopre.model.regularisers.registry import build_regularisers
 from dinopre.model.regularisers.regulariser import Regulariser, StudentGlobals
-from dinopre.model.vit import VisionTransformer
+from dinopre.model.vit import VisionTransformer, row_keys
 
 
 class StudentTeacher(nn.Module):
@@ -48,6 +48,8 @@ class StudentTeacher(nn.Module):
             join the student's ModuleDict (under `head_key`, listed after the DINO heads) and are never exported.
         zero_mean_patches: keep the patch filters at zero mean per colour channel (`constrain` after each step),
             so a patch token does not change when a constant is added to a channel of the patch.
+        drop_path_scope: `sample`: the student's drop path draws from each sample's own key (`batch.drop_keys`),
+            so a step does not depend on the number of processes; `process`: from the process's generator.
     """
 
     def __init__(
@@ -62,9 +64,11 @@ class StudentTeacher(nn.Module):
         teacher_view: str = "rgb",
         regularisers: Sequence[Regulariser] = (),
         zero_mean_patches: bool = False,
+        drop_path_scope: str = "sample",
     ) -> None:
         super().__init__()
         self.zero_mean_patches = zero_mean_patches
+        self.keyed_drop_path = drop_path_scope == "sample" and any(b.drop_path_rate > 0 for b in backbone.blocks)
         if zero_mean_patches:
             _center_filters(backbone.patch_embed.proj.weight)
         modules = {"backbone": backbone, "head": head}
@@ -145,10 +149,18 @@ class StudentTeacher(nn.Module):
     def _student_globals(self, batch: CropBatch) -> StudentGlobals:
         """The student's (G*B, D) CLS features of the global views, and their (G*B, N, D) patch tokens only when a
         regulariser reads them (the CLS-only path is cheaper)."""
+        keys = self._drop_keys(batch, batch.global_crops)
         if not self._needs_patch_tokens:
-            return self._globals(self.student["backbone"](batch.global_crops), None, batch)
-        features = self.student["backbone"].forward_features(batch.global_crops)
+            return self._globals(self.student["backbone"](batch.global_crops, drop_keys=keys), None, batch)
+        features = self.student["backbone"].forward_features(batch.global_crops, drop_keys=keys)
         return self._globals(features.cls, features.patch_tokens, batch)
+
+    def _drop_keys(self, batch: CropBatch, crops: torch.Tensor, first_view: int = 0) -> torch.Tensor | None:
+        """The per-row drop-path keys of `crops` (views `first_view` on of the batch), or None to draw from the
+        process's generator (scope `process`, no drop path, or a batch without keys)."""
+        if not self.keyed_drop_path or batch.drop_keys is None:
+            return None
+        return row_keys(batch.drop_keys, crops.shape[0] // batch.batch_size, first_view)
 
     def _globals(self, cls: torch.Tensor, patch_tokens: torch.Tensor | None, batch: CropBatch) -> StudentGlobals:
         return StudentGlobals(cls, patch_tokens, batch, self.student["backbone"].patch_embed.patch_size)
@@ -162,8 +174,9 @@ class StudentTeacher(nn.Module):
         return batch.global_crops
 
     def _with_regularisers(self, losses: dict[str, torch.Tensor], student: StudentGlobals) -> dict[str, torch.Tensor]:
-        """Add each regulariser's weighted term to the total, per process, in their order (a term that draws random
-        numbers, Drloc's pairs, draws them here), and its detached value under its name."""
+        """Add each regulariser's weighted term to the total, in their order (a term that draws random numbers,
+        Drloc's pairs, draws them here; KoLeo and the contrastive loss see every process's images), and its
+        detached value under its name."""
         for regulariser in self.regularisers:
             term = regulariser.loss(student)
             losses = {**losses, "loss": losses["loss"] + regulariser.weight * term, regulariser.name: term.detach()}
@@ -173,7 +186,8 @@ class StudentTeacher(nn.Module):
         """Student CLS features of every view: globals (already computed) then locals, one call per resolution."""
         if batch.local_crops is None:
             return global_cls
-        return torch.cat([global_cls, self.student["backbone"](batch.local_crops)])  # (V*B, D)
+        keys = self._drop_keys(batch, batch.local_crops, global_cls.shape[0] // batch.batch_size)
+        return torch.cat([global_cls, self.student["backbone"](batch.local_crops, drop_keys=keys)])  # (V*B, D)
 
     def _cls_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: CropBatch,
                   teacher_temp: float) -> torch.Tensor:
@@ -191,7 +205,8 @@ class StudentTeacher(nn.Module):
         with torch.no_grad():
             teacher = self.teacher["backbone"].forward_features(self._teacher_views(batch))  # unmasked views
             teacher_logits, teacher_patch_logits = self._heads(self.teacher, teacher.cls, teacher.patch_tokens)
-        student = self.student["backbone"].forward_features(batch.global_crops, masks=batch.masks)
+        student = self.student["backbone"].forward_features(batch.global_crops, masks=batch.masks,
+                                                            drop_keys=self._drop_keys(batch, batch.global_crops))
         student_cls = self._student_cls(student.cls, batch)  # (V*B, D)
         # (M, D): only these reach the loss; gathered by index, so the host never waits for the mask count
         masked_tokens = student.patch_tokens.flatten(0, 1).index_select(0, batch.mask_index.flat)
@@ -265,7 +280,7 @@ def build_method(config: PretrainConfig) -> StudentTeacher:
                     centering=method.centering)
     # The regularisers' heads draw their weights before the DINO heads: the order every run so far was built in.
     extras = {"teacher_view": method.teacher_view, "regularisers": build_regularisers(config),
-              "zero_mean_patches": m.zero_mean_patches}
+              "zero_mean_patches": m.zero_mean_patches, "drop_path_scope": m.drop_path_scope or "sample"}
     if not ibot:
         return StudentTeacher(backbone, head(m.out_dim), loss, **extras)
     return StudentTeacher(
