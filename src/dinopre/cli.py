@@ -590,10 +590,10 @@ def preview(
     mask_shape: _MASK_SHAPE = None,
     seed: _SEED = None,
     device: _DEVICE = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("views.png"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG or JPEG to write.")] = Path("views.png"),
     images: Annotated[int, typer.Option(help="Images shown (the first ones training visits).")] = 4,
     epoch: Annotated[int, typer.Option(help="Epoch whose draws to show (1 = the first).")] = 1,
-    cell_size: Annotated[int, typer.Option(help="Side of each view in the grid, in pixels.")] = 96,
+    cell_size: Annotated[int, typer.Option(help="Side of each view in the grid, in pixels (16 to 1024).")] = 96,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
     """Draw every global and local view of a few images exactly as `train` would render them (iBOT masks shaded).
@@ -642,7 +642,7 @@ def attention(
         help="Image files or folders of images (searched recursively).", show_default=False)] = None,
     demo: Annotated[bool, typer.Option("--demo", help="Draw the built-in synthetic crops of the model's preset "
                                                        "(what `train --demo` trains on).")] = False,
-    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("attention.png"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG or JPEG to write.")] = Path("attention.png"),
     weights: Annotated[Weights, typer.Option(
         help="Of a training checkpoint: teacher (what training exports) or student.")] = Weights.teacher,
     image_size: Annotated[int | None, typer.Option(
@@ -653,7 +653,7 @@ def attention(
         help="Also show the patches holding this share of the mean map's attention (DINO's threshold; 0: "
         "leave the column out).")] = 0.6,
     mean: Annotated[bool, typer.Option("--mean/--no-mean", help="Add the mean of the heads.")] = True,
-    cell_size: Annotated[int, typer.Option(help="Side of each picture in the grid, in pixels.")] = 128,
+    cell_size: Annotated[int, typer.Option(help="Side of each picture in the grid, in pixels (16 to 1024).")] = 128,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
     """Draw the last block's CLS attention, one map per head, over each image (DINO's first check of a backbone).

@@ -33,11 +33,20 @@ class RunCurves:
     out_dim: int | None = None
 
     def series(self, key: str, records: str = "steps") -> tuple[list[float], list[float]]:
-        """(x, y) of a metric: x is the global step for step records, the epoch for epoch records."""
+        """(x, y) of a metric: x is the global step for step records, the epoch for epoch records. Values that are
+        not finite or beyond +-1e300 (a diverged run) are left out: matplotlib cannot scale an axis around them."""
         rows = self.steps if records == "steps" else self.epochs
         x_key = "step" if records == "steps" else "epoch"
-        pairs = [(r[x_key], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        pairs = [(r[x_key], r[key]) for r in rows if _plottable(r.get(key)) and _plottable(r.get(x_key))]
         return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+PLOT_LIMIT = 1e300  # beyond it, an axis's range overflows a float
+
+
+def _plottable(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and abs(value) <= PLOT_LIMIT
 
 
 def read_run(folder: Path) -> RunCurves:
