@@ -218,7 +218,12 @@ def scan_labelled(eval_dir: str | Path, seed: int, test_share: float) -> Labelle
     if not root.is_dir():
         raise DataError(f"--eval-dir '{eval_dir}' is not a folder; give a folder with one sub-folder of images per "
                         "class (or train/ and test/ sub-folders holding those).")
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    folds = [fold for fold in ("train", "test") if (root / fold).is_dir()]
+    if len(folds) == 1:  # not a class named `train`: half of a split
+        other = "test" if folds == ["train"] else "train"
+        raise DataError(f"--eval-dir '{eval_dir}' has a {folds[0]}/ folder but no {other}/; give both, each with one "
+                        "sub-folder per class, or put the class sub-folders directly in it.")
+    if folds:
         classes = tuple(p.name for p in _class_folders(root / "train"))
         folds = []
         for fold in ("train", "test"):
@@ -294,8 +299,12 @@ class Evaluator:
         if labelled is not None:
             self.train = self._decode_fold(labelled.train_files, labelled.train_labels, image_size, threads)
             self.test = self._decode_fold(labelled.test_files, labelled.test_labels, image_size, threads)
-            if not len(self.train.labels) or not len(self.test.labels):
-                raise DataError("No image of the --eval-dir train or test fold could be decoded.")
+            _check_decoded_classes(labelled.classes, self.train.labels)
+            # A test image of a class without train images can never be classified right: it measures nothing.
+            known = torch.isin(self.test.labels, self.train.labels)
+            self.test = _Decoded(self.test.images[known], self.test.labels[known])
+            if not len(self.test.labels):
+                raise DataError("No image of the --eval-dir test fold could be decoded.")
 
     def _decode_fold(self, files: tuple[Path, ...], labels: tuple[int, ...], size: int, threads: int) -> _Decoded:
         images, kept, bad = decode_all([lambda f=f: load_rgb(f) for f in files], size, threads)
@@ -330,6 +339,22 @@ class Evaluator:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             p = targets(head(features))
         return {"rankme": rankme(features), "feature_spread": feature_spread(features), **prototype_signals(p)}
+
+
+def _check_decoded_classes(classes: tuple[str, ...], train_labels: torch.Tensor) -> None:
+    """Refuse a probe with fewer than two classes whose train images decode: with one, every test image gets that
+    class and the k-NN reports 100 % whatever the features (and `--best-by knn` would pick by it).
+
+    Raises:
+        DataError: one sentence naming the classes left without a decodable image.
+    """
+    kept = set(train_labels.tolist())
+    if len(kept) >= 2:
+        return
+    lost = [name for label, name in enumerate(classes) if label not in kept]
+    raise DataError(f"--eval-dir has {len(kept)} class(es) with train images that decode; the k-NN needs at least two "
+                    f"(no image of {', '.join(repr(n) for n in lost[:5])}{' ...' if len(lost) > 5 else ''} could be "
+                    "decoded).")
 
 
 def monitor_indices(num_images: int, count: int, seed: int) -> list[int]:
