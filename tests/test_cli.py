@@ -268,7 +268,7 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
               "teacher_patch_temp": "0.06", "eval_dir": "probe", "eval_every": "2", "best_by": "loss",
               "output_dir": "out", "export_backbone": "bb.pt", "checkpoint_every": "5", "stream": "hand_left",
               "compile": None, "seed": "7", "device": "cpu", "precision": "fp32", "log_interval": "3",
-              "logger": ["tensorboard"]}
+              "logger": ["tensorboard"], "rendezvous_timeout": "60"}
     settings = _options("train") - TRAIN_ONLY
     assert settings == set(values), settings ^ set(values)  # a new option needs a value here
     args = ["train", "hands"]
