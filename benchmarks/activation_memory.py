@@ -24,8 +24,8 @@ except ModuleNotFoundError:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dinopre.config.loading import build_config  # noqa: E402
 from dinopre.config.recipe import resolve  # noqa: E402
-from dinopre.config.settings import build_config  # noqa: E402
 from dinopre.data.dataset import CropBatch  # noqa: E402
 from dinopre.data.masking import MaskSampler  # noqa: E402
 from dinopre.model import vit  # noqa: E402

@@ -51,7 +51,8 @@ except ModuleNotFoundError:
 import torch  # noqa: E402
 
 from dinopre.base import distributed  # noqa: E402
-from dinopre.config.settings import PretrainConfig, build_config  # noqa: E402
+from dinopre.config.loading import build_config  # noqa: E402
+from dinopre.config.settings import PretrainConfig  # noqa: E402
 from dinopre.data.dataset import EpochBatchSampler, ImageSource, RawBatch  # noqa: E402
 from dinopre.data.demo import write_synthetic_folder  # noqa: E402
 from dinopre.data.pipeline import augments_on_device, build_data_loader  # noqa: E402

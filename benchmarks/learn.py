@@ -117,8 +117,8 @@ def _flag_value(flags: list[str], name: str, default: str) -> str:
 def random_backbone(flags: list[str]) -> torch.nn.Module:
     """The untrained backbone of this shape, drawn as a plain ViT is (the reference recipe: no constraint on the
     patch filters, which `auto` would apply at the start)."""
+    from dinopre.config.loading import build_config
     from dinopre.config.recipe import resolve
-    from dinopre.config.settings import build_config
     from dinopre.model.method import build_method
 
     settings = {"train_dir": ["unused"], "image_size": int(_flag_value(flags, "--image-size", "64")),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.model.heads import DINOHead
 from dinopre.model.vit import VisionTransformer
 

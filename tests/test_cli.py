@@ -231,7 +231,7 @@ def test_train_options_settings_and_the_readme_agree() -> None:
 
 
 def test_resume_options_are_exactly_the_settings_a_resume_may_change() -> None:
-    from dinopre.config.settings import RESUME_MAY_CHANGE
+    from dinopre.config.validation import RESUME_MAY_CHANGE
 
     options = _options("resume") - {"target", "quiet"}
     paths = {"output_dir", "export_backbone", "stream"}  # fixed by the run directory being resumed
@@ -290,6 +290,6 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
 
 
 def build_default(preset: str):
-    from dinopre.config.settings import build_config
+    from dinopre.config.loading import build_config
 
     return build_config(preset, cli_settings={"train_dir": ["elsewhere"]})

@@ -10,8 +10,8 @@ from rich.console import Console
 
 from dinopre import progress
 from dinopre.base.events import RunStarted, StepLogged
+from dinopre.config.loading import build_config
 from dinopre.config.recipe import resolve
-from dinopre.config.settings import build_config
 from dinopre.progress import RichReporter, StepClock, format_eta
 
 

@@ -31,8 +31,10 @@ from typer.testing import CliRunner
 from dinopre.base.errors import DataError, RunDirError
 from dinopre.base.events import RunFinished
 from dinopre.cli import app
+from dinopre.config.loading import build_config
 from dinopre.config.recipe import resolve
-from dinopre.config.settings import PretrainConfig, advisories, build_config
+from dinopre.config.settings import PretrainConfig
+from dinopre.config.validation import advisories
 from dinopre.data.dataset import MAX_FALLBACKS
 from dinopre.files.checkpoint import KIND_TRAINING
 from dinopre.train.engine import fit

@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 
-from dinopre.config.settings import FIELD_SECTION, PRESETS, build_config
+from dinopre.config.loading import build_config
+from dinopre.config.presets import PRESETS
+from dinopre.config.settings import FIELD_SECTION
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"

@@ -38,9 +38,10 @@ def _ensure_dinopre_importable() -> None:
 
 _ensure_dinopre_importable()
 
-# Both imports are cheap (no torch): `--help` and malformed flags answer at once; torch loads only to train.
+# These imports are cheap (no torch): `--help` and malformed flags answer at once; torch loads only to train.
 from dinopre.cli import train_with_settings  # noqa: E402
-from dinopre.config.settings import FIELD_SECTION, PRESETS, RECIPE_SETTINGS, SECTIONS, reference_value  # noqa: E402
+from dinopre.config.presets import PRESETS, reference_value  # noqa: E402
+from dinopre.config.settings import FIELD_SECTION, RECIPE_SETTINGS, SECTIONS  # noqa: E402
 
 
 def preset_default(preset: str, name: str) -> Any:

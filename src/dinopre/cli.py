@@ -16,15 +16,18 @@ import typer
 
 from dinopre import __version__
 from dinopre.base.errors import Interrupted, TrainingStopped, UserError
+from dinopre.config.presets import PRESETS
 from dinopre.config.settings import (
     ALGORITHMS,
     AUGMENT_PLACES,
     BEST_BY,
     CENTERINGS,
+    FIELD_SECTION,
+    HELP,
     MASK_SHAPES,
     PRECISIONS,
-    PRESETS,
     RECIPES,
+    RESUME_HELP,
     TEACHER_VIEWS,
 )
 
@@ -93,64 +96,39 @@ TRAIN_EPILOG = (
 )
 
 
-# Options `train` shares with `preview` (one definition each, so the two cannot drift apart).
+# Options `train` shares with `preview` (one definition each, so the two cannot drift apart). The help of an option
+# that sets a setting is declared on the setting's field (dinopre.config.settings), with its default and bounds.
 _TRAIN_DIR = Annotated[list[Path] | None, typer.Option(
-    "--train-dir", help="Folder of images, searched recursively (.png .jpg .jpeg .bmp .tif .tiff). Repeat for "
-    "several folders.", rich_help_panel=DATA, show_default=False)]
-_DEMO = Annotated[bool, typer.Option(
-    "--demo", help="Train a tiny model on built-in synthetic crops (under a minute on a laptop CPU); with "
-    "--train-dir, the same quick recipe runs on your folder.",
-    rich_help_panel=DATA)]
+    "--train-dir", help=HELP["train_dir"], rich_help_panel=DATA, show_default=False)]
+_DEMO = Annotated[bool, typer.Option("--demo", help=HELP["demo"], rich_help_panel=DATA)]
 _NUM_LOCAL_CROPS = Annotated[int | None, typer.Option(
-    help="Small views per image seen by the student only; more helps quality, costs time.",
-    rich_help_panel=DATA, show_default=False)]
+    help=HELP["num_local_crops"], rich_help_panel=DATA, show_default=False)]
 _LOCAL_CROP_SIZE = Annotated[int | None, typer.Option(
-    help="Side of the local views in pixels (a multiple of --patch-size).",
-    rich_help_panel=DATA, show_default=False)]
+    help=HELP["local_crop_size"], rich_help_panel=DATA, show_default=False)]
 _GLOBAL_CROP_SCALE = Annotated[tuple[float, float] | None, typer.Option(
-    metavar="MIN MAX", help="Share of the image area a global view covers (e.g. 0.4 1.0).",
-    rich_help_panel=DATA, show_default=False)]
+    metavar="MIN MAX", help=HELP["global_crop_scale"], rich_help_panel=DATA, show_default=False)]
 _LOCAL_CROP_SCALE = Annotated[tuple[float, float] | None, typer.Option(
-    metavar="MIN MAX", help="Share of the image area a local view covers (e.g. 0.05 0.4).",
-    rich_help_panel=DATA, show_default=False)]
-_FLIP_PROB = Annotated[float | None, typer.Option(
-    help="Probability of a horizontal flip per view (0 keeps left and right apart).",
-    rich_help_panel=DATA, show_default=False)]
+    metavar="MIN MAX", help=HELP["local_crop_scale"], rich_help_panel=DATA, show_default=False)]
+_FLIP_PROB = Annotated[float | None, typer.Option(help=HELP["flip_prob"], rich_help_panel=DATA, show_default=False)]
 _AUGMENT_ON = Annotated[AugmentOn | None, typer.Option(
-    help="Where the crops and colour augmentations run: device (whole batches on the training device, GPU or "
-    "CPU; workers only decode) or workers (image by image in the data workers; the same views up to rounding, "
-    "but about 14x more CPU per image) \\[default: device].",
-    rich_help_panel=DATA, show_default=False)]
-_IMAGE_SIZE = Annotated[int | None, typer.Option(
-    help="Side of the global views and of the exported backbone's input, in pixels.",
-    rich_help_panel=MODEL, show_default=False)]
-_PATCH_SIZE = Annotated[int | None, typer.Option(help="ViT patch side in pixels.", rich_help_panel=MODEL,
-                                               show_default=False)]
-_ALGORITHM = Annotated[Algorithm | None, typer.Option(help="Self-supervision method.", rich_help_panel=METHOD,
-                                                    show_default=False)]
-_RECIPE = Annotated[Recipe | None, typer.Option(
-    help="Where the settings you leave unset come from: auto derives them from the number of images, the batch, "
-    "the number of steps and the model width (printed at start, saved in params.json); reference uses DINO's "
-    "and iBOT's published values, tuned for ImageNet and 10^5 steps \\[default: auto].", rich_help_panel=METHOD,
-    show_default=False)]
+    help=HELP["augment_on"], rich_help_panel=DATA, show_default=False)]
+_IMAGE_SIZE = Annotated[int | None, typer.Option(help=HELP["image_size"], rich_help_panel=MODEL, show_default=False)]
+_PATCH_SIZE = Annotated[int | None, typer.Option(help=HELP["patch_size"], rich_help_panel=MODEL, show_default=False)]
+_ALGORITHM = Annotated[Algorithm | None, typer.Option(
+    help=HELP["algorithm"], rich_help_panel=METHOD, show_default=False)]
+_RECIPE = Annotated[Recipe | None, typer.Option(help=HELP["recipe"], rich_help_panel=METHOD, show_default=False)]
 _PATCH_MASK_RATIO = Annotated[tuple[float, float] | None, typer.Option(
-    metavar="MIN MAX", help="iBOT: share of a masked view's patches that are masked, drawn per view in "
-    "[MIN, MAX] (e.g. 0.1 0.5; the same number twice for a fixed share).", rich_help_panel=METHOD,
-    show_default=False)]
+    metavar="MIN MAX", help=HELP["patch_mask_ratio"], rich_help_panel=METHOD, show_default=False)]
 _MASK_PROBABILITY = Annotated[float | None, typer.Option(
-    help="iBOT: share of global views that are masked at all (0.5: half stay whole).", rich_help_panel=METHOD,
-    show_default=False)]
+    help=HELP["mask_probability"], rich_help_panel=METHOD, show_default=False)]
 _MASK_SHAPE = Annotated[MaskShape | None, typer.Option(
-    help="iBOT: block (BEiT-style rectangles) or rand (scattered patches).", rich_help_panel=METHOD,
-    show_default=False)]
+    help=HELP["mask_shape"], rich_help_panel=METHOD, show_default=False)]
 _CONFIG = Annotated[Path | None, typer.Option(
     "--config", help="TOML or JSON file of settings (flag names with underscores, flat or in \\[model] \\[data] "
     "\\[optim] \\[method] \\[run] tables). Flags given here win over the file.", rich_help_panel=RUN,
     show_default=False)]
-_SEED = Annotated[int | None, typer.Option(help="Seed; the same seed and data give the same run.",
-                                         rich_help_panel=RUN, show_default=False)]
-_DEVICE = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX \\[default: auto].",
-                                           rich_help_panel=RUN, show_default=False)]
+_SEED = Annotated[int | None, typer.Option(help=HELP["seed"], rich_help_panel=RUN, show_default=False)]
+_DEVICE = Annotated[str | None, typer.Option(help=HELP["device"], rich_help_panel=RUN, show_default=False)]
 
 
 @app.command(epilog=TRAIN_EPILOG)
@@ -166,158 +144,116 @@ def train(
     local_crop_scale: _LOCAL_CROP_SCALE = None,
     flip_prob: _FLIP_PROB = None,
     num_workers: Annotated[int | None, typer.Option(
-        help="Data-loading processes \\[default: CPUs - 1, at most 8]. Raise it if data wait is high.",
-        rich_help_panel=DATA, show_default=False)] = None,
+        help=HELP["num_workers"], rich_help_panel=DATA, show_default=False)] = None,
     augment_on: _AUGMENT_ON = None,
     strict_data: Annotated[bool | None, typer.Option(
-        "--strict-data", help="Stop at the first image that cannot be decoded (or unreadable folder) instead of "
-        "skipping it and listing it in bad_files.json.", rich_help_panel=DATA, show_default=False)] = None,
+        "--strict-data", help=HELP["strict_data"], rich_help_panel=DATA, show_default=False)] = None,
     image_size: _IMAGE_SIZE = None,
     patch_size: _PATCH_SIZE = None,
-    vit_embed_dim: Annotated[int | None, typer.Option(help="Token width (384 = ViT-S).", rich_help_panel=MODEL,
-                                                      show_default=False)] = None,
-    vit_depth: Annotated[int | None, typer.Option(help="Transformer blocks.", rich_help_panel=MODEL,
-                                                  show_default=False)] = None,
-    vit_num_heads: Annotated[int | None, typer.Option(help="Attention heads.", rich_help_panel=MODEL,
-                                                      show_default=False)] = None,
-    vit_mlp_ratio: Annotated[float | None, typer.Option(help="MLP width as a multiple of the token width.",
-                                                        rich_help_panel=MODEL, show_default=False)] = None,
-    drop_path_rate: Annotated[float | None, typer.Option(help="Stochastic depth of the student's last block.",
-                                                         rich_help_panel=MODEL, show_default=False)] = None,
+    vit_embed_dim: Annotated[int | None, typer.Option(
+        help=HELP["vit_embed_dim"], rich_help_panel=MODEL, show_default=False)] = None,
+    vit_depth: Annotated[int | None, typer.Option(
+        help=HELP["vit_depth"], rich_help_panel=MODEL, show_default=False)] = None,
+    vit_num_heads: Annotated[int | None, typer.Option(
+        help=HELP["vit_num_heads"], rich_help_panel=MODEL, show_default=False)] = None,
+    vit_mlp_ratio: Annotated[float | None, typer.Option(
+        help=HELP["vit_mlp_ratio"], rich_help_panel=MODEL, show_default=False)] = None,
+    drop_path_rate: Annotated[float | None, typer.Option(
+        help=HELP["drop_path_rate"], rich_help_panel=MODEL, show_default=False)] = None,
     out_dim: Annotated[int | None, typer.Option(
-        help="Prototypes K of the head. Smaller (4096-16384) learns faster on small data.",
-        rich_help_panel=MODEL, show_default=False)] = None,
-    head_hidden_dim: Annotated[int | None, typer.Option(help="Hidden width of the projection head MLP.",
-                                                        rich_help_panel=MODEL, show_default=False)] = None,
+        help=HELP["out_dim"], rich_help_panel=MODEL, show_default=False)] = None,
+    head_hidden_dim: Annotated[int | None, typer.Option(
+        help=HELP["head_hidden_dim"], rich_help_panel=MODEL, show_default=False)] = None,
     norm_last_layer: Annotated[bool | None, typer.Option(
-        "--norm-last-layer/--no-norm-last-layer",
-        help="Freeze the prototype norms (stable; turn off only for ViT-S if training is slow to improve).",
-        rich_help_panel=MODEL, show_default=False)] = None,
-    zero_mean_patches: Annotated[bool | None, typer.Option(
-        "--zero-mean-patches/--no-zero-mean-patches",
-        help="Keep each patch filter at zero mean per colour channel, so tokens see structure, not a patch's mean "
-             "colour (auto: on).", rich_help_panel=MODEL, show_default=False)] = None,
-    shared_head: Annotated[bool | None, typer.Option(
-        "--shared-head/--no-shared-head",
-        help="iBOT: one head for CLS and patch tokens (the iBOT ViT-S recipe) or a separate patch head.",
-        rich_help_panel=MODEL, show_default=False)] = None,
-    patch_out_dim: Annotated[int | None, typer.Option(
-        help="iBOT: prototypes of a separate patch head \\[default: --out-dim].", rich_help_panel=MODEL,
+        "--norm-last-layer/--no-norm-last-layer", help=HELP["norm_last_layer"], rich_help_panel=MODEL,
         show_default=False)] = None,
-    epochs: Annotated[int | None, typer.Option(help="Passes over the data.", rich_help_panel=OPTIM,
-                                               show_default=False)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step (each gives 2 + local views).",
-                                                   rich_help_panel=OPTIM, show_default=False)] = None,
+    zero_mean_patches: Annotated[bool | None, typer.Option(
+        "--zero-mean-patches/--no-zero-mean-patches", help=HELP["zero_mean_patches"], rich_help_panel=MODEL,
+        show_default=False)] = None,
+    shared_head: Annotated[bool | None, typer.Option(
+        "--shared-head/--no-shared-head", help=HELP["shared_head"], rich_help_panel=MODEL, show_default=False)] = None,
+    patch_out_dim: Annotated[int | None, typer.Option(
+        help=HELP["patch_out_dim"], rich_help_panel=MODEL, show_default=False)] = None,
+    epochs: Annotated[int | None, typer.Option(help=HELP["epochs"], rich_help_panel=OPTIM, show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help=HELP["batch_size"], rich_help_panel=OPTIM, show_default=False)] = None,
     learning_rate: Annotated[float | None, typer.Option(
-        help="Peak lr after warmup \\[default: 5e-4 x batch / 256]. Raise it if the loss stalls early.",
-        rich_help_panel=OPTIM, show_default=False)] = None,
-    min_lr: Annotated[float | None, typer.Option(help="lr at the end of the cosine decay.", rich_help_panel=OPTIM,
-                                                 show_default=False)] = None,
-    warmup_epochs: Annotated[float | None, typer.Option(help="Epochs of linear lr warmup from 0 (fractions allowed).",
-                                                      rich_help_panel=OPTIM, show_default=False)] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay at the start (cosine to the end value).",
-                                                       rich_help_panel=OPTIM, show_default=False)] = None,
-    weight_decay_end: Annotated[float | None, typer.Option(help="Weight decay at the end.",
-                                                           rich_help_panel=OPTIM, show_default=False)] = None,
+        help=HELP["learning_rate"], rich_help_panel=OPTIM, show_default=False)] = None,
+    min_lr: Annotated[float | None, typer.Option(
+        help=HELP["min_lr"], rich_help_panel=OPTIM, show_default=False)] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(
+        help=HELP["warmup_epochs"], rich_help_panel=OPTIM, show_default=False)] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        help=HELP["weight_decay"], rich_help_panel=OPTIM, show_default=False)] = None,
+    weight_decay_end: Annotated[float | None, typer.Option(
+        help=HELP["weight_decay_end"], rich_help_panel=OPTIM, show_default=False)] = None,
     clip_grad_norm: Annotated[float | None, typer.Option(
-        help="Clip each parameter's gradient norm to this (0 disables). Lower it if the loss spikes.",
-        rich_help_panel=OPTIM, show_default=False)] = None,
+        help=HELP["clip_grad_norm"], rich_help_panel=OPTIM, show_default=False)] = None,
     freeze_last_layer_epochs: Annotated[float | None, typer.Option(
-        help="Epochs during which the prototype layer is frozen (stabilises the start).",
-        rich_help_panel=OPTIM, show_default=False)] = None,
+        help=HELP["freeze_last_layer_epochs"], rich_help_panel=OPTIM, show_default=False)] = None,
     algorithm: _ALGORITHM = None,
     recipe: _RECIPE = None,
-    student_temp: Annotated[float | None, typer.Option(help="Student softmax temperature.",
-                                                       rich_help_panel=METHOD, show_default=False)] = None,
+    student_temp: Annotated[float | None, typer.Option(
+        help=HELP["student_temp"], rich_help_panel=METHOD, show_default=False)] = None,
     teacher_temp: Annotated[float | None, typer.Option(
-        help="Teacher temperature after warmup; above 0.07 is unstable, lower it if the loss does not decrease.",
-        rich_help_panel=METHOD, show_default=False)] = None,
-    warmup_teacher_temp: Annotated[float | None, typer.Option(help="Teacher temperature at the start.",
-                                                              rich_help_panel=METHOD, show_default=False)] = None,
+        help=HELP["teacher_temp"], rich_help_panel=METHOD, show_default=False)] = None,
+    warmup_teacher_temp: Annotated[float | None, typer.Option(
+        help=HELP["warmup_teacher_temp"], rich_help_panel=METHOD, show_default=False)] = None,
     warmup_teacher_temp_epochs: Annotated[float | None, typer.Option(
-        help="Epochs of linear teacher temperature warmup.", rich_help_panel=METHOD, show_default=False)] = None,
-    center_momentum: Annotated[float | None, typer.Option(help="EMA momentum of the teacher center.",
-                                                          rich_help_panel=METHOD, show_default=False)] = None,
+        help=HELP["warmup_teacher_temp_epochs"], rich_help_panel=METHOD, show_default=False)] = None,
+    center_momentum: Annotated[float | None, typer.Option(
+        help=HELP["center_momentum"], rich_help_panel=METHOD, show_default=False)] = None,
     centering: Annotated[Centering | None, typer.Option(
-        help="How the teacher's targets are balanced: ema (DINO: subtract a running mean) or sinkhorn (DINOv2's "
-        "Sinkhorn-Knopp: every prototype gets an equal share of each batch, which rules out collapse) "
-        "\\[default: ema].", rich_help_panel=METHOD, show_default=False)] = None,
+        help=HELP["centering"], rich_help_panel=METHOD, show_default=False)] = None,
     koleo_weight: Annotated[float | None, typer.Option(
-        help="Weight of DINOv2's KoLeo term, which spreads the student's features apart (0.1 in DINOv2; 0 is off) "
-        "\\[default: the recipe's: 0.1 under auto, 0 under reference].", rich_help_panel=METHOD,
-        show_default=False)] = None,
+        help=HELP["koleo_weight"], rich_help_panel=METHOD, show_default=False)] = None,
     teacher_view: Annotated[TeacherView | None, typer.Option(
-        help="How the teacher sees its views: rgb (as rendered, DINO), gray (so its targets, and the features the "
-        "student learns, cannot depend on colour: skin tone, lighting, clothing) or pattern (gray, standardised per "
-        "view: nor on brightness and contrast) \\[default: the recipe's].", rich_help_panel=METHOD,
-        show_default=False)] = None,
+        help=HELP["teacher_view"], rich_help_panel=METHOD, show_default=False)] = None,
     contrast_weight: Annotated[float | None, typer.Option(
-        help="Weight of a contrastive loss (SimCLR's InfoNCE) between the student's two global views, through a "
-        "training-only head that is never exported; 0 is off \\[default: the recipe's].", rich_help_panel=METHOD,
-        show_default=False)] = None,
+        help=HELP["contrast_weight"], rich_help_panel=METHOD, show_default=False)] = None,
     drloc_weight: Annotated[float | None, typer.Option(
-        help="Weight of a relative-localisation loss (Drloc, Liu et al. 2021): a training-only head, never exported, "
-        "predicts how far apart two of the student's patch tokens lie; 0 is off \\[default: 0 under both recipes: "
-        "no gain measured at the original tool's budget].",
-        rich_help_panel=METHOD, show_default=False)] = None,
+        help=HELP["drloc_weight"], rich_help_panel=METHOD, show_default=False)] = None,
     teacher_momentum_base: Annotated[float | None, typer.Option(
-        help="Teacher EMA momentum at the start (cosine to the final value); raise it (0.999) for small batches.",
-        rich_help_panel=METHOD, show_default=False)] = None,
-    teacher_momentum_final: Annotated[float | None, typer.Option(help="Teacher EMA momentum at the end.",
-                                                                 rich_help_panel=METHOD, show_default=False)] = None,
+        help=HELP["teacher_momentum_base"], rich_help_panel=METHOD, show_default=False)] = None,
+    teacher_momentum_final: Annotated[float | None, typer.Option(
+        help=HELP["teacher_momentum_final"], rich_help_panel=METHOD, show_default=False)] = None,
     patch_mask_ratio: _PATCH_MASK_RATIO = None,
     mask_probability: _MASK_PROBABILITY = None,
     mask_shape: _MASK_SHAPE = None,
     patch_loss_weight: Annotated[float | None, typer.Option(
-        help="iBOT: weight of the masked-patch loss against the CLS loss (1 = equal).", rich_help_panel=METHOD,
-        show_default=False)] = None,
+        help=HELP["patch_loss_weight"], rich_help_panel=METHOD, show_default=False)] = None,
     teacher_patch_temp: Annotated[float | None, typer.Option(
-        help="iBOT: teacher temperature of the patch loss after its warmup.", rich_help_panel=METHOD,
-        show_default=False)] = None,
+        help=HELP["teacher_patch_temp"], rich_help_panel=METHOD, show_default=False)] = None,
     eval_dir: Annotated[Path | None, typer.Option(
-        help="Labelled images to measure the features on: one sub-folder per class (or train/ and test/ holding "
-        "those). Every --eval-every epochs a weighted 20-NN of the teacher's features is scored and logged; the loss "
-        "alone does not tell a useful run from a useless one.", rich_help_panel=EVAL, show_default=False)] = None,
+        help=HELP["eval_dir"], rich_help_panel=EVAL, show_default=False)] = None,
     eval_every: Annotated[int | None, typer.Option(
-        help="Epochs between two k-NN evaluations (the last epoch is always evaluated) \\[default: 1].",
-        rich_help_panel=EVAL, show_default=False)] = None,
+        help=HELP["eval_every"], rich_help_panel=EVAL, show_default=False)] = None,
     best_by: Annotated[BestBy | None, typer.Option(
-        help="What makes checkpoint_best.pt: the highest k-NN accuracy or the lowest loss \\[default: knn with "
-        "--eval-dir, else loss].", rich_help_panel=EVAL, show_default=False)] = None,
+        help=HELP["best_by"], rich_help_panel=EVAL, show_default=False)] = None,
     output_dir: Annotated[Path | None, typer.Option(
-        help="Run directory for checkpoints and logs \\[default: work_dirs/dino_PRESET].", rich_help_panel=RUN,
-        show_default=False)] = None,
+        help=HELP["output_dir"], rich_help_panel=RUN, show_default=False)] = None,
     config: _CONFIG = None,
     export_backbone: Annotated[Path | None, typer.Option(
-        help="Write the teacher backbone here at the end, in the format load_dinov2_backbone reads.",
-        rich_help_panel=RUN, show_default=False)] = None,
+        help=HELP["export_backbone"], rich_help_panel=RUN, show_default=False)] = None,
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="Continue this checkpoint (the original scripts' flag); the other flags must match the "
         "checkpoint except --epochs, --device, --num-workers, --log-interval, --checkpoint-every. "
         "`dinopre resume RUN_DIR` is the shorter way.", rich_help_panel=RUN, show_default=False)] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
-        help="Also write checkpoint_last.pt every N steps inside an epoch (0: at epoch ends only). Use it when an "
-        "epoch takes long and the machine may be preempted.", rich_help_panel=RUN, show_default=False)] = None,
-    stream: Annotated[str | None, typer.Option(
-        help="Name of the pipeline stream the backbone is for (e.g. face, hand_left), recorded in the export's "
-        "metadata \\[default: the preset].", rich_help_panel=RUN, show_default=False)] = None,
+        help=HELP["checkpoint_every"], rich_help_panel=RUN, show_default=False)] = None,
+    stream: Annotated[str | None, typer.Option(help=HELP["stream"], rich_help_panel=RUN, show_default=False)] = None,
     compile: Annotated[bool | None, typer.Option(
-        "--compile", help="torch.compile the backbones: faster steps on a GPU after a compilation of a minute or "
-        "two at start; losses equal the eager ones up to float rounding.", rich_help_panel=RUN,
-        show_default=False)] = None,
+        "--compile", help=HELP["compile"], rich_help_panel=RUN, show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start over in an output folder that already holds a run.", rich_help_panel=RUN)] = False,
     seed: _SEED = None,
     device: _DEVICE = None,
     precision: Annotated[Precision | None, typer.Option(
-        help="auto = bf16 autocast on CUDA, fp32 on CPU. Use fp32 if you see NaN losses.",
-        rich_help_panel=RUN, show_default=False)] = None,
-    log_interval: Annotated[int | None, typer.Option(help="Steps between log lines and metrics records.",
-                                                     rich_help_panel=RUN, show_default=False)] = None,
+        help=HELP["precision"], rich_help_panel=RUN, show_default=False)] = None,
+    log_interval: Annotated[int | None, typer.Option(
+        help=HELP["log_interval"], rich_help_panel=RUN, show_default=False)] = None,
     logger: Annotated[list[str] | None, typer.Option(
-        "--logger", help="Also log to tensorboard, wandb or mlflow (repeatable; metrics.jsonl is always written). "
-        'Each needs its package: pip install "dinopre\\[tensorboard]" (or \\[wandb], \\[mlflow]).', rich_help_panel=RUN,
-        show_default=False)] = None,
+        "--logger", help=HELP["logger"], rich_help_panel=RUN, show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.",
                                         rich_help_panel=RUN)] = False,
 ) -> None:
@@ -329,8 +265,6 @@ def train(
 def _settings_given(options: dict[str, Any]) -> dict[str, Any]:
     """The configuration settings among a command's options that the user gave (every option named like a
     setting is one: the options and the configuration cannot drift apart)."""
-    from dinopre.config.settings import FIELD_SECTION
-
     return {key: value.value if isinstance(value, Enum) else value
             for key, value in options.items() if key in FIELD_SECTION and value is not None}
 
@@ -338,7 +272,7 @@ def _settings_given(options: dict[str, Any]) -> dict[str, Any]:
 def _run_training(preset: str, demo: bool, config_file: Path | None, cli_settings: dict[str, Any], *,
                   overwrite: bool, quiet: bool, resume_from: Path | None = None) -> None:
     """Resolve the configuration, then train (or continue `resume_from`)."""
-    from dinopre.config.settings import build_config, read_config_file
+    from dinopre.config.loading import build_config, read_config_file
 
     def resolve() -> tuple[Any, Path | None]:
         file_settings = read_config_file(config_file) if config_file is not None else None
@@ -448,18 +382,14 @@ RESUME_EPILOG = (
 @app.command(epilog=RESUME_EPILOG)
 def resume(
     target: Annotated[Path, typer.Argument(help="Run directory (its checkpoint_last.pt) or a checkpoint file.")],
-    epochs: Annotated[int | None, typer.Option(help="Train up to this many epochs in all (more than are done).",
-                                               show_default=False)] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX.", show_default=False)] = None,
-    num_workers: Annotated[int | None, typer.Option(help="Data-loading processes.", show_default=False)] = None,
-    augment_on: Annotated[AugmentOn | None, typer.Option(
-        help="Render the views on the device or in the workers (a change makes the continuation differ from the "
-        "uninterrupted run by float rounding).", show_default=False)] = None,
-    log_interval: Annotated[int | None, typer.Option(help="Steps between log lines.", show_default=False)] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Write checkpoint_last.pt every N steps too.",
-                                                         show_default=False)] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Epochs between two k-NN evaluations (with --eval-dir).",
-                                                   show_default=False)] = None,
+    epochs: Annotated[int | None, typer.Option(help=RESUME_HELP["epochs"], show_default=False)] = None,
+    device: Annotated[str | None, typer.Option(help=RESUME_HELP["device"], show_default=False)] = None,
+    num_workers: Annotated[int | None, typer.Option(help=RESUME_HELP["num_workers"], show_default=False)] = None,
+    augment_on: Annotated[AugmentOn | None, typer.Option(help=RESUME_HELP["augment_on"], show_default=False)] = None,
+    log_interval: Annotated[int | None, typer.Option(help=RESUME_HELP["log_interval"], show_default=False)] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        help=RESUME_HELP["checkpoint_every"], show_default=False)] = None,
+    eval_every: Annotated[int | None, typer.Option(help=RESUME_HELP["eval_every"], show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Continue a run exactly where it stopped: same data order, augmentations, masks, schedules and centers."""
@@ -599,7 +529,7 @@ def preview(
         if value < low:
             fail(f"{name} must be at least {low}, got {value}.")
     try:
-        from dinopre.config.settings import build_config, read_config_file
+        from dinopre.config.loading import build_config, read_config_file
         from dinopre.viz.preview import preview as draw
 
         file_settings = read_config_file(config) if config is not None else None

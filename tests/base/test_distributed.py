@@ -22,7 +22,7 @@ import torch
 
 from dinopre.base.distributed import detect, first_host
 from dinopre.base.errors import ConfigError
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.data.dataset import EpochBatchSampler
 from dinopre.files.export import inspect_file
 from dinopre.files.rundir import RunDirectory
@@ -240,7 +240,7 @@ def test_the_teacher_stays_identical_on_every_process(tmp_path: Path) -> None:
 import sys, torch
 from dinopre.base import distributed
 from dinopre.train.build import build_run
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.data.dataset import EpochBatchSampler
 from dinopre.train.engine import train_step
 from dinopre.data.pipeline import build_data_loader, device_batches

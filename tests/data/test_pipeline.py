@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.data.pipeline import augments_on_device
 from dinopre.train.engine import fit
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dinopre.base.errors import RunDirError
-from dinopre.config.settings import build_config, config_to_dict
+from dinopre.config.loading import build_config
+from dinopre.config.settings import config_to_dict
 from dinopre.files.checkpoint import (
     CheckpointError,
     atomic_save,

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import dinopre
 from dinopre.base.errors import RunDirError
 from dinopre.cli import app
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.files.checkpoint import CheckpointError, sha256_file
 from dinopre.files.export import (
     backbone_state,

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinopre.config.loading import build_config
 from dinopre.config.recipe import resolve
-from dinopre.config.settings import PretrainConfig, build_config
+from dinopre.config.settings import PretrainConfig
 from dinopre.data.dataset import CropBatch
 from dinopre.model.method import StudentTeacher, build_method
 from dinopre.model.optim import build_optimizer

@@ -11,7 +11,7 @@ import torch
 
 from dinopre.base.errors import RunDirError, TrainingStopped
 from dinopre.base.events import CheckpointSaved, EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.files.checkpoint import sha256_file
 from dinopre.model.losses import DINOLoss
 from dinopre.train.engine import fit

@@ -11,7 +11,7 @@ import torch
 
 from dinopre.base.errors import ConfigError
 from dinopre.base.events import StepLogged
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.files.export import inspect_file
 from dinopre.progress import NullReporter
 from dinopre.train.engine import fit

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dinopre.cli import app
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.files.checkpoint import slt_state_dict
 from dinopre.model.vit import VisionTransformer
 from dinopre.progress import NullReporter

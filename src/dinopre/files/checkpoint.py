@@ -165,7 +165,7 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         CheckpointError: not a dinopre training checkpoint, or written by a newer format version.
     """
-    from dinopre.config.settings import config_from_dict
+    from dinopre.config.loading import config_from_dict
     from dinopre.files.schema import check_training_state
 
     state = load_file(path)

@@ -121,7 +121,7 @@ def check_centers(state: dict[str, Any], path: Any, out_dim: int, patch_out_dim:
 
 # ============ backbone exports ============
 
-# The largest architecture an export may describe (as config.UPPER_BOUNDS for training).
+# The largest architecture an export may describe (as dinopre.config.settings.UPPER_BOUNDS for training).
 _BACKBONE_BOUNDS = {"image_size": 4096, "patch_size": 4096, "in_channels": 16, "embed_dim": 8192, "depth": 256,
                     "num_heads": 8192}
 

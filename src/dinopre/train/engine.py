@@ -35,7 +35,8 @@ from dinopre.base.events import (
 )
 from dinopre.base.signals import StopSignals
 from dinopre.config.recipe import ResolvedRecipe
-from dinopre.config.settings import PretrainConfig, advisories, config_to_dict, setting
+from dinopre.config.settings import PretrainConfig, config_to_dict, setting
+from dinopre.config.validation import advisories
 from dinopre.data.dataset import EXHAUSTED, EpochBatchSampler, ImageSource
 from dinopre.data.images import BadImageError
 from dinopre.data.pipeline import (

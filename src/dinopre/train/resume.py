@@ -8,17 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from dinopre.base.errors import ConfigError
-from dinopre.config.settings import (
-    RECIPE_SETTINGS,
-    RESUME_MAY_CHANGE,
-    SECTIONS,
-    PretrainConfig,
-    config_differences,
-    config_from_dict,
-    config_to_dict,
-    setting,
-    with_settings,
-)
+from dinopre.config.loading import config_from_dict
+from dinopre.config.settings import RECIPE_SETTINGS, SECTIONS, PretrainConfig, config_to_dict, setting, with_settings
+from dinopre.config.validation import RESUME_MAY_CHANGE, config_differences
 from dinopre.data.pipeline import absolute_roots
 from dinopre.files.checkpoint import CheckpointError, load_training_checkpoint
 from dinopre.files.rundir import RunDirectory
