@@ -22,7 +22,7 @@ import torch
 from dinopre import __version__
 from dinopre.base import distributed
 from dinopre.base.distributed import all_reduce_mean, local_collectives
-from dinopre.base.errors import ConfigError, DataError, Interrupted, TrainingStopped, UserError
+from dinopre.base.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingStopped, UserError
 from dinopre.base.events import (
     CheckpointSaved,
     CollapseWarning,
@@ -45,10 +45,11 @@ from dinopre.data.pipeline import (
     device_batches,
     worker_processes,
 )
-from dinopre.files.checkpoint import FORMAT_VERSION, KIND_TRAINING, CheckpointError, backbone_metadata
+from dinopre.files.checkpoint import backbone_metadata
 from dinopre.files.export import write_backbone
 from dinopre.files.outputs import check_export_paths, check_parent_writable
 from dinopre.files.rundir import NullRunDirectory, RunDirectory
+from dinopre.files.state import RankShare, TrainingState
 from dinopre.model.method import StudentTeacher
 from dinopre.model.optim import apply_schedules, cancel_gradients, clip_gradients_per_tensor
 from dinopre.model.schedules import Schedules, epochs_to_steps
@@ -254,10 +255,10 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
         state = load_resume_state(resume_from, config) if resume_from is not None else None
         if state is not None:
             config = continued_config(config, state)
-        parts = build_run(config, reporter, state.get("recipe") if state is not None else None,
+        parts = build_run(config, reporter, state.recipe if state is not None else None,
                           rescan=state is not None)
         if state is not None:  # refusals before anything in the run folder is touched
-            refusal, _ = parts.data.fingerprint.change(state.get("data", {}))
+            refusal, _ = parts.data.fingerprint.change(state.data)
             if refusal is not None:
                 raise ConfigError(refusal)
             _load_weights(parts.method, parts.optimizer, state)
@@ -271,8 +272,8 @@ def _fit(config: PretrainConfig, reporter: Reporter, overwrite: bool, resume_fro
         files.prepare(overwrite=overwrite, resuming=state is not None)  # holds the folder until the run ends
         if parts.config.run.logger and distributed.is_main():
             trackers = Trackers(reporter, parts.config.run.logger, files.path, config_to_dict(parts.config),
-                                state.get("trackers") if state is not None else None,
-                                state["global_step"] if state is not None else 0)
+                                state.trackers if state is not None else None,
+                                state.global_step if state is not None else 0)
             reporter = trackers
     except UserError as exc:
         error = exc
@@ -297,7 +298,7 @@ def _check_same_data(parts: RunParts) -> None:
             "once it no longer changes."))
 
 
-def _start(parts: RunParts, files: RunDirectory, reporter: Reporter, state: dict[str, Any] | None,
+def _start(parts: RunParts, files: RunDirectory, reporter: Reporter, state: TrainingState | None,
            evaluator: Evaluator | None, stop: StopSignals, started: float, inputs: tuple[Path, ...],
            resume_from: str | Path | None, trackers: Trackers | None = None) -> FitResult:
     """Restore a resumed run, write params.json, announce the run and train."""
@@ -354,11 +355,11 @@ def _train(run: _Run, started: float, inputs: tuple[Path, ...], resume_from: str
                      run.evaluations)
 
 
-def _data_notes(fingerprint: DataFingerprint, state: dict[str, Any] | None) -> tuple[str, ...]:
+def _data_notes(fingerprint: DataFingerprint, state: TrainingState | None) -> tuple[str, ...]:
     """What a resumed run should know about its images (rewritten files are refused in `_restore`)."""
     if state is None:
         return ()
-    _, warning = fingerprint.change(state.get("data", {}))
+    _, warning = fingerprint.change(state.data)
     return (warning,) if warning else ()
 
 
@@ -370,51 +371,34 @@ def _evaluation_notes(evaluator: Evaluator | None) -> tuple[str, ...]:
             f"(e.g. '{name}': {reason}).",)
 
 
-def _load_weights(method: StudentTeacher, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def _load_weights(method: StudentTeacher, optimizer: torch.optim.Optimizer, state: TrainingState) -> None:
     """Put a checkpoint's weights and optimizer state in place (before anything in the run folder is touched, so
     a checkpoint of another architecture is refused without a trace)."""
     try:
-        method.student.load_state_dict(state["student"])
-        method.teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
+        method.student.load_state_dict(state.student)
+        method.teacher.load_state_dict(state.teacher)
+        optimizer.load_state_dict(state.optimizer)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         detail = " ".join(str(exc).split())
         detail = detail if len(detail) <= 300 else detail[:detail.rfind(" ", 0, 297)] + " ..."
         raise CheckpointError(f"The checkpoint does not fit the model of its own configuration ({detail}).") from None
 
 
-def _restore(run: _Run, state: dict[str, Any]) -> None:
+def _restore(run: _Run, state: TrainingState) -> None:
     """Put a run back exactly where the checkpoint left it (its weights are in place already: `_load_weights`)."""
-    for name, tensor in state["loss"].items():
-        getattr(run.method.dino_loss if name == "center" else run.method.patch_loss, "center").copy_(tensor)
-    rng, loss_sums = _share_of(state, run.world_size)
+    run.method.load_loss_state(state.loss)
+    rng, loss_sums = state.share(distributed.rank(), run.world_size)
     if rng is not None:
         set_rng_state(rng, run.runtime.device)
-    run.epoch, run.step_in_epoch, run.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+    run.epoch, run.step_in_epoch, run.global_step = state.epoch, state.step_in_epoch, state.global_step
     run.loss_sums = {k: v.to(run.runtime.device) for k, v in loss_sums.items()}
-    run.epoch_losses, run.epoch_parts = list(state["epoch_losses"]), list(state["epoch_parts"])
-    run.best_loss, run.best_epoch = state["best_loss"], state["best_epoch"] - 1
-    run.best_knn = state.get("best_knn")
-    run.evaluations = [dict(record) for record in state.get("evaluations", [])]
+    run.epoch_losses, run.epoch_parts = list(state.epoch_losses), list(state.epoch_parts)
+    run.best_loss, run.best_epoch = state.best_loss, state.best_epoch - 1
+    run.best_knn = state.best_knn
+    run.evaluations = [dict(record) for record in state.evaluations]
     run.files.truncate_metrics(run.global_step)
     run.bad_files = run.files.read_bad_files()
     run.last_saved_step = run.global_step
-
-
-def _share_of(state: dict[str, Any], world_size: int) -> tuple[dict[str, torch.Tensor] | None,
-                                                             dict[str, torch.Tensor]]:
-    """This process's generator states and partial loss sums in a checkpoint.
-
-    On as many processes as wrote it, each takes back its own, so the continuation is bit for bit the uninterrupted
-    run. On another number, the loss sums of the epoch in progress are the processes' mean (the epoch's mean loss
-    comes out the same) and only the main process takes a generator state back (it drives only drop path; the data
-    and augmentation draws are keyed by sample).
-    """
-    shares = state.get("ranks")
-    if shares is not None and len(shares) == world_size:
-        share = shares[distributed.rank()]
-        return share["rng"], share["loss_sums"]
-    return (state["rng"] if distributed.is_main() else None), state["loss_sums"]
 
 
 # ============ the loop ============
@@ -606,7 +590,7 @@ def _save(run: _Run, *, best: bool, mid_epoch: bool) -> None:
         run.bad_files.update(share["bad_files"])
     if run.bad_files:
         run.files.write_bad_files(run.bad_files)
-    path = run.files.save_checkpoint(_training_state(run, shares), best=best)
+    path = run.files.save_checkpoint(_training_state(run, shares).to_dict(), best=best)
     run.last_saved_step = run.global_step
     run.reporter.emit(CheckpointSaved(path, run.epoch, run.global_step, mid_epoch))
 
@@ -653,41 +637,37 @@ def _note_bad_files(run: _Run, records: list[tuple[int, str]]) -> None:
                         f"none could be decoded (e.g. '{example}': {reason}); the training folder looks broken.")
 
 
-def _training_state(run: _Run, shares: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything needed to continue the run, as tensors and plain values (weights_only-loadable).
+def _training_state(run: _Run, shares: list[dict[str, Any]]) -> TrainingState:
+    """Everything needed to continue the run (the inverse of `_restore`).
 
-    With several processes, `ranks` keeps each one's generator states and partial loss sums (`_share_of`), and
-    `rng` / `loss_sums` the main process's states and the processes' mean sums, which any number of processes
-    can continue from.
+    With several processes, `ranks` keeps each one's generator states and partial loss sums
+    (`TrainingState.share`), and `rng` / `loss_sums` the main process's states and the processes' mean sums, which
+    any number of processes can continue from.
     """
-    state = {
-        "kind": KIND_TRAINING,
-        "format_version": FORMAT_VERSION,
-        "dinopre_version": __version__,
-        "config": config_to_dict(run.config),
-        "epoch": run.epoch,
-        "step_in_epoch": run.step_in_epoch,
-        "global_step": run.global_step,
-        "student": run.method.student.state_dict(),
-        "teacher": run.method.teacher.state_dict(),
-        "loss": run.method.loss_state(),
-        "loss_sums": _mean_sums(shares, run.runtime.device),
-        "optimizer": run.optimizer.state_dict(),
-        "rng": shares[0]["rng"],
-        "best_loss": run.best_loss,
-        "best_epoch": run.best_epoch + 1,
-        "epoch_losses": list(run.epoch_losses),
-        "epoch_parts": [dict(p) for p in run.epoch_parts],
-        "best_knn": run.best_knn,
-        "recipe": dict(run.derived),
-        "evaluations": [dict(record) for record in run.evaluations],
-        "data": run.data_fingerprint.to_state(),
-        "world_size": run.world_size,
-        "trackers": run.trackers.run_ids if run.trackers is not None else {},
-    }
-    if len(shares) > 1:
-        state["ranks"] = [{"rng": share["rng"], "loss_sums": share["loss_sums"]} for share in shares]
-    return state
+    ranks = [RankShare(rng=s["rng"], loss_sums=s["loss_sums"]) for s in shares] if len(shares) > 1 else None
+    return TrainingState(
+        config=config_to_dict(run.config),
+        epoch=run.epoch,
+        step_in_epoch=run.step_in_epoch,
+        global_step=run.global_step,
+        student=run.method.student.state_dict(),
+        teacher=run.method.teacher.state_dict(),
+        loss=run.method.loss_state(),
+        loss_sums=_mean_sums(shares, run.runtime.device),
+        optimizer=run.optimizer.state_dict(),
+        rng=shares[0]["rng"],
+        best_loss=run.best_loss,
+        best_epoch=run.best_epoch + 1,
+        epoch_losses=list(run.epoch_losses),
+        epoch_parts=[dict(p) for p in run.epoch_parts],
+        best_knn=run.best_knn,
+        recipe=dict(run.derived),
+        evaluations=[dict(record) for record in run.evaluations],
+        data=run.data_fingerprint.to_state(),
+        world_size=run.world_size,
+        trackers=run.trackers.run_ids if run.trackers is not None else {},
+        ranks=ranks,
+    )
 
 
 def _mean_sums(shares: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
