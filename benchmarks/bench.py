@@ -10,7 +10,7 @@ Workloads (same data and settings for every system compared):
 - W2: ViT-S/16, iBOT, 2 x 224 + 8 x 96, shared head K = 8192, half the views masked at ratio 0.1-0.5.
 - C1: CPU, ViT embed 192, depth 6, heads 3, patch 16, 112 px globals, 4 x 48 px locals, batch 32.
 
-It runs the real training step (`dinopre.train.engine.train_step`) on the real data pipeline (JPEG decoding and
+It runs the real training step (`dinopre.train.step.train_step`) on the real data pipeline (JPEG decoding and
 augmentation in DataLoader workers), `--warmup` steps first, then measures:
 - end to end: images/s over `--steps` steps and the share of that time spent waiting for data;
 - a breakdown over `--breakdown-steps` further steps, synchronising the device at each phase boundary: data
@@ -57,8 +57,8 @@ from dinopre.data.dataset import EpochBatchSampler, ImageSource, RawBatch  # noq
 from dinopre.data.demo import write_synthetic_folder  # noqa: E402
 from dinopre.data.pipeline import augments_on_device, build_data_loader  # noqa: E402
 from dinopre.train.build import RunParts, build_run  # noqa: E402
-from dinopre.train.engine import train_step  # noqa: E402
 from dinopre.train.runtime import Runtime, device_type, share_cpus  # noqa: E402
+from dinopre.train.step import train_step  # noqa: E402
 
 # The reference recipe: the official code's head (2048-wide MLP) and drop path, whatever the auto recipe derives.
 WORKLOADS: dict[str, dict[str, Any]] = {

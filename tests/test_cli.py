@@ -89,7 +89,7 @@ def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     monkeypatch.setattr("dinopre.train.engine.fit",
-                        lambda config, reporter, overwrite=False, resume_from=None, inputs=():
+                        lambda config, reporter, overwrite=False, resume_from=None, inputs=(), hooks=():
                         seen.setdefault("c", config))
     config_file = tmp_path / "c.toml"
     config_file.write_text("epochs = 9\nbatch_size = 12\n[data]\nnum_local_crops = 3\n")
@@ -179,7 +179,7 @@ def test_an_existing_run_is_refused_with_what_to_do(tmp_path: Path) -> None:
 def test_ibot_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     monkeypatch.setattr("dinopre.train.engine.fit",
-                        lambda config, reporter, overwrite=False, resume_from=None, inputs=():
+                        lambda config, reporter, overwrite=False, resume_from=None, inputs=(), hooks=():
                         seen.setdefault("c", config))
     result = invoke("train", "face", "--train-dir", "d", "--algorithm", "ibot", "--no-shared-head",
                     "--patch-out-dim", "4096", "--patch-mask-ratio", "0.2", "0.4", "--mask-probability", "0.7",

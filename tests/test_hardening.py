@@ -20,9 +20,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dinopre.base.errors import ConfigError, RunDirError
+from dinopre.base.events import NullReporter
 from dinopre.cli import app
 from dinopre.config.loading import build_config
-from dinopre.progress import NullReporter
 from dinopre.train.engine import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_an_unexpected_error_with_live_workers_ends_the_process(face_folder: Pat
     code = f"""
         import dinopre.train.engine as engine
         from dinopre.config.loading import build_config
-        from dinopre.progress import NullReporter
+        from dinopre.base.events import NullReporter
 
         calls = {{"n": 0}}
         original = engine.train_step

@@ -33,10 +33,13 @@ def test_the_step_eta_shows_within_an_epoch_with_a_slow_log_interval(monkeypatch
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
     reporter = RichReporter(console)
     config = resolve(build_config("face", demo=True), 512).config  # as the engine announces it
-    reporter.emit(RunStarted(config, Path("run"), 512, "demo", 100, 300, "cpu", "fp32", 0, {"student": 1}))
+    reporter.emit(RunStarted(config=config, run_dir=Path("run"), num_images=512, data_description="demo",
+                             steps_per_epoch=100, total_steps=300, device="cpu", precision="fp32", num_workers=0,
+                             parameters={"student": 1}))
     try:
         now["t"] = 40.0
-        reporter.emit(StepLogged(0, 3, 10, 100, 10, 300, {"loss": 5.0}))
+        reporter.emit(StepLogged(epoch=0, epochs=3, step_in_epoch=10, steps_per_epoch=100, global_step=10,
+                                 total_steps=300, metrics={"loss": 5.0}))
         tasks = {task.description.strip(): task.fields["eta"] for task in reporter.progress.tasks}
         assert tasks == {"steps": "0:06:00", "epochs": "0:19:20"}  # 4 s per step: 90 and 290 steps left
     finally:

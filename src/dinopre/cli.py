@@ -328,11 +328,12 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool, inputs: tuple[Path,
     try:
         config, resume_from = resolve()
         from dinopre.train.engine import fit  # torch is imported only now: --help and bad flags stay instant
+        from dinopre.viz.run_pictures import run_pictures
 
         reporter = _make_reporter(quiet)
         watch = _SaveWatch(reporter)
         try:
-            fit(config, watch, overwrite=overwrite, resume_from=resume_from, inputs=inputs)
+            fit(config, watch, overwrite=overwrite, resume_from=resume_from, inputs=inputs, hooks=run_pictures())
         finally:
             reporter.close()
     except UserError as exc:
@@ -364,7 +365,8 @@ def _here(error: BaseException) -> str:
 
 def _make_reporter(quiet: bool) -> Any:
     from dinopre.base.distributed import launched_rank
-    from dinopre.progress import NullReporter, PlainReporter, RichReporter
+    from dinopre.base.events import NullReporter
+    from dinopre.progress import PlainReporter, RichReporter
 
     if quiet or launched_rank() > 0:  # one process reports progress
         return NullReporter()

@@ -3,8 +3,8 @@
 - `RichReporter`: a live display (epoch and step bars, images/s, ETA, loss parts, lr, wd, teacher momentum and
   temperature, data-wait share) for an interactive terminal.
 - `PlainReporter`: one plain line per log step and per epoch, for logs (CI, nohup, SLURM).
-- `NullReporter`: `--quiet`.
-All print the resolved configuration at start (except quiet) and a final summary with what to run next.
+Both print the resolved configuration at start and a final summary with what to run next; `--quiet` gets
+`base.events.NullReporter`, which prints nothing.
 """
 
 from __future__ import annotations
@@ -114,16 +114,6 @@ def summary_lines(event: RunFinished) -> list[str]:
         lines.append(f"skipped files   {event.bad_files} could not be decoded; listed in {event.bad_files_report}")
     lines.append(f"continue with   dinopre resume {event.run_dir} --epochs N")
     return lines
-
-
-class NullReporter:
-    """Prints nothing (`--quiet`)."""
-
-    def emit(self, event: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class PlainReporter:

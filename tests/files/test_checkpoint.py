@@ -18,11 +18,11 @@ from dinopre.files.checkpoint import (
     atomic_save,
     backbone_metadata,
     load_file,
-    load_training_checkpoint,
     sha256_file,
     slt_state_dict,
 )
 from dinopre.files.export import write_backbone
+from dinopre.files.state import load_training_checkpoint
 from dinopre.model.vit import VisionTransformer
 
 

@@ -15,6 +15,7 @@ from dinopre.config.loading import build_config
 from dinopre.files.checkpoint import sha256_file
 from dinopre.model.losses import DINOLoss
 from dinopre.train.engine import fit
+from dinopre.viz.run_pictures import run_pictures
 
 
 class Recorder:
@@ -34,7 +35,7 @@ def _config(settings: dict[str, Any], folder: Path, **extra: Any):
 def test_a_run_leaves_the_full_run_directory(tiny_settings: dict, face_folder: Path) -> None:
     config = _config(tiny_settings, face_folder, export_backbone=str(Path(tiny_settings["output_dir"]) / "bb.pt"))
     recorder = Recorder()
-    result = fit(config, recorder)
+    result = fit(config, recorder, hooks=run_pictures())  # the pictures `dinopre train` draws: views.png
     run_dir = Path(tiny_settings["output_dir"])
     names = {p.name for p in run_dir.iterdir()}
     assert {"checkpoint_last.pt", "checkpoint_best.pt", "params.json", "metrics.jsonl", "artifacts.json",

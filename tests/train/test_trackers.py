@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from dinopre.base.errors import ConfigError
-from dinopre.base.events import StepLogged
+from dinopre.base.events import NullReporter, StepLogged
 from dinopre.config.loading import build_config
 from dinopre.files.export import inspect_file
-from dinopre.progress import NullReporter
 from dinopre.train.engine import fit
+from dinopre.viz.run_pictures import run_pictures
 
 
 class StopAt:
@@ -38,9 +38,10 @@ def _steps(run: Path) -> dict[int, float]:
 
 def _interrupted_then_resumed(tiny_settings: dict, face_folder: Path, out: Path, logger: str) -> dict:
     with pytest.raises(KeyboardInterrupt):
-        fit(_config(tiny_settings, face_folder, out, logger), StopAt(10))  # logged at 10, checkpoint at 8
+        # logged at 10, checkpoint at 8; with the pictures `dinopre train` sends the trackers
+        fit(_config(tiny_settings, face_folder, out, logger), StopAt(10), hooks=run_pictures())
     first = torch.load(out / "checkpoint_last.pt", weights_only=True)["trackers"][logger]
-    fit(_config(tiny_settings, face_folder, out, logger), NullReporter(), resume_from=out)
+    fit(_config(tiny_settings, face_folder, out, logger), NullReporter(), resume_from=out, hooks=run_pictures())
     return {"first": first, "then": torch.load(out / "checkpoint_last.pt", weights_only=True)["trackers"][logger]}
 
 

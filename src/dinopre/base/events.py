@@ -1,4 +1,4 @@
-"""What the engine tells the outside world while it runs: event records and the Reporter protocol.
+"""What the engine tells the outside world while it runs: event records, the Reporter protocol and NullReporter.
 
 The engine never prints (style principle 9); it emits these plain records and `dinopre.progress` renders them.
 Imports no torch, so reporters stay light.
@@ -10,12 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dinopre.config.settings import PretrainConfig
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunStarted:
-    config: PretrainConfig
+    config: Any  # the run's PretrainConfig (typed loosely: the base layer imports nothing above it)
     run_dir: Path
     num_images: int
     data_description: str
@@ -38,7 +36,7 @@ class ScanProgress:
     done: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stopped:
     """The run stopped on a signal after saving a checkpoint."""
 
@@ -47,7 +45,7 @@ class Stopped:
     checkpoint: Path
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepLogged:
     epoch: int  # 0-based
     epochs: int
@@ -58,7 +56,7 @@ class StepLogged:
     metrics: dict[str, float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EpochEnded:
     epoch: int  # 0-based
     epochs: int
@@ -71,7 +69,7 @@ class EpochEnded:
     global_step: int = 0  # steps done in the run at the end of this epoch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CollapseWarning:
     """The epoch's signals say the run has collapsed; `message` says which way and what to change."""
 
@@ -80,7 +78,7 @@ class CollapseWarning:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CheckpointSaved:
     path: Path
     epoch: int  # completed epochs
@@ -88,7 +86,7 @@ class CheckpointSaved:
     mid_epoch: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunFinished:
     run_dir: Path
     best_loss: float
@@ -108,3 +106,13 @@ class Reporter(Protocol):
     CheckpointSaved, Stopped, RunFinished)."""
 
     def emit(self, event: object) -> None: ...
+
+
+class NullReporter:
+    """Drops every event: `--quiet`, and the processes other than the main one, which report nothing."""
+
+    def emit(self, event: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

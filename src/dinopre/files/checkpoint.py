@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from dinopre import __version__
-from dinopre.base.errors import CheckpointError, RunDirError, UserError
+from dinopre.base.errors import CheckpointError, RunDirError
 from dinopre.files.outputs import write_error
 
 FORMAT_VERSION = 1
@@ -157,34 +157,6 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"'{path}' is not a dinopre file (it holds a {type(obj).__name__}).")
     return obj
-
-
-def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a training checkpoint written by `dinopre train`.
-
-    Raises:
-        CheckpointError: not a dinopre training checkpoint, or written by a newer format version.
-    """
-    from dinopre.config.loading import config_from_dict
-    from dinopre.files.schema import check_training_state
-
-    state = load_file(path)
-    if state.get("kind") != KIND_TRAINING:
-        raise CheckpointError(f"'{path}' is not a dinopre training checkpoint.")
-    check_training_state(state, path)
-    if state["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"'{path}' was written by a newer dinopre (format {state['format_version']}); "
-                              "upgrade dinopre to read it.")
-    try:
-        config_from_dict(state["config"])
-    except (UserError, KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot use ({_first_line(exc)}).") from None
-    return state
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # (our / timm name part, the pipeline's `nn.MultiheadAttention` / `nn.Sequential` name part)

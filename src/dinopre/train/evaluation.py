@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dinopre.base.errors import DataError
+from dinopre.config.settings import PretrainConfig
 from dinopre.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from dinopre.data.images import BadImageError, load_rgb
 from dinopre.data.scan import scan_image_files
@@ -337,3 +338,9 @@ def monitor_indices(num_images: int, count: int, seed: int) -> list[int]:
     count = min(count, num_images)
     rng = np.random.default_rng([seed, _MONITOR_STREAM])
     return sorted(int(i) for i in rng.choice(num_images, count, replace=False))
+
+
+def is_eval_epoch(config: PretrainConfig, completed: int) -> bool:
+    """Whether the epoch that brings the run to `completed` epochs is one of the --eval-every epochs, which get the
+    k-NN probe and the trackers' attention grid (the last epoch always is)."""
+    return completed % config.eval.eval_every == 0 or completed == config.optim.epochs
