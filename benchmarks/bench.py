@@ -1,4 +1,4 @@
-"""Throughput harness for dinopre: the workloads of design.md section 5 on synthetic JPEG folders.
+"""Throughput harness for dinopre: three fixed workloads (W1, W2, C1, below) on synthetic JPEG folders.
 
     python benchmarks/bench.py W1 --steps 50 --warmup 10 --json w1.json
     python benchmarks/bench.py C1 --device cpu
@@ -305,7 +305,7 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("workload", choices=sorted(WORKLOADS), help="which workload of design.md section 5")
+    parser.add_argument("workload", choices=sorted(WORKLOADS), help="W1 / W2: ViT-S/16 DINO / iBOT; C1: small ViT, CPU")
     parser.add_argument("--steps", type=int, default=30, help="measured steps (end to end)")
     parser.add_argument("--warmup", type=int, default=5, help="steps before measuring")
     parser.add_argument("--breakdown-steps", type=int, default=5, help="extra steps timed phase by phase")

@@ -1,5 +1,6 @@
-"""Faults injected into real runs (design.md section 6): broken data, signals, kill -9 at random moments, a full
-disk, unwritable folders, hostile or damaged checkpoints, risky settings, and bad invocations of every command.
+"""Faults injected into real runs (README "Data, interruptions and failures"): broken data, signals, kill -9 at
+random moments, a full disk, unwritable folders, hostile or damaged checkpoints, risky settings, and bad invocations
+of every command.
 
 Runs use tiny models (conftest `TINY`) through `engine.fit`, the Typer app in-process, or the installed `dinopre`
 console script in a subprocess of its own process group where a real process and real signals are needed.

@@ -1,6 +1,6 @@
 """Backbone files: export from a checkpoint, the pipeline's `file::PATH[:MODEL]` loader, verification, inspection.
 
-Formats (design.md section 2):
+Formats (README "The export format"):
 - `slt` (default): {"model": state_dict, "metadata": {...}} with the translation pipeline's key names
   (`nn.MultiheadAttention` in_proj/out_proj, `mlp.0`/`mlp.3`). The pipeline loads it with strict=False, so a
   wrong key would silently stay random; everything here loads strictly.

@@ -2,7 +2,7 @@
 
 This module stands alone (it imports nothing from dinopre) so that an exported backbone can be rebuilt from it or
 a copy of it. It follows the DINO / timm layout (pre-norm blocks, fused qkv Linear, learned CLS token and position
-embedding) with two choices made for the consumer of our exports (design.md section 2):
+embedding) with two choices made for the consumer of our exports (the translation pipeline's ViT):
 - LayerNorm eps is 1e-5, PyTorch's default, which the translation pipeline's ViT uses; DINO's 1e-6 would make the
   exported features differ slightly.
 - The fused qkv weight keeps rows ordered q|k|v, the layout of `nn.MultiheadAttention.in_proj_weight`.
