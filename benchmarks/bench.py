@@ -42,22 +42,17 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-_SRC = Path(__file__).resolve().parent.parent / "src"
-try:
-    import dinopre  # noqa: F401
-except ModuleNotFoundError:
-    sys.path.insert(0, str(_SRC))
+import _checkout  # noqa: F401  (first: puts the checkout's src/ on sys.path when dinopre is not installed)
+import torch
 
-import torch  # noqa: E402
-
-from dinopre.base import distributed  # noqa: E402
-from dinopre.config.settings import PretrainConfig, build_config  # noqa: E402
-from dinopre.data.dataset import EpochBatchSampler, ImageSource, RawBatch  # noqa: E402
-from dinopre.data.demo import write_synthetic_folder  # noqa: E402
-from dinopre.data.pipeline import augments_on_device, build_data_loader  # noqa: E402
-from dinopre.train.build import RunParts, build_run  # noqa: E402
-from dinopre.train.engine import train_step  # noqa: E402
-from dinopre.train.runtime import Runtime, device_type, share_cpus  # noqa: E402
+from dinopre.base import distributed
+from dinopre.config.settings import PretrainConfig, build_config
+from dinopre.data.dataset import EpochBatchSampler, ImageSource, RawBatch
+from dinopre.data.demo import write_synthetic_folder
+from dinopre.data.pipeline import augments_on_device, build_data_loader
+from dinopre.train.build import RunParts, build_run
+from dinopre.train.engine import train_step
+from dinopre.train.runtime import Runtime, device_type, share_cpus
 
 # The reference recipe: the official code's head (2048-wide MLP) and drop path, whatever the auto recipe derives.
 WORKLOADS: dict[str, dict[str, Any]] = {

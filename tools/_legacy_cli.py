@@ -12,35 +12,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
-_SRC_DIR = Path(__file__).resolve().parent.parent / "src"
-
-
-def _ensure_dinopre_importable() -> None:
-    """Make `import dinopre` work from a plain checkout (no `pip install`, no PYTHONPATH).
-
-    Raises:
-        ModuleNotFoundError: a dependency of dinopre (torch, typer, ...) is missing; adding `src/` cannot help.
-    """
-    try:
-        import dinopre  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name != "dinopre":
-            raise
-        # The scripts promise to run as `python tools/pretrain_dino_face.py` from a fresh clone, so fall back to
-        # the package that sits next to this folder.
-        sys.path.insert(0, str(_SRC_DIR))
-
-
-_ensure_dinopre_importable()
+# The scripts promise to run as `python tools/pretrain_dino_face.py` from a fresh clone: _checkout falls back to
+# the package next to this folder.
+import _checkout  # noqa: F401  (first: puts the checkout's src/ on sys.path when dinopre is not installed)
 
 # Both imports are cheap (no torch): `--help` and malformed flags answer at once; torch loads only to train.
-from dinopre.cli import train_with_settings  # noqa: E402
-from dinopre.config.settings import FIELD_SECTION, PRESETS, RECIPE_SETTINGS, SECTIONS, reference_value  # noqa: E402
+from dinopre.cli import train_with_settings
+from dinopre.config.settings import FIELD_SECTION, PRESETS, RECIPE_SETTINGS, SECTIONS, reference_value
 
 
 def preset_default(preset: str, name: str) -> Any:
