@@ -2,8 +2,8 @@
 
 The original tool shipped two argparse scripts with the same flags. They are kept so that existing commands and
 job files still work, but they are thin shims: this module parses exactly the original flags (plus `--overwrite`
-and `--quiet`), maps them onto `dinopre train` settings and calls `dinopre.cli.train_with_settings`, the same
-core the `dinopre` command uses. There is no second training loop here.
+and `--quiet`), maps them onto `dinopre train` settings and calls `dinopre.cli.training.train_with_settings`, the
+same core the `dinopre` command uses. There is no second training loop here.
 
 `tools/` is not a package: the scripts put their own folder on `sys.path` and `import _legacy_cli`.
 """
@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import _checkout  # noqa: F401  (first: puts the checkout's src/ on sys.path when dinopre is not installed)
 
 # Both imports are cheap (no torch): `--help` and malformed flags answer at once; torch loads only to train.
-from dinopre.cli import train_with_settings
+from dinopre.cli.training import train_with_settings
 from dinopre.config.settings import FIELD_SECTION, PRESETS, RECIPE_SETTINGS, SECTIONS, reference_value
 
 

@@ -1,85 +1,37 @@
-"""The `dinopre` command: thin Typer commands that build a config and call one core function.
+"""`dinopre train` and `dinopre resume`, and `train_with_settings`, the same training for the legacy scripts.
 
-Heavy modules (torch, PIL, the engine) are imported inside command bodies so that `dinopre --help` and shell
-completion stay instant. Errors the user can fix print one sentence and exit with code 2, never a traceback.
+Heavy modules (torch, the engine) are imported inside function bodies so that `dinopre --help` stays instant.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
-from dinopre import __version__
-from dinopre.base.errors import Interrupted, TrainingStopped, UserError
-from dinopre.config.settings import (
-    ALGORITHMS,
-    AUGMENT_PLACES,
-    BEST_BY,
-    CENTERINGS,
-    MASK_SHAPES,
-    PRECISIONS,
-    PRESETS,
-    RECIPES,
-    TEACHER_VIEWS,
+from dinopre.base.errors import Interrupted, TrainingStopped
+from dinopre.cli.common import (
+    DATA,
+    EVAL,
+    METHOD,
+    MODEL,
+    OPTIM,
+    RUN,
+    Algorithm,
+    AugmentOn,
+    BestBy,
+    Centering,
+    MaskShape,
+    Precision,
+    Preset,
+    Recipe,
+    TeacherView,
+    fail,
+    settings_given,
+    user_errors,
 )
-
-app = typer.Typer(
-    name="dinopre",
-    help="Pretrain small Vision Transformers with DINO or iBOT self-supervision on face and hand crops, and export "
-    "the teacher backbone for the sign-language translation pipeline.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-DATA, MODEL, OPTIM, METHOD, EVAL, RUN = ("Data", "Model", "Optimization", "Method", "Evaluation",
-                                        "Output and hardware")
-
-
-def _choices(name: str, values: Iterable[str]) -> Any:
-    """A str Enum of a setting's allowed values, built from the settings module's list so that the options' choices and
-    the config's validation can never disagree."""
-    return Enum(name, {value: value for value in values}, type=str)
-
-
-Preset = _choices("Preset", PRESETS)
-Algorithm = _choices("Algorithm", ALGORITHMS)
-MaskShape = _choices("MaskShape", MASK_SHAPES)
-AugmentOn = _choices("AugmentOn", AUGMENT_PLACES)
-Recipe = _choices("Recipe", RECIPES)
-TeacherView = _choices("TeacherView", TEACHER_VIEWS)
-Centering = _choices("Centering", CENTERINGS)
-BestBy = _choices("BestBy", BEST_BY)
-Precision = _choices("Precision", PRECISIONS)
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one error sentence on stderr (unless it is empty) and exit."""
-    if message:
-        typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"dinopre {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
-    """Pretrain small Vision Transformers with DINO or iBOT on face and hand crops."""
-
 
 TRAIN_EPILOG = (
     "Examples:\n\n"
@@ -153,7 +105,6 @@ _DEVICE = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:INDEX
                                            rich_help_panel=RUN, show_default=False)]
 
 
-@app.command(epilog=TRAIN_EPILOG)
 def train(
     preset: Annotated[Preset, typer.Argument(help="Defaults for the kind of crops: [b]face[/] or [b]hands[/] "
                                              "(hands turns horizontal flips off: handedness matters).",
@@ -322,17 +273,8 @@ def train(
                                         rich_help_panel=RUN)] = False,
 ) -> None:
     """Train a backbone with DINO or iBOT on folders of crops (or on built-in demo data with --demo)."""
-    cli_settings = _settings_given(locals())
+    cli_settings = settings_given(locals())
     _run_training(preset.value, demo, config, cli_settings, overwrite=overwrite, quiet=quiet, resume_from=resume)
-
-
-def _settings_given(options: dict[str, Any]) -> dict[str, Any]:
-    """The configuration settings among a command's options that the user gave (every option named like a
-    setting is one: the options and the configuration cannot drift apart)."""
-    from dinopre.config.settings import FIELD_SECTION
-
-    return {key: value.value if isinstance(value, Enum) else value
-            for key, value in options.items() if key in FIELD_SECTION and value is not None}
 
 
 def _run_training(preset: str, demo: bool, config_file: Path | None, cli_settings: dict[str, Any], *,
@@ -388,6 +330,17 @@ class _SaveWatch:
         self.reporter.emit(event)
 
 
+def _here(error: BaseException) -> str:
+    """The message to print for `error` in this process: none on a process other than the main one when all of them
+    stopped together (the main one says it), else the message, naming the process when there are several."""
+    from dinopre.base.distributed import launched_rank, shown_here
+
+    if not shown_here(error):
+        return ""
+    return f"(process {launched_rank()}) {error}" if launched_rank() > 0 else str(error)
+
+
+@user_errors(message=_here)
 def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool, inputs: tuple[Path, ...] = ()) -> None:
     """Run `engine.fit` with a reporter suited to the terminal; map errors to one sentence and an exit code."""
     watch = None
@@ -401,8 +354,6 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool, inputs: tuple[Path,
             fit(config, watch, overwrite=overwrite, resume_from=resume_from, inputs=inputs)
         finally:
             reporter.close()
-    except UserError as exc:
-        fail(_here(exc))
     except TrainingStopped as exc:
         fail(_here(exc), code=1)
     except Interrupted as exc:
@@ -416,16 +367,6 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool, inputs: tuple[Path,
                  f"'{saved.path}'. Continue with: dinopre resume {saved.path.parent}", code=130)
         fail("Interrupted before a new checkpoint could be written; nothing was saved by this command, and an "
              "earlier checkpoint_last.pt, if any, is intact.", code=130)
-
-
-def _here(error: BaseException) -> str:
-    """The message to print for `error` in this process: none on a process other than the main one when all of them
-    stopped together (the main one says it), else the message, naming the process when there are several."""
-    from dinopre.base.distributed import launched_rank, shown_here
-
-    if not shown_here(error):
-        return ""
-    return f"(process {launched_rank()}) {error}" if launched_rank() > 0 else str(error)
 
 
 def _make_reporter(quiet: bool) -> Any:
@@ -445,7 +386,6 @@ RESUME_EPILOG = (
 )
 
 
-@app.command(epilog=RESUME_EPILOG)
 def resume(
     target: Annotated[Path, typer.Argument(help="Run directory (its checkpoint_last.pt) or a checkpoint file.")],
     epochs: Annotated[int | None, typer.Option(help="Train up to this many epochs in all (more than are done).",
@@ -463,7 +403,7 @@ def resume(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Continue a run exactly where it stopped: same data order, augmentations, masks, schedules and centers."""
-    overrides = _settings_given(locals())
+    overrides = settings_given(locals())
 
     def resolve() -> tuple[Any, Path]:
         from dinopre.train.resume import resume_config
@@ -471,207 +411,3 @@ def resume(
         return resume_config(target, overrides)
 
     _call_fit(resolve, overwrite=False, quiet=quiet)
-
-
-class ExportFormat(str, Enum):
-    slt = "slt"
-    timm = "timm"
-
-
-class Weights(str, Enum):
-    teacher = "teacher"
-    student = "student"
-
-
-@app.command()
-def export(
-    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (checkpoint_last.pt / checkpoint_best.pt).")],
-    output: Annotated[Path, typer.Argument(help="Backbone file to write; a .json sidecar goes next to it.")],
-    format: Annotated[ExportFormat, typer.Option(
-        "--format", help="slt: the translation pipeline's format (load_dinov2_backbone); timm: official DINO / timm "
-        "key names for timm.create_model(..., num_classes=0, checkpoint_path=FILE).")] = ExportFormat.slt,
-    weights: Annotated[Weights, typer.Option(
-        help="teacher (what DINO evaluates and the better backbone) or student.")] = Weights.teacher,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
-) -> None:
-    """Export a checkpoint's backbone; the file is reloaded strictly before the command succeeds."""
-    try:
-        from dinopre.files.export import export_checkpoint
-
-        path, sidecar, note = export_checkpoint(checkpoint, output, fmt=format.value, weights=weights.value,
-                                                force=force)
-    except UserError as exc:
-        fail(str(exc))
-    typer.echo(f"Wrote {path} ({format.value}, {weights.value} weights) and {sidecar}.")
-    if note:
-        typer.echo(note)
-    if format is ExportFormat.slt:
-        typer.echo(f'Load it with load_dinov2_backbone("file::{path}:slt_vitsmall_patch16"); check it with '
-                   f"`dinopre verify-backbone {path} --checkpoint {checkpoint}`.")
-
-
-@app.command("inspect-checkpoint")
-def inspect_checkpoint(
-    path: Annotated[Path, typer.Argument(help="Training checkpoint or backbone export.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-) -> None:
-    """Describe a training checkpoint or a backbone export: kind, versions, progress, config, sizes, sha256."""
-    try:
-        from dinopre.files.export import inspect_file
-
-        info = inspect_file(path)
-    except UserError as exc:
-        fail(str(exc))
-    if as_json:
-        import json
-
-        typer.echo(json.dumps(info, indent=2))
-        return
-    from dinopre.progress import print_inspection
-
-    print_inspection(info)
-
-
-@app.command("verify-backbone")
-def verify_backbone(
-    backbone: Annotated[Path, typer.Argument(help="Exported backbone file.")],
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="Also check the features equal this checkpoint's (relative error < 1e-4).", show_default=False)] = None,
-    image_size: Annotated[int | None, typer.Option(
-        help="The second input size to try \\[default: the export's size + 2 patches].", show_default=False)] = None,
-) -> None:
-    """Check an export loads strictly, runs at two sizes with finite outputs, and matches its checkpoint."""
-    if not backbone.is_file():
-        fail(f"'{backbone}' does not exist or is not a file; give the path of an exported backbone.")
-    if checkpoint is not None and not checkpoint.is_file():
-        fail(f"--checkpoint '{checkpoint}' does not exist or is not a file; give a training checkpoint.")
-    if image_size is not None and image_size < 1:
-        fail(f"--image-size must be a positive number of pixels, got {image_size}.")
-    from dinopre.files.export import verify_backbone as verify
-    from dinopre.progress import print_verification
-
-    try:
-        report = verify(backbone, checkpoint=checkpoint, image_size=image_size)
-    except UserError as exc:
-        fail(str(exc))
-    print_verification(report.rows)
-    if not report.ok:
-        raise typer.Exit(1)
-
-
-# The parameter list names the same shared option types as `train` (each defined once above): Typer reads a
-# command's options from its signature, so the names repeat but their flags, help and types cannot drift.
-@app.command()
-def preview(
-    preset: Annotated[Preset, typer.Argument(help="face or hands: the augmentation defaults to show.",
-                                             case_sensitive=False)],
-    train_dir: _TRAIN_DIR = None,
-    demo: _DEMO = False,
-    config: _CONFIG = None,
-    num_local_crops: _NUM_LOCAL_CROPS = None,
-    local_crop_size: _LOCAL_CROP_SIZE = None,
-    global_crop_scale: _GLOBAL_CROP_SCALE = None,
-    local_crop_scale: _LOCAL_CROP_SCALE = None,
-    flip_prob: _FLIP_PROB = None,
-    augment_on: _AUGMENT_ON = None,
-    image_size: _IMAGE_SIZE = None,
-    patch_size: _PATCH_SIZE = None,
-    algorithm: _ALGORITHM = None,
-    recipe: _RECIPE = None,
-    patch_mask_ratio: _PATCH_MASK_RATIO = None,
-    mask_probability: _MASK_PROBABILITY = None,
-    mask_shape: _MASK_SHAPE = None,
-    seed: _SEED = None,
-    device: _DEVICE = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("views.png"),
-    images: Annotated[int, typer.Option(help="Images shown (the first ones training visits).")] = 4,
-    epoch: Annotated[int, typer.Option(help="Epoch whose draws to show (1 = the first).")] = 1,
-    cell_size: Annotated[int, typer.Option(help="Side of each view in the grid, in pixels.")] = 96,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
-) -> None:
-    """Draw every global and local view of a few images exactly as `train` would render them (iBOT masks shaded).
-
-    Check at a glance that the crops keep what matters: e.g. that --local-crop-scale does not cut the fingers off
-    a hand crop. `train` writes the same picture into its run directory (views.png).
-    """
-    cli_settings = _settings_given(locals())
-    for name, value, low in (("--images", images, 1), ("--epoch", epoch, 1), ("--cell-size", cell_size, 16)):
-        if value < low:
-            fail(f"{name} must be at least {low}, got {value}.")
-    try:
-        from dinopre.config.settings import build_config, read_config_file
-        from dinopre.viz.preview import preview as draw
-
-        file_settings = read_config_file(config) if config is not None else None
-        resolved = build_config(preset.value, demo=demo, file_settings=file_settings, cli_settings=cli_settings)
-        path = draw(resolved, output, count=images, epoch=epoch - 1, cell=cell_size, force=force,
-                    inputs=(config,) if config is not None else ())
-    except UserError as exc:
-        fail(str(exc))
-    typer.echo(f"Wrote {path}.")
-
-
-@app.command()
-def plot(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories (their metrics.jsonl); several are overlaid.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("curves.png"),
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
-) -> None:
-    """Draw training curves: loss and its parts, lr, momentum and teacher temperature, teacher entropy against
-    ln K, k-NN and RankMe (needs matplotlib: pip install "dinopre\\[plots]")."""
-    try:
-        from dinopre.viz.plot import plot_runs
-
-        path = plot_runs(runs, output, force=force)
-    except UserError as exc:
-        fail(str(exc))
-    typer.echo(f"Wrote {path}.")
-
-
-@app.command()
-def attention(
-    model: Annotated[Path, typer.Argument(help="Backbone export or training checkpoint.")],
-    images: Annotated[list[Path] | None, typer.Argument(
-        help="Image files or folders of images (searched recursively).", show_default=False)] = None,
-    demo: Annotated[bool, typer.Option("--demo", help="Draw the built-in synthetic crops of the model's preset "
-                                                       "(what `train --demo` trains on).")] = False,
-    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("attention.png"),
-    weights: Annotated[Weights, typer.Option(
-        help="Of a training checkpoint: teacher (what training exports) or student.")] = Weights.teacher,
-    image_size: Annotated[int | None, typer.Option(
-        help="Input size in pixels; other than the trained size, the position embedding is interpolated "
-        "\\[default: the backbone's size].", show_default=False)] = None,
-    max_images: Annotated[int, typer.Option(help="Images drawn at most (the first ones, sorted).")] = 8,
-    keep_mass: Annotated[float, typer.Option(
-        help="Also show the patches holding this share of the mean map's attention (DINO's threshold; 0: "
-        "leave the column out).")] = 0.6,
-    mean: Annotated[bool, typer.Option("--mean/--no-mean", help="Add the mean of the heads.")] = True,
-    cell_size: Annotated[int, typer.Option(help="Side of each picture in the grid, in pixels.")] = 128,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
-) -> None:
-    """Draw the last block's CLS attention, one map per head, over each image (DINO's first check of a backbone).
-
-    A good face backbone lights up eyes, mouth and face outline in different heads; a hand backbone, the fingers.
-    Maps that are uniform or all alike mean the backbone has not learned much yet.
-    """
-    for name, value, low in (("--max-images", max_images, 1), ("--cell-size", cell_size, 16)):
-        if value < low:
-            fail(f"{name} must be at least {low}, got {value}.")
-    if image_size is not None and image_size < 1:
-        fail(f"--image-size must be a positive number of pixels, got {image_size}.")
-    try:
-        from dinopre.viz.attention import draw_attention
-
-        path, notes = draw_attention(model, images or [], output, weights=weights.value, image_size=image_size,
-                                     limit=max_images, keep=keep_mass or None, mean=mean, cell=cell_size,
-                                     force=force, demo=demo)
-    except UserError as exc:
-        fail(str(exc))
-    for note in notes:
-        typer.echo(note)
-    typer.echo(f"Wrote {path}.")
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="dinopre")
