@@ -1,4 +1,4 @@
-"""Terminal output of a run; the only module that imports rich (style principle 9).
+"""Terminal output of a run; the only module that imports rich (one door to the terminal: docs/architecture.md).
 
 - `RichReporter`: a live display (epoch and step bars, images/s, ETA, loss parts, lr, wd, teacher momentum and
   temperature, data-wait share) for an interactive terminal.
