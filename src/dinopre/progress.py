@@ -1,4 +1,4 @@
-"""Terminal output of a run; the only module that imports rich (style principle 9).
+"""Terminal output of a run; the only module that imports rich (one door to the terminal: docs/architecture.md).
 
 - `RichReporter`: a live display (epoch and step bars, images/s, ETA, loss parts, lr, wd, teacher momentum and
   temperature, data-wait share) for an interactive terminal.
@@ -69,7 +69,7 @@ def config_table(event: RunStarted) -> Table:
     table.add_column(overflow="fold")
     settings = config_to_dict(event.config)
     for section in SECTIONS:
-        values = " ".join(f"{k}={_plain(v)}" for k, v in settings[section].items())
+        values = " ".join(f"{k}={_shown(v)}" for k, v in settings[section].items())
         table.add_row(section, Text(values))  # Text: paths are shown as they are, never read as markup
     table.add_row("lr", f"peak {event.config.peak_learning_rate:.3g} (after {event.config.optim.warmup_epochs:.3g} "
                         "warmup epochs)")
@@ -87,7 +87,8 @@ def config_table(event: RunStarted) -> Table:
     return table
 
 
-def _plain(value: Any) -> str:
+def _shown(value: Any) -> str:
+    """A setting as the table shows it: a list as `a,b`, an empty one as `-`."""
     if isinstance(value, list):
         return ",".join(str(v) for v in value) or "-"
     return str(value)

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import face_config
 
 from dinopre.base.errors import ConfigError
 from dinopre.base.events import NullReporter, StepLogged
-from dinopre.config.loading import build_config
 from dinopre.files.export import inspect_file
 from dinopre.train.engine import fit
 from dinopre.viz.run_pictures import run_pictures
@@ -26,9 +26,10 @@ class StopAt:
             raise KeyboardInterrupt
 
 
-def _config(tiny_settings: dict, face_folder: Path, out: Path, logger: str, **extra: Any):
-    return build_config("face", cli_settings={**tiny_settings, "train_dir": [str(face_folder)], "output_dir": str(out),
-                                              "epochs": 2, "checkpoint_every": 4, "logger": [logger], **extra})
+def _logging_config(tiny_settings: dict, face_folder: Path, out: Path, logger: str, **extra: Any):
+    """A two-epoch run into `out` that checkpoints every 4 steps and logs to `logger`."""
+    return face_config(tiny_settings, face_folder, output_dir=str(out), epochs=2, checkpoint_every=4, logger=[logger],
+                       **extra)
 
 
 def _steps(run: Path) -> dict[int, float]:
@@ -39,9 +40,10 @@ def _steps(run: Path) -> dict[int, float]:
 def _interrupted_then_resumed(tiny_settings: dict, face_folder: Path, out: Path, logger: str) -> dict:
     with pytest.raises(KeyboardInterrupt):
         # logged at 10, checkpoint at 8; with the pictures `dinopre train` sends the trackers
-        fit(_config(tiny_settings, face_folder, out, logger), StopAt(10), hooks=run_pictures())
+        fit(_logging_config(tiny_settings, face_folder, out, logger), StopAt(10), hooks=run_pictures())
     first = torch.load(out / "checkpoint_last.pt", weights_only=True)["trackers"][logger]
-    fit(_config(tiny_settings, face_folder, out, logger), NullReporter(), resume_from=out, hooks=run_pictures())
+    fit(_logging_config(tiny_settings, face_folder, out, logger), NullReporter(), resume_from=out,
+        hooks=run_pictures())
     return {"first": first, "then": torch.load(out / "checkpoint_last.pt", weights_only=True)["trackers"][logger]}
 
 
@@ -97,5 +99,5 @@ def test_a_missing_tracker_package_is_one_sentence_before_training(tiny_settings
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r'pip install "dinopre\[wandb\]"'):
-        fit(_config(tiny_settings, face_folder, out, "wandb"), NullReporter())
+        fit(_logging_config(tiny_settings, face_folder, out, "wandb"), NullReporter())
     assert not (out / "checkpoint_last.pt").exists()

@@ -1,15 +1,17 @@
 """What the engine tells the outside world while it runs: event records, the Reporter protocol and NullReporter.
 
-The engine never prints (style principle 9); it emits these plain records and `dinopre.progress` renders them.
-Imports no torch, so reporters stay light.
+The engine never prints, so that it runs the same under a terminal, a log file or a test; it emits these plain
+records and `dinopre.progress` renders them. Imports no torch, so reporters stay light.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+if TYPE_CHECKING:  # the base layer names the configuration's type but never imports the config layer
+    pass
 
 @dataclass(frozen=True, kw_only=True)
 class RunStarted:

@@ -1,13 +1,13 @@
 """State files: atomic checkpoint writes, safe loads, and the backbone export the translation pipeline loads.
 
 Checkpoints hold tensors and plain values only (no pickled classes), so they load with
-`torch.load(weights_only=True)`, and a file crafted to run code on load is refused (design.md section 6).
+`torch.load(weights_only=True)`, and a file crafted to run code on load is refused (a pickle can run code).
 Writes go to a temporary file in the same folder, are fsynced, then renamed over the target: a kill at any moment
 leaves the previous file intact.
 
-Export format `slt` (design.md section 2): {"model": state_dict, "metadata": {"backbone": {...}, ...}} with the
-consumer's key names (`nn.MultiheadAttention` `in_proj_*` / `out_proj`, `mlp.0` / `mlp.3`), plus a JSON sidecar
-with the same stem holding the metadata.
+Export format `slt` (what the translation pipeline's loader reads): {"model": state_dict, "metadata": {"backbone":
+{...}, ...}} with the consumer's key names (`nn.MultiheadAttention` `in_proj_*` / `out_proj`, `mlp.0` / `mlp.3`),
+plus a JSON sidecar with the same stem holding the metadata.
 """
 
 from __future__ import annotations

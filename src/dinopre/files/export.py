@@ -1,6 +1,6 @@
 """Backbone files: export from a checkpoint, the pipeline's `file::PATH[:MODEL]` loader, verification, inspection.
 
-Formats (design.md section 2):
+Formats (README "The export format"):
 - `slt` (default): {"model": state_dict, "metadata": {...}} with the translation pipeline's key names
   (`nn.MultiheadAttention` in_proj/out_proj, `mlp.0`/`mlp.3`). The pipeline loads it with strict=False, so a
   wrong key would silently stay random; everything here loads strictly.
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from dinopre.base.errors import ConfigError
+from dinopre.config.settings import EvalConfig, PretrainConfig
 from dinopre.files.checkpoint import (
     KIND_BACKBONE,
     KIND_TRAINING,
@@ -39,7 +40,6 @@ from dinopre.files.schema import check_backbone_metadata, check_backbone_tensors
 from dinopre.files.state import TrainingState, load_training_checkpoint
 from dinopre.model.vit import VisionTransformer, count_parameters
 
-FORMATS = ("slt", "timm")
 MODEL_NAMES = ("slt_vitsmall_patch16", "dinopre_vit")
 
 
@@ -367,6 +367,10 @@ def _inspect_evaluations(evaluations: list[dict[str, Any]], config: dict[str, An
         best_epoch, best = max(knn, key=lambda pair: pair[1])
         out["knn_history"] = {"evaluations": len(knn), "first": knn[0][1], "last": knn[-1][1], "best": best,
                               "best_epoch": best_epoch}
+    # The checkpoint holds the configuration as plain values; the rule that resolves an unset --best-by is the
+    # configuration's own, asked of just the two settings it reads (the rest may predate today's validation).
     eval_config = config.get("eval", {})
-    out["best_by"] = eval_config.get("best_by") or ("knn" if eval_config.get("eval_dir") else "loss")
+    asked = PretrainConfig(config["preset"], eval=EvalConfig(eval_dir=eval_config.get("eval_dir"),
+                                                             best_by=eval_config.get("best_by")))
+    out["best_by"] = asked.resolved_best_by
     return out

@@ -2,7 +2,7 @@
 
 This module stands alone (it imports nothing from dinopre) so that an exported backbone can be rebuilt from it or
 a copy of it. It follows the DINO / timm layout (pre-norm blocks, fused qkv Linear, learned CLS token and position
-embedding) with two choices made for the consumer of our exports (design.md section 2):
+embedding) with two choices made for the consumer of our exports (the translation pipeline's ViT):
 - LayerNorm eps is 1e-5, PyTorch's default, which the translation pipeline's ViT uses; DINO's 1e-6 would make the
   exported features differ slightly.
 - The fused qkv weight keeps rows ordered q|k|v, the layout of `nn.MultiheadAttention.in_proj_weight`.
@@ -79,7 +79,7 @@ class _NormLinear(torch.autograd.Function):
     autocast) for the linear's weight gradient; the output is recomputed here from the input instead: one
     (tokens x D) activation fewer per norm, two per block. The norm runs in fp32 and the linear in the autocast
     dtype, as autocast would run them, and the gradients are the same ops on the same values as plain autograd's
-    (tests/test_vit.py compares them bit for bit).
+    (tests/model/test_vit.py compares them bit for bit).
     """
 
     @staticmethod
@@ -127,8 +127,8 @@ class _GeluLinear(torch.autograd.Function):
     Plain autograd keeps both the fc1 output (for GELU's backward) and the GELU output (for fc2's weight gradient):
     two (tokens x 4D) tensors per block, the largest activations a ViT stores, about a fifth of all it saves for
     DINO's multi-crop step. Recomputing the GELU is one elementwise pass; the gradients are the same ops on the same
-    values as plain autograd's (tests/test_vit.py compares them). The linear runs in `h`'s dtype, as autocast would
-    run it (fc1 under autocast already returns the autocast dtype), with autocast off inside.
+    values as plain autograd's (tests/model/test_vit.py compares them). The linear runs in `h`'s dtype, as autocast
+    would run it (fc1 under autocast already returns the autocast dtype), with autocast off inside.
     """
 
     @staticmethod

@@ -43,7 +43,7 @@ _MONITOR_STREAM = 3  # separates the monitor subset's generator from the data or
 _SPLIT_STREAM = 4
 FEATURE_BATCH = 256
 # Collapse thresholds. Uniform: the teacher's entropy within 2 % of ln K, i.e. its distribution is all but flat
-# (a healthy teacher at temperature 0.04-0.07 stays well below; measured in tests/test_evaluation.py). One-hot:
+# (a healthy teacher at temperature 0.04-0.07 stays well below; measured in tests/train/test_evaluation.py). One-hot:
 # a single prototype wins 90 % or more of the monitored images.
 UNIFORM_ENTROPY_SHARE = 0.98
 ONE_HOT_SHARE = 0.9
