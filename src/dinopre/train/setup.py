@@ -154,12 +154,8 @@ def recipe_record(recipe: ResolvedRecipe) -> dict[str, Any]:
     """params.json's account of the recipe: its name and each setting it chose, with the value and why."""
     config = recipe.config
     return {"name": config.method.recipe,
-            "derived": {name: {"value": _plain(setting(config, name)), "reason": reason}
+            "derived": {name: {"value": setting(config, name), "reason": reason}
                         for name, reason in recipe.derived.items()}}
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def environment_info(runtime: Runtime, num_workers: int, augment_on_device: bool = False, world_size: int = 1,
