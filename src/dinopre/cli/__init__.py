@@ -2,8 +2,8 @@
 
 Heavy modules (torch, PIL, the engine) are imported inside command bodies so that `dinopre --help` and shell
 completion stay instant. Errors the user can fix print one sentence and exit with code 2, never a traceback.
-The commands live in `training` (train, resume), `files` (export, inspect-checkpoint, verify-backbone) and `viz`
-(preview, plot, attention); this module builds the app from them.
+The commands live in `training` (train, resume), `files` (export, convert, inspect-checkpoint, verify-backbone)
+and `viz` (preview, plot, attention); this module builds the app from them.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def _root(
 app.command(epilog=training.TRAIN_EPILOG)(training.train)
 app.command(epilog=training.RESUME_EPILOG)(training.resume)
 app.command()(files.export)
+app.command(epilog=files.CONVERT_EPILOG)(files.convert)
 app.command("inspect-checkpoint")(files.inspect_checkpoint)
 app.command("verify-backbone")(files.verify_backbone)
 app.command()(viz.preview)

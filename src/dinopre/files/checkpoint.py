@@ -12,6 +12,7 @@ plus a JSON sidecar with the same stem holding the metadata.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -129,8 +130,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
+def load_file(path: str | Path, *, allowed: tuple[type, ...] = ()) -> dict[str, Any]:
     """Load a dinopre file safely (weights_only=True) onto the CPU.
+
+    Args:
+        path: the file.
+        allowed: classes the unpickler may build besides tensors and plain values (for this call only), e.g.
+            `argparse.Namespace` for the arguments official DINO training checkpoints keep.
 
     Raises:
         CheckpointError: missing, empty, truncated, not a torch file, or holding objects other than tensors and
@@ -142,7 +148,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"'{path}' is empty (0 bytes); it is not a usable checkpoint.")
     try:
-        with warnings.catch_warnings():  # torch warns about unusual pickle protocols before refusing them
+        with warnings.catch_warnings(), _safe_globals(allowed):  # torch warns about unusual pickle protocols
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -157,6 +163,16 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"'{path}' is not a dinopre file (it holds a {type(obj).__name__}).")
     return obj
+
+
+def _safe_globals(allowed: tuple[type, ...]) -> Any:
+    """A context in which the weights_only unpickler also accepts `allowed` (torch >= 2.5), or nothing extra."""
+    if not allowed:
+        return contextlib.nullcontext()
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise CheckpointError(f"Reading {', '.join(c.__name__ for c in allowed)} from a checkpoint safely needs "
+                              "PyTorch 2.5 or newer; upgrade torch.")
+    return torch.serialization.safe_globals(list(allowed))
 
 
 # (our / timm name part, the pipeline's `nn.MultiheadAttention` / `nn.Sequential` name part)

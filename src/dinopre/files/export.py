@@ -296,22 +296,38 @@ def _compare_with_checkpoint(report: VerifyReport, model: VisionTransformer, met
 
 
 def inspect_file(path: str | Path) -> dict[str, Any]:
-    """A summary of a dinopre training checkpoint or backbone export.
+    """A summary of a dinopre training checkpoint or backbone export, or of a checkpoint `dinopre convert` takes
+    (its layout and what it would become).
 
     Raises:
-        CheckpointError: the file is not one of dinopre's.
+        CheckpointError: the file is neither (the sentence says what it saw).
     """
+    from dinopre.files.convert import describe_source
+    from dinopre.files.sources import is_dinopre_export, load_source_file, read_source
+
     path = Path(path)
-    obj = load_file(path)
+    obj = load_source_file(path)
     info: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     if obj.get("kind") == KIND_TRAINING:
         return {**info, **_inspect_training(TrainingState.from_dict(obj, path))}
+    if not is_dinopre_export(obj, path):
+        return {**info, **describe_source(read_source(path))}
     model, metadata = load_backbone_file(path)
     if metadata.get("kind") != KIND_BACKBONE:
         raise CheckpointError(f"'{path}' is not a dinopre file.")
     keys = ("format", "format_version", "dinopre_version", "preset", "stream", "algorithm", "weights", "epoch")
-    return {**info, "kind": "backbone export", **{k: metadata.get(k) for k in keys},
+    return {**info, "kind": "backbone export", **{k: metadata.get(k) for k in keys}, **_converted_from(metadata),
             "backbone": metadata["backbone"], "parameters": {"backbone": count_parameters(model)}}
+
+
+def _converted_from(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Where a file written by `dinopre convert` came from (nothing for an export of a dinopre run)."""
+    source = metadata.get("source")
+    if not isinstance(source, dict):
+        return {}
+    return {"converted_from": f"{source.get('description')} '{source.get('path')}' (sha256 "
+                              f"{str(source.get('sha256'))[:12]}...)",
+            "layer_norm_eps": f"{metadata.get('layer_norm_eps', 1e-5):g}"}
 
 
 def _inspect_training(state: TrainingState) -> dict[str, Any]:

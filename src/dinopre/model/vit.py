@@ -12,6 +12,7 @@ mask token replaces masked patch embeddings before position embeddings are added
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -273,11 +274,7 @@ class VisionTransformer(nn.Module):
         """
         if height == self.grid_size and width == self.grid_size:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        grid = patch_pos.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-        grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
-        patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)  # (1, h*w, D)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return resample_pos_embed(self.pos_embed, height, width)
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Patch-embed, apply the mask token, prepend CLS and add position embeddings.
@@ -309,6 +306,22 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, D) CLS embeddings."""
         return self.forward_features(x).cls
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A (1, 1 + g*g, D) position embedding of a square g x g grid resampled to (height x width) patches, bicubic;
+    the CLS position is kept. `VisionTransformer` does this on the fly and `dinopre convert --image-size` once, with
+    the same operations, so both give the same embedding.
+
+    Returns:
+        (1, 1 + height*width, D) position embedding.
+    """
+    grid_size = math.isqrt(pos_embed.shape[1] - 1)
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    grid = patch_pos.reshape(1, grid_size, grid_size, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
+    patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)  # (1, h*w, D)
+    return torch.cat([cls_pos, patch_pos], dim=1)
 
 
 def count_parameters(module: nn.Module) -> int:
