@@ -71,15 +71,17 @@ class SourceError(SchemaError):
 
 
 def strip_prefix(names: Iterable[str], prefixes: Iterable[str]) -> dict[str, str]:
-    """Map each name to itself without the first of `prefixes` that every name starts with (wrappers such as DDP's
-    `module.` or a task model's `vit.`), repeatedly; names that do not all share one are kept whole."""
+    """Map each name to itself without the first of `prefixes` that every backbone name starts with (wrappers such
+    as DDP's `module.` or a task model's `vit.`), repeatedly; names that do not all share one are kept whole."""
     mapping = {name: name for name in names}
     changed = True
     while changed and mapping:
         changed = False
         for prefix in prefixes:
-            if all(short.startswith(prefix) for short in mapping.values()):
-                mapping = {name: short[len(prefix):] for name, short in mapping.items()}
+            # A task model's classifier sits beside its backbone (`vit.*` and `classifier.*`): it does not count.
+            wrapped = [short for short in mapping.values() if not _CLASSIFIERS.match(short)]
+            if wrapped and all(short.startswith(prefix) for short in wrapped):
+                mapping = {name: short.removeprefix(prefix) for name, short in mapping.items()}
                 changed = True
     return mapping
 
@@ -176,6 +178,9 @@ def infer_backbone(shapes: Mapping[str, tuple[int, ...]], path: Any, what: str,
     if len(pos) != 3 or pos[0] != 1 or pos[2] != width or grid < 1 or grid * grid != pos[1] - 1:
         raise SourceError(f"'{path}' ({what}): its position embedding has the shape {pos}, which is not a square "
                           f"grid of patches plus one CLS position of width {width}.")
+    if num_heads is not None and width % num_heads:
+        raise SourceError(f"'{path}' ({what}) says it has {num_heads} attention heads, which do not divide its width "
+                          f"{width}.")
     return {"image_size": grid * patch[2], "patch_size": patch[2], "in_channels": patch[1], "embed_dim": width,
             "depth": _depth(shapes, path, what), "num_heads": num_heads or _heads(width, path, what),
             "mlp_ratio": _mlp_ratio(width, fc1, path, what), "dropout": 0.0, "attention_dropout": 0.0,

@@ -199,21 +199,14 @@ def _read_public(obj: dict[str, Any], path: Path, weights: str) -> Source:
     state, wrapper, head_state = _unwrap(obj, weights)
     if state is None:
         raise _unknown(obj, path)
-    mapping = layouts.strip_prefix(state, ("module.", "backbone.", "vit.", "dinov2.", "encoder.model."))
+    mapping = layouts.strip_prefix(state, ("module.", "backbone.", "vit.", "dinov2."))
     stripped = {short: state[name] for name, short in mapping.items()}
     layout = layouts.recognise(stripped)
     if layout is None:
         raise _unknown(stripped, path)
     what = DESCRIPTIONS[layout] if wrapper is None else DESCRIPTIONS[f"{layout}-training"]
-    layouts.refuse_unrepresentable(stripped, path, what)
-    renames, dropped = layouts.rename(stripped, layout)
     config = _json_beside(path.parent / "config.json")  # Hugging Face and timm downloads come with one
-    shapes = {ours: tuple(stripped[theirs].shape) for theirs, ours in renames.items()}
-    heads_hint = config.get("num_attention_heads") if layout in (layouts.HF_VIT, layouts.HF_DINOV2) else None
-    backbone = layouts.infer_backbone(shapes, path, what, heads_hint if _positive_int(heads_hint) else None)
-    layouts.check_source_shapes(backbone, shapes, path, what)
-    _check_floating(stripped, path, what)
-    named = {ours: stripped[theirs] for theirs, ours in renames.items()}
+    named, backbone, dropped = _checked_backbone(stripped, layout, config, path, what)
     tensors, notes = assemble(named, backbone)
     if dropped:
         notes.append(f"Left out {', '.join(dropped)} (a classifier, not part of the backbone's features).")
@@ -223,6 +216,28 @@ def _read_public(obj: dict[str, Any], path: Path, weights: str) -> Source:
     layout_name = layout if wrapper is None else f"{layout}-training"
     return Source(path, layout_name, sha256_file(path), tensors, backbone, eps, normalization, heads,
                   named.get("mask_token"), weights if wrapper else None, tuple(notes))
+
+
+def _checked_backbone(state: dict[str, torch.Tensor], layout: str, config: dict[str, Any], path: Path,
+                      what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """The source's tensors under dinopre's names, the ViT they describe, and the classifier names left out; every
+    name, shape and value is checked before anything is computed from them.
+
+    Raises:
+        SourceError: a variant that cannot be represented exactly, or tensors that disagree.
+    """
+    layouts.refuse_unrepresentable(state, path, what)
+    renames, dropped = layouts.rename(state, layout)
+    if len(set(renames.values())) < len(renames):
+        twice = sorted(theirs for theirs, ours in renames.items() if list(renames.values()).count(ours) > 1)
+        raise SourceError(f"'{path}' ({what}) holds the same tensor twice under different names: "
+                          f"{', '.join(twice[:4])}.")
+    shapes = {ours: tuple(state[theirs].shape) for theirs, ours in renames.items()}
+    hint = config.get("num_attention_heads") if layout in (layouts.HF_VIT, layouts.HF_DINOV2) else None
+    backbone = layouts.infer_backbone(shapes, path, what, hint if _positive_int(hint) else None)
+    layouts.check_source_shapes(backbone, shapes, path, what)
+    _check_floating(state, path, what)
+    return {ours: state[theirs] for theirs, ours in renames.items()}, backbone, dropped
 
 
 def _positive_int(value: Any) -> bool:
