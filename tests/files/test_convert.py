@@ -326,6 +326,19 @@ def test_hugging_face_configs_beside_the_file_give_heads_eps_and_normalisation(t
     assert metadata["backbone"]["num_heads"] == 3 and metadata["layer_norm_eps"] == 1e-6
 
 
+def test_a_task_models_prefix_is_stripped_beside_its_classifier(tmp_path: Path) -> None:
+    """ViTForImageClassification: the backbone under `vit.`, a `classifier` beside it."""
+    state = _hf_state(4, dinov2=False)
+    source = tmp_path / "classifier.bin"
+    torch.save({**{f"vit.{k}": v for k, v in state.items()}, "classifier.weight": torch.zeros(10, WIDTH),
+                "classifier.bias": torch.zeros(10)}, source)
+    output, result = _convert(source, tmp_path)
+    assert "Left out classifier.bias, classifier.weight, pooler.dense.bias, pooler.dense.weight" in result.output
+    images = _images()
+    expected = _reference(images, _hf_parts(state, dinov2=False), heads=2, eps=1e-12, normalization=IMAGENET)
+    assert max(_errors(output, images, expected, 1e-12)) < 1e-5
+
+
 def test_dinov2_block_chunks_are_read_by_their_global_index(tmp_path: Path) -> None:
     state = _vit_state(2, layerscale=True, mask_token=True)
     chunked = {k.replace("blocks.1.", "blocks.1.1.").replace("blocks.0.", "blocks.0.0."): v for k, v in state.items()}
@@ -496,6 +509,9 @@ REFUSALS = {
     "pos-embed not a square grid plus one": (lambda: {**_vit_state(1), "pos_embed": torch.zeros(1, 16, WIDTH)},
                                              "which is not a square grid of patches plus one"),
     "heads not inferable": (lambda: _vit_state(1, width=96), "does not store its number of attention heads"),
+    "a tensor under two names": (lambda: {**_hf_state(5, dinov2=True),
+                                          "encoder.layer.0.layernorm_before.weight": torch.ones(WIDTH)},
+                                 "holds the same tensor twice under different names"),
     "unknown tensor": (lambda: {**_vit_state(1), "blocks.0.attn.relative_bias": torch.zeros(3)},
                        "holds tensors dinopre's ViT has no place for: blocks.0.attn.relative_bias"),
 }

@@ -209,7 +209,7 @@ def _read_public(obj: dict[str, Any], path: Path, weights: str) -> Source:
     named, backbone, dropped = _checked_backbone(stripped, layout, config, path, what)
     tensors, notes = assemble(named, backbone)
     if dropped:
-        notes.append(f"Left out {', '.join(dropped)} (a classifier, not part of the backbone's features).")
+        notes.append(f"Left out {', '.join(dropped)} (a classifier or pooler, not part of the CLS features).")
     eps, normalization, more = _function_settings(layout, path, config)
     heads, head_note = _dino_head(head_state, backbone["embed_dim"])
     notes += more + ([head_note] if head_note else [])
