@@ -21,8 +21,8 @@ def invoke(*args: str):
 def test_help_lists_every_command_and_advises() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("train", "resume", "export", "inspect-checkpoint", "verify-backbone", "attention", "preview",
-                    "plot"):
+    for command in ("train", "resume", "export", "inspect-checkpoint", "verify-backbone", "eval", "attention",
+                    "preview", "plot"):
         assert command in result.output
     train_help = invoke("train", "--help").output
     assert "--train-dir" in train_help and "--global-crop-scale" in train_help

@@ -44,3 +44,21 @@ def test_the_step_eta_shows_within_an_epoch_with_a_slow_log_interval(monkeypatch
         assert tasks == {"steps": "0:06:00", "epochs": "0:19:20"}  # 4 s per step: 90 and 290 steps left
     finally:
         reporter.close()
+
+
+def test_eval_progress_draws_a_bar_per_task_and_plain_lines_off_a_terminal() -> None:
+    from dinopre.base.events import ScoringProgress
+    from dinopre.progress import ScoringReporter
+
+    tasks = ("decoding at 32 px", "embedding by bb.pt", "embedding by bb.pt")  # the same file given twice
+    live = ScoringReporter(Console(file=io.StringIO(), force_terminal=True, width=120), live=True)
+    plain_file = io.StringIO()
+    plain = ScoringReporter(Console(file=plain_file, width=120), live=False)
+    for reporter in (live, plain):
+        for task in tasks:
+            for done in (0, 20, 40):
+                reporter.emit(ScoringProgress(task, done, 40))
+    assert [(t.description, t.completed, t.total) for t in live.progress.tasks] == [(t, 40, 40) for t in tasks]
+    live.close()
+    assert live.progress is None
+    assert plain_file.getvalue().splitlines() == [f"{task}: 40 images" for task in tasks]

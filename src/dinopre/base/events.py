@@ -103,9 +103,18 @@ class RunFinished:
     best_knn: float | None = None
 
 
+@dataclass(frozen=True)
+class ScoringProgress:
+    """`dinopre eval` at work: `done` of `total` images of one task (decoding at a size, or embedding by a backbone)."""
+
+    task: str  # e.g. "decoding at 112 px", "embedding by backbone.pt"
+    done: int
+    total: int
+
+
 class Reporter(Protocol):
     """Receives the engine's events (ScanProgress, RunStarted, StepLogged, EpochEnded, CollapseWarning,
-    CheckpointSaved, Stopped, RunFinished)."""
+    CheckpointSaved, Stopped, RunFinished), or those of `dinopre eval` (ScoringProgress)."""
 
     def emit(self, event: object) -> None: ...
 

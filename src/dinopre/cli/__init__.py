@@ -2,8 +2,8 @@
 
 Heavy modules (torch, PIL, the engine) are imported inside command bodies so that `dinopre --help` and shell
 completion stay instant. Errors the user can fix print one sentence and exit with code 2, never a traceback.
-The commands live in `training` (train, resume), `files` (export, convert, inspect-checkpoint, verify-backbone)
-and `viz` (preview, plot, attention); this module builds the app from them.
+The commands live in `training` (train, resume), `files` (export, convert, inspect-checkpoint, verify-backbone),
+`scoring` (eval) and `viz` (preview, plot, attention); this module builds the app from them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from dinopre import __version__
-from dinopre.cli import files, training, viz
+from dinopre.cli import files, scoring, training, viz
 
 app = typer.Typer(
     name="dinopre",
@@ -48,6 +48,7 @@ app.command()(files.export)
 app.command(epilog=files.CONVERT_EPILOG)(files.convert)
 app.command("inspect-checkpoint")(files.inspect_checkpoint)
 app.command("verify-backbone")(files.verify_backbone)
+app.command("eval", epilog=scoring.EVAL_EPILOG)(scoring.evaluate)
 app.command()(viz.preview)
 app.command()(viz.plot)
 app.command()(viz.attention)
