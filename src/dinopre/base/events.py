@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the base layer names the configuration's type but never imports the config layer
-    pass
+    from dinopre.config.settings import PretrainConfig
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunStarted:
-    config: Any  # the run's PretrainConfig (typed loosely: the base layer imports nothing above it)
+    config: PretrainConfig
     run_dir: Path
     num_images: int
     data_description: str
