@@ -22,11 +22,11 @@ import torch
 
 from dinopre.base.distributed import detect, first_host
 from dinopre.base.errors import ConfigError
-from dinopre.config.settings import build_config
+from dinopre.base.events import NullReporter
+from dinopre.config.loading import build_config
 from dinopre.data.dataset import EpochBatchSampler
 from dinopre.files.export import inspect_file
 from dinopre.files.rundir import RunDirectory
-from dinopre.progress import NullReporter
 from dinopre.train.engine import fit
 
 # KoLeo and drop path are per process (as in DINOv2), so runs on 1 and 2 processes differ by them: off here.
@@ -240,9 +240,9 @@ def test_the_teacher_stays_identical_on_every_process(tmp_path: Path) -> None:
 import sys, torch
 from dinopre.base import distributed
 from dinopre.train.build import build_run
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.data.dataset import EpochBatchSampler
-from dinopre.train.engine import train_step
+from dinopre.train.step import train_step
 from dinopre.data.pipeline import build_data_loader, device_batches
 
 settings = dict(epochs=1, batch_size=16, image_size=32, patch_size=8, vit_embed_dim=32, vit_depth=2, vit_num_heads=2,

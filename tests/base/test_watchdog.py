@@ -15,7 +15,7 @@ from processes import LIMIT, TINY_RUN, children, clean_env, finish, log_file, ru
 
 from dinopre.base import watchdog
 from dinopre.base.errors import ConfigError
-from dinopre.files.checkpoint import load_training_checkpoint
+from dinopre.files.state import load_training_checkpoint
 
 RUN = ["train", "face", *TINY_RUN, "--epochs", "5", "--checkpoint-every", "4"]  # 160 steps: outlasts every kill
 
@@ -34,7 +34,7 @@ def test_each_process_watches_its_two_neighbours(rank: int, world: int, watched:
 
 
 def _step_of_last_checkpoint(run: Path) -> int:
-    return load_training_checkpoint(run / "checkpoint_last.pt")["global_step"]
+    return load_training_checkpoint(run / "checkpoint_last.pt").global_step
 
 
 @pytest.mark.slow

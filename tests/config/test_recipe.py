@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from dinopre.base.errors import ConfigError
+from dinopre.config.loading import build_config
 from dinopre.config.recipe import AUTO_RULES, REFERENCE_REASON, resolve, run_shape
-from dinopre.config.settings import RECIPE_SETTINGS, build_config, setting
+from dinopre.config.settings import RECIPE_SETTINGS, setting
 
 # The original tool's budget (the recipe issue): 2,000 images of 64 px, batch 64, 10 epochs (310 steps).
 LEGACY = {"train_dir": ["d"], "epochs": 10, "batch_size": 64, "image_size": 64, "patch_size": 8, "vit_embed_dim": 128,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from processes import TINY_RUN, finish, start_ranks
 
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.train.build import PER_PROCESS, settings_differences, shared_settings
 
 

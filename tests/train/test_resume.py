@@ -8,8 +8,8 @@ import pytest
 from test_old_checkpoints import OLD_CHECKPOINT, SETTINGS
 
 from dinopre.base.errors import ConfigError
-from dinopre.config.settings import build_config
-from dinopre.files.checkpoint import load_training_checkpoint
+from dinopre.config.loading import build_config
+from dinopre.files.state import load_training_checkpoint
 from dinopre.train.resume import continued_config, load_resume_state, saved_config
 
 
@@ -17,7 +17,7 @@ def test_a_checkpoint_from_before_the_scopes_continues_per_process(tmp_path: Pat
     """It drew drop path from each process's generator and computed KoLeo per process: so does its continuation
     (tests/test_old_checkpoints.py checks the weights bit for bit)."""
     state = load_training_checkpoint(OLD_CHECKPOINT)
-    assert "regulariser_scope" not in state["config"]["method"] and "drop_path_scope" not in state["config"]["model"]
+    assert "regulariser_scope" not in state.config["method"] and "drop_path_scope" not in state.config["model"]
     saved = saved_config(state)
     assert (saved.method.regulariser_scope, saved.model.drop_path_scope) == ("process", "process")
     requested = build_config("face", demo=True, cli_settings={**SETTINGS, "output_dir": str(tmp_path)})

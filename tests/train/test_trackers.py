@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import Recorder, face_config
 
 from dinopre.base.errors import ConfigError
-from dinopre.base.events import Notice, StepLogged
-from dinopre.config.settings import build_config
+from dinopre.base.events import Notice, NullReporter, StepLogged
 from dinopre.files.export import inspect_file
-from dinopre.progress import NullReporter
 from dinopre.train import trackers
 from dinopre.train.engine import fit
+from dinopre.viz.run_pictures import run_pictures
 
 
 class StopAt:
@@ -30,9 +30,10 @@ class StopAt:
             raise KeyboardInterrupt
 
 
-def _config(tiny_settings: dict, face_folder: Path, out: Path, logger: str, **extra: Any):
-    return build_config("face", cli_settings={**tiny_settings, "train_dir": [str(face_folder)], "output_dir": str(out),
-                                              "epochs": 2, "checkpoint_every": 4, "logger": [logger], **extra})
+def _logging_config(tiny_settings: dict, face_folder: Path, out: Path, logger: str, **extra: Any):
+    """A two-epoch run into `out` that checkpoints every 4 steps and logs to `logger`."""
+    return face_config(tiny_settings, face_folder, output_dir=str(out), epochs=2, checkpoint_every=4, logger=[logger],
+                       **extra)
 
 
 def _steps(run: Path) -> dict[int, float]:
@@ -42,9 +43,11 @@ def _steps(run: Path) -> dict[int, float]:
 
 def _interrupted_then_resumed(tiny_settings: dict, face_folder: Path, out: Path, logger: str) -> dict:
     with pytest.raises(KeyboardInterrupt):
-        fit(_config(tiny_settings, face_folder, out, logger), StopAt(10))  # logged at 10, checkpoint at 8
+        # logged at 10, checkpoint at 8; with the pictures `dinopre train` sends the trackers
+        fit(_logging_config(tiny_settings, face_folder, out, logger), StopAt(10), hooks=run_pictures())
     first = torch.load(out / "checkpoint_last.pt", weights_only=True)["trackers"][logger]
-    fit(_config(tiny_settings, face_folder, out, logger), NullReporter(), resume_from=out)
+    fit(_logging_config(tiny_settings, face_folder, out, logger), NullReporter(), resume_from=out,
+        hooks=run_pictures())
     return {"first": first, "then": torch.load(out / "checkpoint_last.pt", weights_only=True)["trackers"][logger]}
 
 
@@ -100,20 +103,14 @@ def test_a_missing_tracker_package_is_one_sentence_before_training(tiny_settings
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r'pip install "dinopre\[wandb\]"'):
-        fit(_config(tiny_settings, face_folder, out, "wandb"), NullReporter())
+        fit(_logging_config(tiny_settings, face_folder, out, "wandb"), NullReporter())
     assert not (out / "checkpoint_last.pt").exists()
 
 
 # ============ a tracker never stops or corrupts training ============
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[object] = []
-
-    def emit(self, event: object) -> None:
-        self.events.append(event)
-
+class NoticeRecorder(Recorder):
     def notices(self, warning: bool | None = None) -> list[str]:
         return [e.message for e in self.events if isinstance(e, Notice) and warning in (None, e.warning)]
 
@@ -161,14 +158,14 @@ def _step(step: int) -> StepLogged:
 
 def test_connecting_says_where_and_gives_up_after_its_timeout(fake: type[FakeTracker], tmp_path: Path) -> None:
     fake.hang.set()
-    recorder, started = Recorder(), time.monotonic()
+    recorder, started = NoticeRecorder(), time.monotonic()
     with pytest.raises(ConfigError, match=r"--logger mlflow could not start \(no answer within 0.5 s\); fix its "
                                           "set-up or drop it."):
         trackers.Trackers(recorder, ("mlflow",), tmp_path, {}, timeout=0.5)
     assert time.monotonic() - started < 5
     assert recorder.notices() == ["Connecting to http://tracking.example:5000 for --logger mlflow (waiting at most "
                                   "0.5 s; DINOPRE_TRACKER_TIMEOUT sets it)."]
-    resumed = Recorder()  # a resume goes on without it: --logger cannot change, the run must stay resumable
+    resumed = NoticeRecorder()  # a resume goes on without it: --logger cannot change, the run must stay resumable
     assert trackers.Trackers(resumed, ("mlflow",), tmp_path, {}, {"mlflow": "abc"}, 8, timeout=0.5).run_ids == {}
     assert resumed.notices(warning=True) == ["--logger mlflow could not start (no answer within 0.5 s); this run goes "
                                              "on without it (metrics.jsonl keeps every step)."]
@@ -184,7 +181,7 @@ def test_the_tracker_timeout_is_30_s_unless_the_variable_says(monkeypatch: pytes
 def test_a_failing_tracker_is_dropped_with_one_warning_and_the_events_go_on(fake: type[FakeTracker],
                                                                             tmp_path: Path) -> None:
     fake.fail_at = 2
-    recorder = Recorder()
+    recorder = NoticeRecorder()
     group = trackers.Trackers(recorder, ("mlflow",), tmp_path, {}, timeout=5)
     for step in range(1, 6):
         group.emit(_step(step))
@@ -206,7 +203,7 @@ def test_an_mlflow_store_deleted_mid_run_and_lost_on_resume_never_stops_training
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"
 
-    class DeleteStoreThenStop(Recorder):
+    class DeleteStoreThenStop(NoticeRecorder):
         def emit(self, event: object) -> None:
             super().emit(event)
             if isinstance(event, StepLogged) and event.global_step == 4:
@@ -216,12 +213,13 @@ def test_an_mlflow_store_deleted_mid_run_and_lost_on_resume_never_stops_training
 
     first = DeleteStoreThenStop()
     with pytest.raises(KeyboardInterrupt):
-        fit(_config(tiny_settings, face_folder, out, "mlflow"), first)
+        fit(_logging_config(tiny_settings, face_folder, out, "mlflow"), first)
     assert len(first.notices(warning=True)) == 1 and "--logger mlflow failed (" in first.notices(warning=True)[0]
     lost = torch.load(out / "checkpoint_last.pt", weights_only=True)["trackers"]["mlflow"]
     assert not (out / "mlruns").exists()
-    resumed = Recorder()
-    fit(_config(tiny_settings, face_folder, out, "mlflow"), resumed, resume_from=out)  # before: "Run ... not found"
+    resumed = NoticeRecorder()
+    # Before, this resume failed ("Run ... not found"), and --logger cannot change on resume.
+    fit(_logging_config(tiny_settings, face_folder, out, "mlflow"), resumed, resume_from=out)
     new = torch.load(out / "checkpoint_last.pt", weights_only=True)["trackers"]["mlflow"]
     [warning] = resumed.notices(warning=True)
     assert new != lost and warning.startswith(f"--logger mlflow: the run {lost} could not be continued (")

@@ -10,11 +10,11 @@ from consumer import ConsumerViT
 from PIL import Image
 from typer.testing import CliRunner
 
+from dinopre.base.events import NullReporter
 from dinopre.cli import app
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.files.checkpoint import slt_state_dict
 from dinopre.model.vit import VisionTransformer
-from dinopre.progress import NullReporter
 from dinopre.train.engine import fit
 from dinopre.viz.attention import attention_maps, keep_mass, last_cls_attention
 

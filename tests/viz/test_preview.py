@@ -11,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dinopre.cli import app
+from dinopre.config.loading import build_config
 from dinopre.config.recipe import resolve
-from dinopre.config.settings import build_config
 from dinopre.data.dataset import EpochBatchSampler
 from dinopre.data.pipeline import build_data_loader, build_source, device_batches
 from dinopre.viz.preview import first_images, render_views, shade_mask

@@ -5,7 +5,7 @@ dinopre has no launcher of its own. `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, MA
 their variables and `session` joins the process group for the life of a run. Without either, a run is one process
 with no process group at all, and every collective in `dinopre.train.runtime` is a no-op.
 
-The rules every process keeps (design.md section 4, issue "Multi-GPU and multi-node with torchrun"):
+The rules every process keeps, so that N processes neither write twice nor wait forever for each other:
 - global rank 0 is the only writer (never LOCAL_RANK 0: one run folder per node is a classic mistake);
 - a decision that changes the control flow (stop on a signal, stop on a non-finite loss, refuse to start) is taken
   on values all processes share, so that every process takes it at the same step;

@@ -19,15 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dinopre.config.settings import (
-    FIELD_SECTION,
-    RECIPE_SETTINGS,
-    PretrainConfig,
-    reference_value,
-    setting,
-    validate,
-    with_settings,
-)
+from dinopre.config.presets import reference_value
+from dinopre.config.settings import FIELD_SECTION, RECIPE_SETTINGS, PretrainConfig, setting, with_settings
+from dinopre.config.validation import validate
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Training data: image folder scanning, decoding, the seeded multi-crop dataset, the resumable sampler, the loader.
 
-Determinism (design.md section 4): the data order of epoch e is a permutation drawn from a generator seeded by
-(seed, e), and every random draw of sample i in epoch e comes from a generator seeded by (seed, e, i). The sampler
-yields (epoch, index) keys, so workers need no epoch state: one loader with persistent workers serves the whole
-run (the reference code respawns its workers every epoch and loses seconds each time; design.md section 5).
+Determinism (a run is a function of config, seed and data, so a resumed run repeats an uninterrupted one): the
+data order of epoch e is a permutation drawn from a generator seeded by (seed, e), and every random draw of sample i
+in epoch e comes from a generator seeded by (seed, e, i). The sampler yields (epoch, index) keys, so workers need no
+epoch state: one loader with persistent workers serves the whole run (the official DINO code builds a loader without
+persistent workers, so they are respawned at every epoch start; on a small dataset that costs seconds per epoch).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class DINOHead(nn.Module):
         """(R, in_dim) features -> (R, K) fp32 logits."""
         x = self.mlp(x)
         # The prototype logits feed softmaxes at temperature 0.04: in bf16 their rounding (~3e-3) becomes 0.08
-        # nats; keep the normalisation and the last layer in fp32 (dino_ibot.md section 5, problem 2).
+        # nats, so the normalisation and the last layer stay in fp32 like the rest of the loss maths.
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = F.normalize(x.float(), dim=-1, p=2)  # (R, bottleneck)
             return self.last_layer(x)

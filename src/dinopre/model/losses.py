@@ -177,8 +177,8 @@ class IBOTPatchLoss(_CenteredLoss):
 
 @torch.no_grad()
 def teacher_diagnostics(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Collapse signals of a batch's (R, K) teacher targets (dino_ibot.md section 5, problem 1), computed without
-    host synchronisation.
+    """Collapse signals of a batch's (R, K) teacher targets, computed without host synchronisation: a uniform
+    teacher (entropy near ln K, the loss stuck at ln K of facebookresearch/dino#246) or a one-hot one.
 
     Returns:
         `teacher_entropy`: mean entropy of the teacher's target distributions (ln K = uniform collapse);

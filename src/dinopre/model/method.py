@@ -118,6 +118,13 @@ class StudentTeacher(nn.Module):
             state["patch_center"] = self.patch_loss.center.detach().clone()
         return state
 
+    @torch.no_grad()
+    def load_loss_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put the loss centers of `loss_state` back in place (a checkpoint's, whose widths were checked)."""
+        self.dino_loss.center.copy_(state["center"])
+        if self.patch_loss is not None:
+            self.patch_loss.center.copy_(state["patch_center"])
+
     def forward(
         self,
         batch: CropBatch,

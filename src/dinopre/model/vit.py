@@ -2,7 +2,7 @@
 
 This module stands alone (it imports nothing from dinopre) so that an exported backbone can be rebuilt from it or
 a copy of it. It follows the DINO / timm layout (pre-norm blocks, fused qkv Linear, learned CLS token and position
-embedding) with two choices made for the consumer of our exports (design.md section 2):
+embedding) with two choices made for the consumer of our exports (the translation pipeline's ViT):
 - LayerNorm eps is 1e-5, PyTorch's default, which the translation pipeline's ViT uses; DINO's 1e-6 would make the
   exported features differ slightly.
 - The fused qkv weight keeps rows ordered q|k|v, the layout of `nn.MultiheadAttention.in_proj_weight`.
@@ -12,6 +12,7 @@ mask token replaces masked patch embeddings before position embeddings are added
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,7 @@ class _NormLinear(torch.autograd.Function):
     autocast) for the linear's weight gradient; the output is recomputed here from the input instead: one
     (tokens x D) activation fewer per norm, two per block. The norm runs in fp32 and the linear in the autocast
     dtype, as autocast would run them, and the gradients are the same ops on the same values as plain autograd's
-    (tests/test_vit.py compares them bit for bit).
+    (tests/model/test_vit.py compares them bit for bit).
     """
 
     @staticmethod
@@ -127,8 +128,8 @@ class _GeluLinear(torch.autograd.Function):
     Plain autograd keeps both the fc1 output (for GELU's backward) and the GELU output (for fc2's weight gradient):
     two (tokens x 4D) tensors per block, the largest activations a ViT stores, about a fifth of all it saves for
     DINO's multi-crop step. Recomputing the GELU is one elementwise pass; the gradients are the same ops on the same
-    values as plain autograd's (tests/test_vit.py compares them). The linear runs in `h`'s dtype, as autocast would
-    run it (fc1 under autocast already returns the autocast dtype), with autocast off inside.
+    values as plain autograd's (tests/model/test_vit.py compares them). The linear runs in `h`'s dtype, as autocast
+    would run it (fc1 under autocast already returns the autocast dtype), with autocast off inside.
     """
 
     @staticmethod
@@ -315,11 +316,7 @@ class VisionTransformer(nn.Module):
         """
         if height == self.grid_size and width == self.grid_size:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        grid = patch_pos.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-        grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
-        patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)  # (1, h*w, D)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return resample_pos_embed(self.pos_embed, height, width)
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Patch-embed, apply the mask token, prepend CLS and add position embeddings.
@@ -353,6 +350,22 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor, drop_keys: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) images -> (B, D) CLS embeddings."""
         return self.forward_features(x, drop_keys=drop_keys).cls
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A (1, 1 + g*g, D) position embedding of a square g x g grid resampled to (height x width) patches, bicubic;
+    the CLS position is kept. `VisionTransformer` does this on the fly and `dinopre convert --image-size` once, with
+    the same operations, so both give the same embedding.
+
+    Returns:
+        (1, 1 + height*width, D) position embedding.
+    """
+    grid_size = math.isqrt(pos_embed.shape[1] - 1)
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    grid = patch_pos.reshape(1, grid_size, grid_size, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
+    patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)  # (1, h*w, D)
+    return torch.cat([cls_pos, patch_pos], dim=1)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -28,7 +28,7 @@ from dinopre.model.schedules import Schedules, build_schedules
 from dinopre.train.runtime import Runtime, default_num_workers, setup
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunParts:
     """What a run trains with.
 
@@ -176,6 +176,6 @@ def build_run(config: PretrainConfig, reporter: Reporter | None = None,
         torch.manual_seed(config.run.seed + 1_000_003 * distributed.rank())
     num_workers = (config.data.num_workers if config.data.num_workers is not None
                    else default_num_workers(distributed.local_world_size()))
-    return RunParts(config, recipe, runtime, data, steps_per_epoch, num_workers, method,
-                    build_optimizer(method.student, runtime.device), build_schedules(config, steps_per_epoch), model,
-                    world)
+    return RunParts(config=config, recipe=recipe, runtime=runtime, data=data, steps_per_epoch=steps_per_epoch,
+                    num_workers=num_workers, method=method, optimizer=build_optimizer(method.student, runtime.device),
+                    schedules=build_schedules(config, steps_per_epoch), model=model, world_size=world)

@@ -7,23 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dinopre.base.errors import ConfigError
+from dinopre.base.errors import CheckpointError, ConfigError
+from dinopre.config.loading import config_from_dict
 from dinopre.config.recipe import NEW_RUN_SCOPES
-from dinopre.config.settings import (
-    RECIPE_SETTINGS,
-    RESUME_MAY_CHANGE,
-    SECTIONS,
-    PretrainConfig,
-    config_differences,
-    config_from_dict,
-    config_to_dict,
-    setting,
-    with_settings,
-)
+from dinopre.config.settings import RECIPE_SETTINGS, SECTIONS, PretrainConfig, config_to_dict, setting, with_settings
+from dinopre.config.validation import RESUME_MAY_CHANGE, config_differences
 from dinopre.data.pipeline import absolute_roots
-from dinopre.files.checkpoint import CheckpointError, load_training_checkpoint
 from dinopre.files.rundir import RunDirectory
-from dinopre.files.schema import check_centers
+from dinopre.files.state import TrainingState, load_training_checkpoint
 
 
 def find_checkpoint(target: str | Path) -> Path:
@@ -44,8 +35,8 @@ def find_checkpoint(target: str | Path) -> Path:
     return target
 
 
-def saved_config(state: dict[str, Any]) -> PretrainConfig:
-    """The configuration a training checkpoint was written with.
+def saved_config(state: TrainingState | dict[str, Any]) -> PretrainConfig:
+    """The configuration a training checkpoint (typed, or its contents as a dict) was written with.
 
     Checkpoints written before `--augment-on` existed rendered their views in the data workers; they carry no
     `augment_on` and continue that way (the new default would change how views are resampled mid-run). Those
@@ -53,7 +44,8 @@ def saved_config(state: dict[str, Any]) -> PretrainConfig:
     written before the scopes existed computed KoLeo and the contrastive loss per process and drew drop path from
     each process's generator, and continue so (`process`).
     """
-    settings = {key: dict(value) if isinstance(value, dict) else value for key, value in state["config"].items()}
+    saved = state.config if isinstance(state, TrainingState) else state["config"]
+    settings = {key: dict(value) if isinstance(value, dict) else value for key, value in saved.items()}
     if isinstance(settings.get("data"), dict):
         settings["data"].setdefault("augment_on", "workers")
     if isinstance(settings.get("method"), dict):
@@ -70,7 +62,7 @@ def _with_saved_scopes(config: PretrainConfig, saved: PretrainConfig) -> Pretrai
                                   if setting(config, name) is None})
 
 
-def continued_config(config: PretrainConfig, state: dict[str, Any]) -> PretrainConfig:
+def continued_config(config: PretrainConfig, state: TrainingState) -> PretrainConfig:
     """The configuration a resumed run uses: the requested one, with the recipe settings it leaves unset taken from
     the checkpoint (what the run was started with; more epochs do not derive them again)."""
     saved = saved_config(state)
@@ -91,7 +83,7 @@ def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[Pr
     state = load_training_checkpoint(path)
     settings = config_to_dict(saved_config(state))
     flat = {"output_dir": str(path.parent), **{k: v for k, v in overrides.items() if v is not None}}
-    roots = state.get("data", {}).get("roots")
+    roots = state.data.get("roots")
     if roots and settings["data"]["train_dir"]:  # the folders the run read, whatever the working directory now
         flat["train_dir"] = list(roots)
     for section in SECTIONS:
@@ -101,7 +93,7 @@ def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[Pr
     return config_from_dict(settings), path
 
 
-def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any]:
+def load_resume_state(path: str | Path, config: PretrainConfig) -> TrainingState:
     """Load a checkpoint and check that `config` may continue it.
 
     Raises:
@@ -114,10 +106,10 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any
         saved = saved_config(state)
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot read ({exc}).") from None
-    check_centers(state, path, saved.model.out_dim,
-                  saved.resolved_patch_out_dim if saved.method.algorithm == "ibot" else None)
+    state.check_centers(path, saved.model.out_dim,
+                        saved.resolved_patch_out_dim if saved.method.algorithm == "ibot" else None)
     differences = config_differences(saved, _with_saved_scopes(config, saved))
-    roots = state.get("data", {}).get("roots")
+    roots = state.data.get("roots")
     if roots and config.data.train_dir:  # compared as absolute paths: `data` and `$PWD/data` are the same folder
         differences = [d for d in differences if not d.startswith("train_dir:")]
         if list(absolute_roots(config.data.train_dir)) != list(roots):
@@ -127,7 +119,7 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any
         may_change = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(RESUME_MAY_CHANGE))
         raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
                           f"{may_change} may change.")
-    done, in_epoch = state["epoch"], state["step_in_epoch"]
+    done, in_epoch = state.epoch, state.step_in_epoch
     if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
         raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "
                           f"N > {done} to train longer.")

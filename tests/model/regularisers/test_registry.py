@@ -8,8 +8,9 @@ from importlib import import_module
 
 import pytest
 
+from dinopre.config.loading import build_config
 from dinopre.config.recipe import resolve
-from dinopre.config.settings import PretrainConfig, build_config
+from dinopre.config.settings import PretrainConfig
 from dinopre.model.regularisers.registry import REGULARISERS, build_regularisers
 
 ALL_ON = {"koleo_weight": 0.1, "contrast_weight": 0.5, "drloc_weight": 0.25}
