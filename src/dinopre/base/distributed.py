@@ -226,8 +226,7 @@ def session(device_type: str, env: Mapping[str, str] | None = None, *, rendezvou
                           f"{found.master_addr}:{found.master_port} ({detail}); check MASTER_ADDR and MASTER_PORT "
                           "and that every process was started.") from None
     _launch = found
-    dogs = watchdog.Watchdogs(found, silence, (os.environ if env is None else env).get("TORCHELASTIC_RESTART_COUNT",
-                                                                                       "0")).start()
+    dogs = watchdog.Watchdogs(found, silence, os.environ if env is None else env).start()
     try:
         yield found
     finally:

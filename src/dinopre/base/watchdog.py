@@ -75,16 +75,19 @@ class Watchdogs:
     Args:
         found: this process's launch (the store is at its rendezvous address).
         timeout: seconds of silence after which a peer is gone.
-        attempt: what tells apart the heartbeats of torchrun's restarts (its store outlives them).
+        env: the environment: torchrun's restart count tells apart the heartbeats of its restarts (its store
+            outlives them), and only a process that torchrun or srun started watches its parent (one started by
+            hand, from a shell that may end, must not stop with it).
     """
 
-    def __init__(self, found: Launch, timeout: float, attempt: str = "0") -> None:
+    def __init__(self, found: Launch, timeout: float, env: Mapping[str, str]) -> None:
         self.found, self.timeout = found, timeout
         self.beat = min(BEAT, timeout / 4)
-        self.prefix = f"dinopre/heartbeat/{attempt}/"
+        self.prefix = f"dinopre/heartbeat/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
         self._done = threading.Event()
         self._orphaned = threading.Event()  # the launcher is gone, and under torchrun the store with it
-        self._parent = os.getppid()
+        launched = found.launcher == "slurm" or "TORCHELASTIC_RUN_ID" in env
+        self._parent = os.getppid() if launched else 1  # 1: nothing to watch
         self._lock = threading.Lock()
         self._prefix = f"(process {found.rank}) " if found.rank > 0 else ""  # as the command prints its own errors
         self._threads = [threading.Thread(target=self._watch_parent, name="dinopre-launcher-watch", daemon=True),
@@ -104,7 +107,7 @@ class Watchdogs:
     # ============ the launcher ============
 
     def _watch_parent(self) -> None:
-        if self._parent == 1:  # started by init itself: no launcher to lose
+        if self._parent == 1:  # started by hand, or by init itself: no launcher to lose
             return
         while not self._done.wait(PARENT_POLL) and not self._launcher_gone():
             pass
