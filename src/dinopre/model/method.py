@@ -158,16 +158,17 @@ class StudentTeacher(nn.Module):
         regulariser reads them (the CLS-only path is cheaper)."""
         keys = self._drop_keys(batch, batch.global_crops)
         if not self._needs_patch_tokens:
-            return self._globals(self.student["backbone"](batch.global_crops, drop_keys=keys), None, batch)
-        features = self.student["backbone"].forward_features(batch.global_crops, drop_keys=keys)
+            return self._globals(self.student["backbone"](batch.global_crops, **keys), None, batch)
+        features = self.student["backbone"].forward_features(batch.global_crops, **keys)
         return self._globals(features.cls, features.patch_tokens, batch)
 
-    def _drop_keys(self, batch: CropBatch, crops: torch.Tensor, first_view: int = 0) -> torch.Tensor | None:
-        """The per-row drop-path keys of `crops` (views `first_view` on of the batch), or None to draw from the
-        process's generator (scope `process`, no drop path, or a batch without keys)."""
+    def _drop_keys(self, batch: CropBatch, crops: torch.Tensor, first_view: int = 0) -> dict[str, torch.Tensor]:
+        """`drop_keys` for the backbone's call on `crops` (views `first_view` on of the batch): the per-row keys,
+        or nothing, to draw from the process's generator (scope `process`, no drop path, a batch without keys),
+        which leaves the call as it always was."""
         if not self.keyed_drop_path or batch.drop_keys is None:
-            return None
-        return row_keys(batch.drop_keys, crops.shape[0] // batch.batch_size, first_view)
+            return {}
+        return {"drop_keys": row_keys(batch.drop_keys, crops.shape[0] // batch.batch_size, first_view)}
 
     def _globals(self, cls: torch.Tensor, patch_tokens: torch.Tensor | None, batch: CropBatch) -> StudentGlobals:
         return StudentGlobals(cls, patch_tokens, batch, self.student["backbone"].patch_embed.patch_size)
@@ -194,7 +195,7 @@ class StudentTeacher(nn.Module):
         if batch.local_crops is None:
             return global_cls
         keys = self._drop_keys(batch, batch.local_crops, global_cls.shape[0] // batch.batch_size)
-        return torch.cat([global_cls, self.student["backbone"](batch.local_crops, drop_keys=keys)])  # (V*B, D)
+        return torch.cat([global_cls, self.student["backbone"](batch.local_crops, **keys)])  # (V*B, D)
 
     def _cls_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: CropBatch,
                   teacher_temp: float) -> torch.Tensor:
@@ -213,7 +214,7 @@ class StudentTeacher(nn.Module):
             teacher = self.teacher["backbone"].forward_features(self._teacher_views(batch))  # unmasked views
             teacher_logits, teacher_patch_logits = self._heads(self.teacher, teacher.cls, teacher.patch_tokens)
         student = self.student["backbone"].forward_features(batch.global_crops, masks=batch.masks,
-                                                            drop_keys=self._drop_keys(batch, batch.global_crops))
+                                                            **self._drop_keys(batch, batch.global_crops))
         student_cls = self._student_cls(student.cls, batch)  # (V*B, D)
         # (M, D): only these reach the loss; gathered by index, so the host never waits for the mask count
         masked_tokens = student.patch_tokens.flatten(0, 1).index_select(0, batch.mask_index.flat)

@@ -349,7 +349,9 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, drop_keys: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) images -> (B, D) CLS embeddings."""
-        return self.forward_features(x, drop_keys=drop_keys).cls
+        # Without keys, the call `forward_features` always got (what wrappers of it, compiled or not, expect).
+        features = self.forward_features(x) if drop_keys is None else self.forward_features(x, drop_keys=drop_keys)
+        return features.cls
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
