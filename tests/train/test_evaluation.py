@@ -14,6 +14,7 @@ from PIL import Image
 from dinopre.base.errors import DataError
 from dinopre.train.evaluation import (
     Evaluator,
+    check_decoded_classes,
     collapse_message,
     collapse_verdict,
     feature_spread,
@@ -173,11 +174,12 @@ def test_a_class_whose_images_all_fail_to_decode_does_not_count(tmp_path: Path) 
         (tmp_path / "broken" / f"{i}.png").write_bytes(b"not a png")
     labelled = scan_labelled(tmp_path, 0, 0.3)
     assert labelled.classes == ("broken", "red")  # found by name: decoding comes later
-    with pytest.raises(DataError, match=r"^--eval-dir has 1 class\(es\) with train images that decode; the k-NN needs "
-                                        r"at least two \(no image of 'broken' could be decoded\)\.$"):
-        Evaluator(16, [], labelled)
+    with pytest.raises(DataError, match=r"^--eval-dir 'probe' has train images of 1 class only; the k-NN needs images "
+                                        r"of at least two classes \(none of 'broken' decodes\)\.$"):
+        check_decoded_classes(Evaluator(16, [], labelled), "probe")
     _write(tmp_path / "blue", 10, (20, 20, 220))
     evaluator = Evaluator(16, [], scan_labelled(tmp_path, 0, 0.3), k=3)  # two good classes: the broken one is left out
+    check_decoded_classes(evaluator, "probe")
     assert set(evaluator.test.labels.tolist()) == set(evaluator.train.labels.tolist()) == {0, 2}  # blue, red
     assert evaluator.knn(_MeanColour(), torch.device("cpu")) == 100.0
 

@@ -153,7 +153,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakeTracker]:
 
 
 def _step(step: int) -> StepLogged:
-    return StepLogged(0, 1, step, 10, step, 10, {"loss": 1.0})
+    return StepLogged(epoch=0, epochs=1, step_in_epoch=step, steps_per_epoch=10, global_step=step, total_steps=10,
+                      metrics={"loss": 1.0})
 
 
 def test_connecting_says_where_and_gives_up_after_its_timeout(fake: type[FakeTracker], tmp_path: Path) -> None:

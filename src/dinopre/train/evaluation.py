@@ -314,15 +314,16 @@ class Evaluator:
         self.skipped: list[tuple[str, str]] = []  # (file, reason) of probe images that could not be decoded
         self.monitor = _Decoded(decode_all(monitor, image_size, threads)[0], torch.zeros(0, dtype=torch.long))
         self.train = self.test = None
+        self.classes: tuple[str, ...] = ()
         if labelled is not None:
+            self.classes = labelled.classes
             self.train = self._decode_fold(labelled.train_files, labelled.train_labels, image_size, threads, advance)
             self.test = self._decode_fold(labelled.test_files, labelled.test_labels, image_size, threads, advance)
-            _check_decoded_classes(labelled.classes, self.train.labels)
+            if not len(self.train.labels) or not len(self.test.labels):
+                raise DataError("No image of the --eval-dir train or test fold could be decoded.")
             # A test image of a class without train images can never be classified right: it measures nothing.
             known = torch.isin(self.test.labels, self.train.labels)
             self.test = _Decoded(self.test.images[known], self.test.labels[known])
-            if not len(self.test.labels):
-                raise DataError("No image of the --eval-dir test fold could be decoded.")
 
     def _decode_fold(self, files: tuple[Path, ...], labels: tuple[int, ...], size: int, threads: int,
                      advance: Callable[[int], None] | None) -> _Decoded:
@@ -369,20 +370,22 @@ class Evaluator:
         return {"rankme": rankme(features), "feature_spread": feature_spread(features), **prototype_signals(p)}
 
 
-def _check_decoded_classes(classes: tuple[str, ...], train_labels: torch.Tensor) -> None:
+def check_decoded_classes(evaluator: Evaluator, eval_dir: str | Path) -> None:
     """Refuse a probe with fewer than two classes whose train images decode: with one, every test image gets that
-    class and the k-NN reports 100 % whatever the features (and `--best-by knn` would pick by it).
+    class and the k-NN reports 100 % whatever the features (and `--best-by knn` would pick by it). Class folders
+    are counted when found, before decoding: a class of broken files, or a train/CLASS folder that holds nothing,
+    counts only here.
 
     Raises:
-        DataError: one sentence naming the classes left without a decodable image.
+        DataError: one sentence, naming the classes without a train image that decodes.
     """
-    kept = set(train_labels.tolist())
+    assert evaluator.train is not None
+    kept = set(evaluator.train.labels.tolist())
     if len(kept) >= 2:
         return
-    lost = [name for label, name in enumerate(classes) if label not in kept]
-    raise DataError(f"--eval-dir has {len(kept)} class(es) with train images that decode; the k-NN needs at least two "
-                    f"(no image of {', '.join(repr(n) for n in lost[:5])}{' ...' if len(lost) > 5 else ''} could be "
-                    "decoded).")
+    lost = [repr(name) for label, name in enumerate(evaluator.classes) if label not in kept]
+    raise DataError(f"--eval-dir '{eval_dir}' has train images of {len(kept)} class only; the k-NN needs images of at "
+                    f"least two classes (none of {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''} decodes).")
 
 
 def monitor_indices(num_images: int, count: int, seed: int) -> list[int]:

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dinopre.base.errors import ConfigError, DataError
+from dinopre.base.errors import ConfigError
 from dinopre.base.events import Reporter, ScoringProgress
 from dinopre.config.settings import UPPER_BOUNDS
 from dinopre.files.export import load_any_backbone
 from dinopre.model.vit import VisionTransformer
-from dinopre.train.evaluation import Evaluator, LabelledFolder, scan_labelled
+from dinopre.train.evaluation import Evaluator, LabelledFolder, check_decoded_classes, scan_labelled
 from dinopre.train.runtime import resolve_device
 
 # The linear probe's L2 penalty on its weights (not the bias), added to the mean cross-entropy. It keeps the optimum
@@ -123,7 +123,7 @@ def score_backbones(paths: Sequence[str | Path], eval_dir: str | Path, *, weight
     scores: dict[int, Score] = {}
     for size, indices in _by_size(backbones).items():
         evaluator = _decode(labelled, size, k, temperature, threads, emit)
-        _check_classes(evaluator, eval_dir)
+        check_decoded_classes(evaluator, eval_dir)
         for index in indices:
             scores[index] = _score(backbones[index], evaluator, labelled, target, linear, emit)
         del evaluator  # one size's decoded images at a time
@@ -191,15 +191,6 @@ def _decode(labelled: LabelledFolder, size: int, k: int, temperature: float, thr
     total = len(labelled.train_files) + len(labelled.test_files)
     counter = _Counter(emit, f"decoding at {size} px", total)
     return Evaluator(size, [], labelled, k=k, temperature=temperature, threads=threads, advance=counter)
-
-
-def _check_classes(evaluator: Evaluator, eval_dir: str | Path) -> None:
-    """A k-NN over one class is always right: refuse it (train/CLASS folders may exist and hold no image)."""
-    assert evaluator.train is not None
-    found = len(torch.unique(evaluator.train.labels))
-    if found < 2:
-        raise DataError(f"--eval-dir '{eval_dir}' has train images of {found} class only; the k-NN needs images of "
-                        "at least two classes.")
 
 
 def _score(backbone: _Backbone, evaluator: Evaluator, labelled: LabelledFolder, device: torch.device,

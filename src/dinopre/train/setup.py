@@ -32,7 +32,7 @@ from dinopre.files.state import TrainingState
 from dinopre.model.vit import count_parameters
 from dinopre.train.build import build_run
 from dinopre.train.checkpointing import check_export_path, load_weights
-from dinopre.train.evaluation import Evaluator, monitor_indices, scan_labelled
+from dinopre.train.evaluation import Evaluator, check_decoded_classes, monitor_indices, scan_labelled
 from dinopre.train.hooks import RunHooks
 from dinopre.train.resume import continued_config, load_resume_state
 from dinopre.train.run import Run, RunRequest
@@ -118,8 +118,11 @@ def build_evaluator(config: PretrainConfig, source: ImageSource, num_workers: in
     e = config.eval
     labelled = scan_labelled(e.eval_dir, config.run.seed, e.eval_test_share) if e.eval_dir else None
     monitored = monitor_indices(len(source), e.monitor_images, config.run.seed)
-    return Evaluator(config.model.image_size, [lambda i=i: source.load(i) for i in monitored], labelled,
-                     k=e.knn_k, temperature=e.knn_temperature, threads=max(1, num_workers))
+    evaluator = Evaluator(config.model.image_size, [lambda i=i: source.load(i) for i in monitored], labelled,
+                          k=e.knn_k, temperature=e.knn_temperature, threads=max(1, num_workers))
+    if e.eval_dir:
+        check_decoded_classes(evaluator, e.eval_dir)
+    return evaluator
 
 
 def check_same_data(run: Run) -> None:
