@@ -118,7 +118,7 @@ class DINOLoss(_CenteredLoss):
         student_logp = student_logp.unflatten(0, (num_student_views, -1))  # (V, B, K)
         teacher_p = self.teacher_targets(teacher_logits, teacher_temp).unflatten(0, (num_global, -1))  # (G, B, K)
         # Sum over every (q, v) pair = <sum_q t_q, sum_v s_v> - sum_q <t_q, s_q>: one pass over (B, K) per view
-        # instead of one per pair (18 for 2 + 8 crops); equal to dino's double loop (tests/test_losses.py).
+        # instead of one per pair (18 for 2 + 8 crops); equal to dino's double loop (tests/model/test_losses.py).
         all_pairs = (teacher_p.sum(0) * student_logp.sum(0)).sum(-1)  # (B,)
         same_view = (teacher_p * student_logp[:num_global]).sum(-1).sum(0)  # (B,)
         num_pairs = num_global * num_student_views - num_global

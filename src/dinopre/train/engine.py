@@ -55,7 +55,7 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
         reporter: receives progress events.
         overwrite: start over in an output folder that already holds a run.
         resume_from: a training checkpoint to continue; `config` may differ from its configuration only in
-            `config.RESUME_MAY_CHANGE`.
+            `config.validation.RESUME_MAY_CHANGE`.
         inputs: files the command read (its config file), which the run must never write over.
         hooks: called at the start of the run and at the end of each epoch, on the main process (the command
             line passes the run's pictures: `dinopre.viz.run_pictures`); none by default.
