@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from processes import finish
 
 from dinopre.base.distributed import detect, first_host
 from dinopre.base.errors import ConfigError
@@ -71,21 +72,8 @@ def _start(args: list[str], world: int, launcher: str = "env") -> list[subproces
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
 
 
-def _finish(processes: list[subprocess.Popen]) -> list[tuple[int, str]]:
-    """Wait for every process; (exit code, stderr) per rank."""
-    results = []
-    try:
-        for p in processes:
-            _, err = p.communicate(timeout=LIMIT)
-            results.append((p.returncode, err))
-    finally:
-        for p in processes:
-            p.kill()
-    return results
-
-
 def _train(out: Path, world: int, *extra: str, launcher: str = "env") -> list[tuple[int, str]]:
-    return _finish(_start(["train", "face", *TINY, "--output-dir", str(out), *extra], world, launcher))
+    return finish(_start(["train", "face", *TINY, "--output-dir", str(out), *extra], world, launcher))
 
 
 def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -262,7 +250,7 @@ with distributed.session("cpu"):
     port = _free_port()
     processes = [subprocess.Popen([sys.executable, str(script)], env=_rank_env(rank, 2, port, "env"),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    _assert_ok(_finish(processes))
+    _assert_ok(finish(processes))
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for part in ("teacher", "loss"):  # bit for bit, with drop path drawn differently on each process
         assert all(torch.equal(first[part][k], second[part][k]) for k in first[part]), part
@@ -299,7 +287,7 @@ def stopped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     processes = _start(["train", "face", *TINY, "--output-dir", str(out), "--checkpoint-every", "8"], 2)
     _wait_for_step(out, 11, processes)
     processes[1].send_signal(signal.SIGTERM)
-    results = _finish(processes)
+    results = finish(processes)
     assert [code for code, _ in results] == [143, 143], results
     assert "Continue with: dinopre resume" in results[0][1] and results[1][1].strip() == ""
     state = _state(out)
@@ -311,7 +299,7 @@ def test_a_signal_to_one_process_stops_all_and_resume_is_bit_for_bit(straight: P
                                                                      tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(stopped, run)
-    _assert_ok(_finish(_start(["resume", str(run), "--quiet"], 2)))
+    _assert_ok(finish(_start(["resume", str(run), "--quiet"], 2)))
     a, b = _state(straight), _state(run)
     for part in ("student", "teacher"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
@@ -337,10 +325,10 @@ def test_kill_9_of_one_process_leaves_a_checkpoint_that_resumes(straight: Path, 
     processes = _start(["train", "face", *TINY, "--output-dir", str(out), "--checkpoint-every", "8"], 2)
     _wait_for_step(out, 19, processes)
     processes[1].kill()
-    results = _finish(processes)
+    results = finish(processes)
     assert results[1][0] == -signal.SIGKILL and results[0][0] != 0  # the survivor does not hang
     assert _state(out)["global_step"] in (16, 24)  # the last complete checkpoint, loadable
-    _assert_ok(_finish(_start(["resume", str(out), "--quiet"], 2)))
+    _assert_ok(finish(_start(["resume", str(out), "--quiet"], 2)))
     a, b = _state(straight), _state(out)
     for part in ("student", "teacher"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
@@ -382,7 +370,7 @@ with distributed.session("cpu"):
     port = _free_port()
     processes = [subprocess.Popen([sys.executable, str(script)], env=_rank_env(rank, 2, port, "env"),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    _assert_ok(_finish(processes))
+    _assert_ok(finish(processes))
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.allclose(result["got"], result["expected"], rtol=1e-5), (rank, result["got"], result["expected"])
@@ -407,7 +395,7 @@ def test_the_default_recipe_trains_the_same_run_on_one_and_two_processes(tmp_pat
     config = tmp_path / "smaller.toml"
     config.write_text("demo_images = 384\n")  # 24 steps per epoch of 16, 2 epochs
     args = ["train", "face", "--demo", "--quiet", *DEFAULT_RECIPE, "--log-interval", "8", "--config", str(config)]
-    _assert_ok(_finish(_start([*args, "--output-dir", str(tmp_path / "two")], 2)))
+    _assert_ok(finish(_start([*args, "--output-dir", str(tmp_path / "two")], 2)))
     one = subprocess.run([sys.executable, "-m", "dinopre", *args, "--output-dir", str(tmp_path / "one")],
                          env=_clean_env(), capture_output=True, text=True, timeout=LIMIT)
     assert one.returncode == 0, one.stderr[-2000:]

@@ -12,13 +12,13 @@ again polled from Python: Python regains control at least once a second, so `sig
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from dinopre.base.environment import seconds_from_env
 from dinopre.base.errors import ConfigError, Interrupted
 
 if TYPE_CHECKING:
@@ -45,17 +45,7 @@ def rendezvous_timeout(option: float | None, env: Mapping[str, str] | None = Non
     """
     if option is not None:
         return option
-    value = (os.environ if env is None else env).get(TIMEOUT_ENV, "").strip()
-    if not value:
-        return DEFAULT_TIMEOUT
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ConfigError(f"{TIMEOUT_ENV}={value!r} is not a positive number of seconds; unset it to wait the default "
-                          f"{DEFAULT_TIMEOUT:g} s.")
-    return seconds
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT, env, if_unset="wait the default")
 
 
 def join(found: Launch, timeout: float, notify: Callable[[str], None] | None = None,

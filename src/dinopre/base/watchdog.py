@@ -18,7 +18,6 @@ Two daemon threads run while a process belongs to a process group (`distributed.
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import signal
 import socket
@@ -27,7 +26,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from dinopre.base.errors import ConfigError
+from dinopre.base.environment import seconds_from_env
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -51,17 +50,7 @@ def peer_timeout(env: Mapping[str, str] | None = None) -> float:
     Raises:
         ConfigError: the variable is not a positive number of seconds.
     """
-    value = (os.environ if env is None else env).get(PEER_TIMEOUT_ENV, "").strip()
-    if not value:
-        return DEFAULT_PEER_TIMEOUT
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ConfigError(f"{PEER_TIMEOUT_ENV}={value!r} is not a positive number of seconds; unset it to use "
-                          f"{DEFAULT_PEER_TIMEOUT:g} s.")
-    return seconds
+    return seconds_from_env(PEER_TIMEOUT_ENV, DEFAULT_PEER_TIMEOUT, env)
 
 
 def neighbours(rank: int, world_size: int) -> list[int]:

@@ -16,7 +16,6 @@ with one warning while metrics.jsonl stays complete.
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import secrets
@@ -26,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from dinopre.base.environment import seconds_from_env
 from dinopre.base.errors import ConfigError
 from dinopre.base.events import EpochEnded, Notice, StepLogged
 
@@ -302,17 +302,7 @@ def tracker_timeout(env: Mapping[str, str] | None = None) -> float:
     Raises:
         ConfigError: the variable is not a positive number of seconds.
     """
-    value = (os.environ if env is None else env).get(TIMEOUT_ENV, "").strip()
-    if not value:
-        return DEFAULT_TIMEOUT
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ConfigError(f"{TIMEOUT_ENV}={value!r} is not a positive number of seconds; unset it to wait "
-                          f"{DEFAULT_TIMEOUT:g} s.")
-    return seconds
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT, env, if_unset="wait")
 
 
 class _Guarded:
