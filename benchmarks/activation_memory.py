@@ -13,26 +13,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-_SRC = Path(__file__).resolve().parent.parent / "src"
-try:
-    import dinopre  # noqa: F401
-except ModuleNotFoundError:
-    sys.path.insert(0, str(_SRC))
+import _checkout  # noqa: F401  (first: puts the checkout's src/ on sys.path when dinopre is not installed)
+import numpy as np
+import torch
+from bench import WORKLOADS
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from dinopre.config.recipe import resolve  # noqa: E402
-from dinopre.config.settings import build_config  # noqa: E402
-from dinopre.data.dataset import CropBatch  # noqa: E402
-from dinopre.data.masking import MaskSampler  # noqa: E402
-from dinopre.model import vit  # noqa: E402
-from dinopre.model.method import build_method  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import WORKLOADS  # noqa: E402
+from dinopre.config.loading import build_config
+from dinopre.config.recipe import resolve
+from dinopre.data.dataset import CropBatch
+from dinopre.data.masking import MaskSampler
+from dinopre.model import vit
+from dinopre.model.method import build_method
 
 
 def saved_bytes(workload: str, batch: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Throughput harness for dinopre: the workloads of design.md section 5 on synthetic JPEG folders.
+"""Throughput harness for dinopre: three fixed workloads (W1, W2, C1, below) on synthetic JPEG folders.
 
     python benchmarks/bench.py W1 --steps 50 --warmup 10 --json w1.json
     python benchmarks/bench.py C1 --device cpu
@@ -10,7 +10,7 @@ Workloads (same data and settings for every system compared):
 - W2: ViT-S/16, iBOT, 2 x 224 + 8 x 96, shared head K = 8192, half the views masked at ratio 0.1-0.5.
 - C1: CPU, ViT embed 192, depth 6, heads 3, patch 16, 112 px globals, 4 x 48 px locals, batch 32.
 
-It runs the real training step (`dinopre.train.engine.train_step`) on the real data pipeline (JPEG decoding and
+It runs the real training step (`dinopre.train.step.train_step`) on the real data pipeline (JPEG decoding and
 augmentation in DataLoader workers), `--warmup` steps first, then measures:
 - end to end: images/s over `--steps` steps and the share of that time spent waiting for data;
 - a breakdown over `--breakdown-steps` further steps, synchronising the device at each phase boundary: data
@@ -42,22 +42,18 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-_SRC = Path(__file__).resolve().parent.parent / "src"
-try:
-    import dinopre  # noqa: F401
-except ModuleNotFoundError:
-    sys.path.insert(0, str(_SRC))
+import _checkout  # noqa: F401  (first: puts the checkout's src/ on sys.path when dinopre is not installed)
+import torch
 
-import torch  # noqa: E402
-
-from dinopre.base import distributed  # noqa: E402
-from dinopre.config.settings import PretrainConfig, build_config  # noqa: E402
-from dinopre.data.dataset import EpochBatchSampler, ImageSource, RawBatch  # noqa: E402
-from dinopre.data.demo import write_synthetic_folder  # noqa: E402
-from dinopre.data.pipeline import augments_on_device, build_data_loader  # noqa: E402
-from dinopre.train.build import RunParts, build_run  # noqa: E402
-from dinopre.train.engine import train_step  # noqa: E402
-from dinopre.train.runtime import Runtime, device_type, share_cpus  # noqa: E402
+from dinopre.base import distributed
+from dinopre.config.loading import build_config
+from dinopre.config.settings import PretrainConfig
+from dinopre.data.dataset import EpochBatchSampler, ImageSource, RawBatch
+from dinopre.data.demo import write_synthetic_folder
+from dinopre.data.pipeline import augments_on_device, build_data_loader
+from dinopre.train.build import RunParts, build_run
+from dinopre.train.runtime import Runtime, device_type, share_cpus
+from dinopre.train.step import train_step
 
 # The reference recipe: the official code's head (2048-wide MLP) and drop path, whatever the auto recipe derives.
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -305,7 +301,7 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("workload", choices=sorted(WORKLOADS), help="which workload of design.md section 5")
+    parser.add_argument("workload", choices=sorted(WORKLOADS), help="W1 / W2: ViT-S/16 DINO / iBOT; C1: small ViT, CPU")
     parser.add_argument("--steps", type=int, default=30, help="measured steps (end to end)")
     parser.add_argument("--warmup", type=int, default=5, help="steps before measuring")
     parser.add_argument("--breakdown-steps", type=int, default=5, help="extra steps timed phase by phase")

@@ -163,7 +163,7 @@ def workers(folder: str, steps: int, batch: int, num_workers: int) -> dict[str, 
     dataset, sampler, loader and worker lifetime, with a collate function that also reports the worker's USS."""
     import torch
 
-    from dinopre.config.settings import build_config
+    from dinopre.config.loading import build_config
     from dinopre.data.dataset import EpochBatchSampler, build_loader
     from dinopre.data.pipeline import build_dataset, build_source, worker_processes
 
@@ -197,7 +197,7 @@ def throughput(folder: str, shards: str, images: int, repeats: int) -> dict[str,
     """Images per CPU-second from a folder and from shards of the same images."""
     import torch
 
-    from dinopre.config.settings import build_config
+    from dinopre.config.loading import build_config
     from dinopre.data.dataset import collate_crops
     from dinopre.data.pipeline import build_dataset, build_source
 

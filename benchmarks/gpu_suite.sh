@@ -11,7 +11,7 @@ results="${RESULTS:-${OUT:-benchmarks/results}}"
 mkdir -p "$results"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
-python3 -m pytest -q -p no:cacheprovider tests/test_batch_augment.py tests/test_method.py tests/test_engine.py \
+python3 -m pytest -q -p no:cacheprovider tests/data/test_batch_augment.py tests/model/test_method.py tests/train/test_engine.py \
     -k "gpu or cuda or compiled or resume" 2>&1 | tee "$results/gpu_tests.log"
 workers=$(( $(nproc) - 1 ))
 python3 benchmarks/bench.py W1 --data-only --steps 20 --warmup 3 --images 4096 --set num_workers="$workers" \

@@ -32,19 +32,11 @@ import sys
 import time
 from pathlib import Path
 
+import _checkout  # first: puts the checkout's src/ on sys.path when dinopre is not installed
 import numpy as np
-
-_ROOT = Path(__file__).resolve().parent.parent
-_SRC = _ROOT / "src"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:
-    import dinopre  # noqa: F401
-except ModuleNotFoundError:
-    sys.path.insert(0, str(_SRC))
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from probes import FAMILIES, write_family  # noqa: E402
+import torch
+from PIL import Image
+from probes import FAMILIES, write_family
 
 # The command of the recipe issue: the original tool's flags, face preset defaults for everything else.
 BASE_FLAGS = ("--epochs 10 --batch-size 64 --image-size 64 --patch-size 8 --vit-embed-dim 128 --vit-depth 4 "
@@ -117,8 +109,8 @@ def _flag_value(flags: list[str], name: str, default: str) -> str:
 def random_backbone(flags: list[str]) -> torch.nn.Module:
     """The untrained backbone of this shape, drawn as a plain ViT is (the reference recipe: no constraint on the
     patch filters, which `auto` would apply at the start)."""
+    from dinopre.config.loading import build_config
     from dinopre.config.recipe import resolve
-    from dinopre.config.settings import build_config
     from dinopre.model.method import build_method
 
     settings = {"train_dir": ["unused"], "image_size": int(_flag_value(flags, "--image-size", "64")),
@@ -163,7 +155,7 @@ def pretrain(family_dir: Path, flags: list[str], work: Path) -> tuple[Path, floa
     command = [sys.executable, "-m", "dinopre", "train", "face", "--train-dir", str(family_dir / "pretrain"),
                "--output-dir", str(work), "--export-backbone", str(export), "--overwrite", "--quiet",
                "--eval-dir", str(family_dir / "eval"), *flags]
-    env = {**os.environ, "PYTHONPATH": f"{_SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{_checkout.SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start

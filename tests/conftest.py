@@ -1,9 +1,10 @@
-"""Shared fixtures: an isolated terminal, tiny configurations and folders of synthetic images."""
+"""Shared fixtures: an isolated terminal, tiny configurations, folders of synthetic images, one-thread torch."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,17 @@ def face_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_synthetic_folder(root / "signer_a", "face", 24, size=48)
     write_synthetic_folder(root / "signer_b", "face", 24, size=48, start=24, image_format="png")
     return root
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids OpenMP wake-up latency on a loaded 2-core machine (restored after).
+
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("single_thread")`.
+    """
+    import torch  # here, not at the top: conftest is imported by every test, torch-free ones included
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,4 +1,4 @@
-"""The translation pipeline's ViT as design.md section 2 describes it (`nn.MultiheadAttention` blocks), for tests
+"""The translation pipeline's ViT (pre-norm `nn.MultiheadAttention` blocks, LayerNorm eps 1e-5), for tests
 that load exports the way the pipeline does."""
 
 from __future__ import annotations

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.model.heads import DINOHead
 from dinopre.model.vit import VisionTransformer
 
 _BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+sys.path.insert(0, str(_BENCH.parent))  # bench.py imports its sibling _checkout.py
 _spec = importlib.util.spec_from_file_location("bench", _BENCH)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)

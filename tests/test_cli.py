@@ -21,8 +21,8 @@ def invoke(*args: str):
 def test_help_lists_every_command_and_advises() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("train", "resume", "export", "inspect-checkpoint", "verify-backbone", "attention", "preview",
-                    "plot"):
+    for command in ("train", "resume", "export", "inspect-checkpoint", "verify-backbone", "eval", "attention",
+                    "preview", "plot"):
         assert command in result.output
     train_help = invoke("train", "--help").output
     assert "--train-dir" in train_help and "--global-crop-scale" in train_help
@@ -89,7 +89,7 @@ def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     monkeypatch.setattr("dinopre.train.engine.fit",
-                        lambda config, reporter, overwrite=False, resume_from=None, inputs=():
+                        lambda config, reporter, overwrite=False, resume_from=None, inputs=(), hooks=():
                         seen.setdefault("c", config))
     config_file = tmp_path / "c.toml"
     config_file.write_text("epochs = 9\nbatch_size = 12\n[data]\nnum_local_crops = 3\n")
@@ -179,7 +179,7 @@ def test_an_existing_run_is_refused_with_what_to_do(tmp_path: Path) -> None:
 def test_ibot_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     monkeypatch.setattr("dinopre.train.engine.fit",
-                        lambda config, reporter, overwrite=False, resume_from=None, inputs=():
+                        lambda config, reporter, overwrite=False, resume_from=None, inputs=(), hooks=():
                         seen.setdefault("c", config))
     result = invoke("train", "face", "--train-dir", "d", "--algorithm", "ibot", "--no-shared-head",
                     "--patch-out-dim", "4096", "--patch-mask-ratio", "0.2", "0.4", "--mask-probability", "0.7",
@@ -231,7 +231,7 @@ def test_train_options_settings_and_the_readme_agree() -> None:
 
 
 def test_resume_options_are_exactly_the_settings_a_resume_may_change() -> None:
-    from dinopre.config.settings import RESUME_MAY_CHANGE
+    from dinopre.config.validation import RESUME_MAY_CHANGE
 
     options = _options("resume") - {"target", "quiet"}
     paths = {"output_dir", "export_backbone", "stream"}  # fixed by the run directory being resumed
@@ -269,7 +269,7 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
               "teacher_patch_temp": "0.06", "eval_dir": "probe", "eval_every": "2", "best_by": "loss",
               "output_dir": "out", "export_backbone": "bb.pt", "checkpoint_every": "5", "stream": "hand_left",
               "compile": None, "seed": "7", "device": "cpu", "precision": "fp32", "log_interval": "3",
-              "logger": ["tensorboard"]}
+              "logger": ["tensorboard"], "rendezvous_timeout": "60"}
     settings = _options("train") - TRAIN_ONLY
     assert settings == set(values), settings ^ set(values)  # a new option needs a value here
     args = ["train", "hands"]
@@ -291,6 +291,6 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
 
 
 def build_default(preset: str):
-    from dinopre.config.settings import build_config
+    from dinopre.config.loading import build_config
 
     return build_config(preset, cli_settings={"train_dir": ["elsewhere"]})

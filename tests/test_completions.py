@@ -83,6 +83,17 @@ def test_zsh_and_fish_protocols_offer_subcommands() -> None:
     assert set(SUBCOMMANDS) <= fish
 
 
+def test_every_protocol_offers_eval_and_its_options() -> None:
+    """`eval` is a subcommand too. It is not in SUBCOMMANDS because the zsh shim calls the shell's own `eval`, so
+    the shims' no-command-names check cannot include that word."""
+    assert "eval" in _complete("bash", ["dinopre", ""])
+    assert '"eval"' in "\n".join(_complete("zsh", ["dinopre", ""]))
+    fish = {line.split("\t")[0] for line in _complete("fish", ["dinopre", ""], _TYPER_COMPLETE_FISH_ACTION="get-args")}
+    assert "eval" in fish
+    assert {"--eval-dir", "--linear"} <= set(_complete("bash", ["dinopre", "eval", "--"]))
+    assert {"teacher", "student"} <= set(_complete("bash", ["dinopre", "eval", "bb.pt", "--weights", ""]))
+
+
 def test_bash_script_completes_end_to_end() -> None:
     """Sourcing completions/dinopre.bash in real bash and running its function fills COMPREPLY via `dinopre`."""
     bash = shutil.which("bash")

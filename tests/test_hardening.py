@@ -21,9 +21,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dinopre.base.errors import ConfigError, RunDirError
+from dinopre.base.events import NullReporter
 from dinopre.cli import app
-from dinopre.config.settings import build_config
-from dinopre.progress import NullReporter
+from dinopre.config.loading import build_config
 from dinopre.train.engine import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +47,8 @@ def test_an_unexpected_error_with_live_workers_ends_the_process(face_folder: Pat
     now the workers are killed and the error comes out."""
     code = f"""
         import dinopre.train.engine as engine
-        from dinopre.config.settings import build_config
-        from dinopre.progress import NullReporter
+        from dinopre.config.loading import build_config
+        from dinopre.base.events import NullReporter
 
         calls = {{"n": 0}}
         original = engine.train_step
@@ -295,7 +295,7 @@ def test_train_resume_takes_a_folder_given_as_an_absolute_path(face_folder: Path
 
 def test_a_runs_params_json_is_a_config_file(finished_run: Path, tmp_path: Path) -> None:
     """The README says a past run's settings can be reused: `--config RUN/params.json`."""
-    from dinopre.config.settings import read_config_file
+    from dinopre.config.loading import read_config_file
 
     settings = read_config_file(finished_run / "params.json")
     assert settings["vit_embed_dim"] == TINY["vit_embed_dim"] and settings["preset"] == "face"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.train.engine import fit
 
 OLD_CHECKPOINT = Path(__file__).parent / "fixtures" / "checkpoint_v1_ibot_step4.pt"

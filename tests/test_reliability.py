@@ -1,5 +1,6 @@
-"""Faults injected into real runs (design.md section 6): broken data, signals, kill -9 at random moments, a full
-disk, unwritable folders, hostile or damaged checkpoints, risky settings, and bad invocations of every command.
+"""Faults injected into real runs (README "Data, interruptions and failures"): broken data, signals, kill -9 at
+random moments, a full disk, unwritable folders, hostile or damaged checkpoints, risky settings, and bad invocations
+of every command.
 
 Runs use tiny models (conftest `TINY`) through `engine.fit`, the Typer app in-process, or the installed `dinopre`
 console script in a subprocess of its own process group where a real process and real signals are needed.
@@ -25,14 +26,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY
+from helpers import Recorder, face_config
 from PIL import Image
 from typer.testing import CliRunner
 
 from dinopre.base.errors import DataError, RunDirError
 from dinopre.base.events import RunFinished
 from dinopre.cli import app
+from dinopre.config.loading import build_config
 from dinopre.config.recipe import resolve
-from dinopre.config.settings import PretrainConfig, advisories, build_config
+from dinopre.config.validation import advisories
 from dinopre.data.dataset import MAX_FALLBACKS
 from dinopre.files.checkpoint import KIND_TRAINING
 from dinopre.train.engine import fit
@@ -48,20 +51,6 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "scan-cache"
     monkeypatch.setenv("DINOPRE_CACHE_DIR", str(folder))
     return folder
-
-
-class Recorder:
-    """A reporter that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[object] = []
-
-    def emit(self, event: object) -> None:
-        self.events.append(event)
-
-
-def _config(folder: Path, out: Path, **extra: Any) -> PretrainConfig:
-    return build_config("face", cli_settings={**TINY, "train_dir": [str(folder)], "output_dir": str(out), **extra})
 
 
 def invoke(*args: str | Path) -> Any:
@@ -197,7 +186,7 @@ def test_a_folder_with_broken_and_odd_files_trains_and_lists_exactly_the_broken_
     for name, workers in (("a", 0), ("b", 1)):
         out = tmp_path / name
         recorder = Recorder()
-        result = fit(_config(mixed_folder["root"], out, num_workers=workers), recorder)
+        result = fit(face_config(TINY, mixed_folder["root"], output_dir=str(out), num_workers=workers), recorder)
         assert len(result.epoch_losses) == 2 and all(np.isfinite(result.epoch_losses))
         runs[name] = (recorder, _load(out / "checkpoint_last.pt"), json.loads((out / "bad_files.json").read_text()))
 
@@ -221,7 +210,7 @@ def test_a_folder_with_broken_and_odd_files_trains_and_lists_exactly_the_broken_
 def test_strict_data_stops_at_a_broken_file_and_names_it(mixed_folder: dict[str, Any], tmp_path: Path) -> None:
     """With strict_data the run raises DataError naming one of the broken files and what to do."""
     with pytest.raises(DataError) as info:
-        fit(_config(mixed_folder["root"], tmp_path / "run", strict_data=True), Recorder())
+        fit(face_config(TINY, mixed_folder["root"], output_dir=str(tmp_path / "run"), strict_data=True), Recorder())
     message = str(info.value)
     assert any(f"'{p}' cannot be used (" in message for p in mixed_folder["broken"]), message
     assert "drop --strict-data" in message
@@ -246,7 +235,7 @@ def test_a_folder_of_only_broken_files_is_a_clear_error_not_a_hang(tmp_path: Pat
     for i in range(MAX_FALLBACKS + 20):
         (folder / f"img_{i:03d}.jpg").write_bytes(b"" if i % 2 else b"\xff\xd8 not really")
     with pytest.raises(DataError, match="the training folder looks broken"):
-        fit(_config(folder, tmp_path / "run"), Recorder())
+        fit(face_config(TINY, folder, output_dir=str(tmp_path / "run")), Recorder())
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
 
 
@@ -258,7 +247,7 @@ def test_a_small_folder_of_only_broken_files_is_also_an_error(tmp_path: Path) ->
     for i in range(8):
         (folder / f"img_{i}.png").write_bytes(b"")
     with pytest.raises(DataError, match="the training folder looks broken") as info:
-        fit(_config(folder, tmp_path / "run"), Recorder())
+        fit(face_config(TINY, folder, output_dir=str(tmp_path / "run")), Recorder())
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
     assert "100 files" not in str(info.value), str(info.value)
 
@@ -275,7 +264,7 @@ def test_one_corrupted_subfolder_does_not_kill_a_mostly_good_run(tmp_path: Path,
     (folder / "copy_failed").mkdir()
     for i in range(104):
         (folder / "copy_failed" / f"crop_{i:03d}.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(20))
-    result = fit(_config(folder, tmp_path / "run", epochs=1), Recorder())
+    result = fit(face_config(TINY, folder, output_dir=str(tmp_path / "run"), epochs=1), Recorder())
     assert len(result.epoch_losses) == 1
     assert len(json.loads((tmp_path / "run" / "bad_files.json").read_text())) == 104
 
@@ -469,7 +458,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(
     monkeypatch.setattr(dinopre.files.checkpoint.torch, "save", save_until_the_disk_fills)
     run = tmp_path / "run"
     with pytest.raises(RunDirError) as info:
-        fit(_config(face_folder, run), Recorder())
+        fit(face_config(TINY, face_folder, output_dir=str(run)), Recorder())
     message = str(info.value)
     # epoch 2 writes checkpoint_best.pt first when it is the best so far, else checkpoint_last.pt
     assert any(f"'{run / name}'" in message for name in ("checkpoint_last.pt", "checkpoint_best.pt")), message
@@ -481,7 +470,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(
     assert _tmp_files(run) == []
 
     monkeypatch.setattr(dinopre.files.checkpoint.torch, "save", real_save)  # space was freed
-    fit(_config(face_folder, run), Recorder(), resume_from=run)
+    fit(face_config(TINY, face_folder, output_dir=str(run)), Recorder(), resume_from=run)
     assert _load(run / "checkpoint_last.pt")["epoch"] == 2
 
 
@@ -528,7 +517,7 @@ def test_disk_full_while_logging_is_a_run_dir_error(face_folder: Path, tmp_path:
     _fill_disk_on_metrics_append(monkeypatch, failing_call=5)  # epoch 1 logs steps 2, 4, 6 and its epoch record
     run = tmp_path / "run"
     with pytest.raises(RunDirError, match=r"metrics\.jsonl.*the disk is full"):
-        fit(_config(face_folder, run), Recorder())
+        fit(face_config(TINY, face_folder, output_dir=str(run)), Recorder())
     assert _load(run / "checkpoint_last.pt")["epoch"] == 1
 
 
@@ -538,10 +527,10 @@ def test_resume_after_a_torn_metrics_line(face_folder: Path, tmp_path: Path, mon
     _fill_disk_on_metrics_append(monkeypatch, failing_call=5)
     run = tmp_path / "run"
     with pytest.raises(RunDirError):
-        fit(_config(face_folder, run), Recorder())
+        fit(face_config(TINY, face_folder, output_dir=str(run)), Recorder())
     monkeypatch.undo()
     monkeypatch.setenv("DINOPRE_CACHE_DIR", str(tmp_path / "scan-cache"))
-    fit(_config(face_folder, run), Recorder(), resume_from=run)
+    fit(face_config(TINY, face_folder, output_dir=str(run)), Recorder(), resume_from=run)
     assert _load(run / "checkpoint_last.pt")["epoch"] == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2]
@@ -552,11 +541,11 @@ def test_leftover_temporary_files_of_a_killed_write_are_ignored_and_removed(face
     """Half-written `.checkpoint_last.pt.tmp-PID` / `.metrics.jsonl.tmp-PID` files (a kill -9 mid-write) neither
     break a resume nor pile up: the resumed run removes them."""
     run = tmp_path / "run"
-    fit(_config(face_folder, run, epochs=1), Recorder())
+    fit(face_config(TINY, face_folder, output_dir=str(run), epochs=1), Recorder())
     (run / ".checkpoint_last.pt.tmp-99999").write_bytes((run / "checkpoint_last.pt").read_bytes()[:2000])
     (run / ".checkpoint_best.pt.tmp-99999").write_bytes(b"")
     (run / ".metrics.jsonl.tmp-99999").write_text('{"type": "st')
-    fit(_config(face_folder, run, epochs=2), Recorder(), resume_from=run)
+    fit(face_config(TINY, face_folder, output_dir=str(run), epochs=2), Recorder(), resume_from=run)
     assert _load(run / "checkpoint_last.pt")["epoch"] == 2
     assert _tmp_files(run) == []
 
@@ -570,7 +559,7 @@ def test_an_unwritable_output_folder_is_refused_before_training(face_folder: Pat
         if os.access(parent, os.W_OK):
             pytest.skip("running as a user (root) whom chmod 500 does not stop from writing")
         with pytest.raises(RunDirError, match="Cannot write to output folder"):
-            fit(_config(face_folder, parent / "run"), Recorder())
+            fit(face_config(TINY, face_folder, output_dir=str(parent / "run")), Recorder())
         result = invoke("train", "face", "--demo", "-q", "--output-dir", parent / "run")
         assert result.exit_code == 2 and "Cannot write to output folder" in _one_error_line(result.output)
     finally:
@@ -583,7 +572,7 @@ def test_an_output_folder_under_a_file_is_refused_before_training(face_folder: P
     blocker.write_text("x")
     recorder = Recorder()
     with pytest.raises(RunDirError) as info:
-        fit(_config(face_folder, blocker / "run"), recorder)
+        fit(face_config(TINY, face_folder, output_dir=str(blocker / "run")), recorder)
     assert str(info.value) == (f"Cannot write to output folder '{blocker / 'run'}': Not a directory; choose another "
                                "--output-dir.")
     assert not any(type(e).__name__ == "StepLogged" for e in recorder.events)  # refused before any step
@@ -626,7 +615,7 @@ def trained_run(face_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     root = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DINOPRE_CACHE_DIR", str(root / "scan-cache"))
-        fit(_config(face_folder, root / "run", epochs=1), Recorder())
+        fit(face_config(TINY, face_folder, output_dir=str(root / "run"), epochs=1), Recorder())
     backbone, *_ = export_checkpoint(root / "run" / "checkpoint_last.pt", root / "backbone.pt")
     return {"run": root / "run", "checkpoint": root / "run" / "checkpoint_last.pt", "backbone": backbone}
 

@@ -20,10 +20,13 @@ from typing import Any
 
 import pytest
 
-from dinopre.config.settings import FIELD_SECTION, PRESETS, build_config
+from dinopre.config.loading import build_config
+from dinopre.config.presets import PRESETS
+from dinopre.config.settings import FIELD_SECTION
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
+sys.path.insert(0, str(TOOLS))  # the tools import their sibling _checkout.py
 FACE_SCRIPT = "tools/pretrain_dino_face.py"
 HANDS_SCRIPT = "tools/pretrain_dino_hands.py"
 

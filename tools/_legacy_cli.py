@@ -2,8 +2,8 @@
 
 The original tool shipped two argparse scripts with the same flags. They are kept so that existing commands and
 job files still work, but they are thin shims: this module parses exactly the original flags (plus `--overwrite`
-and `--quiet`), maps them onto `dinopre train` settings and calls `dinopre.cli.train_with_settings`, the same
-core the `dinopre` command uses. There is no second training loop here.
+and `--quiet`), maps them onto `dinopre train` settings and calls `dinopre.cli.training.train_with_settings`, the
+same core the `dinopre` command uses. There is no second training loop here.
 
 `tools/` is not a package: the scripts put their own folder on `sys.path` and `import _legacy_cli`.
 """
@@ -12,35 +12,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
-_SRC_DIR = Path(__file__).resolve().parent.parent / "src"
-
-
-def _ensure_dinopre_importable() -> None:
-    """Make `import dinopre` work from a plain checkout (no `pip install`, no PYTHONPATH).
-
-    Raises:
-        ModuleNotFoundError: a dependency of dinopre (torch, typer, ...) is missing; adding `src/` cannot help.
-    """
-    try:
-        import dinopre  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name != "dinopre":
-            raise
-        # The scripts promise to run as `python tools/pretrain_dino_face.py` from a fresh clone, so fall back to
-        # the package that sits next to this folder.
-        sys.path.insert(0, str(_SRC_DIR))
-
-
-_ensure_dinopre_importable()
+# The scripts promise to run as `python tools/pretrain_dino_face.py` from a fresh clone: _checkout falls back to
+# the package next to this folder.
+import _checkout  # noqa: F401  (first: puts the checkout's src/ on sys.path when dinopre is not installed)
 
 # Both imports are cheap (no torch): `--help` and malformed flags answer at once; torch loads only to train.
-from dinopre.cli import train_with_settings  # noqa: E402
-from dinopre.config.settings import FIELD_SECTION, PRESETS, RECIPE_SETTINGS, SECTIONS, reference_value  # noqa: E402
+from dinopre.cli.training import train_with_settings
+from dinopre.config.presets import PRESETS, reference_value
+from dinopre.config.settings import FIELD_SECTION, RECIPE_SETTINGS, SECTIONS
 
 
 def preset_default(preset: str, name: str) -> Any:

@@ -18,25 +18,17 @@ Usage from old code (tools/ is not a package)::
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-_SRC_DIR = Path(__file__).resolve().parent.parent / "src"
+# Old code imports this file from a plain checkout (tools/ on its sys.path): _checkout falls back to the package
+# next to tools/.
+import _checkout  # noqa: F401  (first: puts the checkout's src/ on sys.path when dinopre is not installed)
+import numpy as np
+import torch
 
-try:
-    import dinopre  # noqa: F401
-except ModuleNotFoundError as _exc:
-    if _exc.name != "dinopre":
-        raise
-    # Old code imports this file from a plain checkout: fall back to the package next to tools/.
-    sys.path.insert(0, str(_SRC_DIR))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from dinopre.data.augment import MultiCropAugmentation  # noqa: E402
-from dinopre.data.dataset import (  # noqa: E402
+from dinopre.data.augment import MultiCropAugmentation
+from dinopre.data.dataset import (
     SUPPORTED_EXTENSIONS,
     CropBatch,
     EpochBatchSampler,
@@ -46,7 +38,7 @@ from dinopre.data.dataset import (  # noqa: E402
     check_dataset_size,
     scan_image_files,
 )
-from dinopre.data.masking import MaskSampler  # noqa: E402
+from dinopre.data.masking import MaskSampler
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",

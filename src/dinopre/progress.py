@@ -1,14 +1,16 @@
-"""Terminal output of a run; the only module that imports rich (style principle 9).
+"""Terminal output of a run; the only module that imports rich (one door to the terminal: docs/architecture.md).
 
 - `RichReporter`: a live display (epoch and step bars, images/s, ETA, loss parts, lr, wd, teacher momentum and
   temperature, data-wait share) for an interactive terminal.
 - `PlainReporter`: one plain line per log step and per epoch, for logs (CI, nohup, SLURM).
-- `NullReporter`: `--quiet`.
-All print the resolved configuration at start (except quiet) and a final summary with what to run next.
+Both print the resolved configuration at start and a final summary with what to run next; `--quiet` gets
+`base.events.NullReporter`, which prints nothing. `dinopre eval` has its own: `scoring_reporter` (its progress) and
+`print_scores` (its table).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -19,16 +21,26 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from dinopre.base.events import CollapseWarning, EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged, Stopped
+from dinopre.base.events import (
+    CollapseWarning,
+    EpochEnded,
+    Notice,
+    NullReporter,
+    RunFinished,
+    RunStarted,
+    ScanProgress,
+    ScoringProgress,
+    StepLogged,
+    Stopped,
+)
 from dinopre.config.settings import SECTIONS, config_to_dict
+from dinopre.model.regularisers.registry import REGULARISERS
 
 _SHOWN = (
     ("loss", "loss", "{:.4f}"),
     ("cls", "cls", "{:.4f}"),
     ("patch", "patch", "{:.4f}"),
-    ("koleo", "koleo", "{:.3f}"),
-    ("contrast", "contrast", "{:.3f}"),
-    ("drloc", "drloc", "{:.3f}"),
+    *((name, name, "{:.3f}") for name in REGULARISERS),
     ("lr", "lr", "{:.2e}"),
     ("weight_decay", "wd", "{:.3f}"),
     ("momentum", "momentum", "{:.5f}"),
@@ -39,6 +51,7 @@ _SHOWN = (
     ("images_per_sec", "img/s", "{:.0f}"),
     ("data_wait", "data wait", "{:.0%}"),
 )
+_EPOCH_PARTS = ("cls", "patch", *REGULARISERS)  # the loss parts an epoch's line shows beside its loss
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -69,7 +82,7 @@ def config_table(event: RunStarted) -> Table:
     table.add_column(overflow="fold")
     settings = config_to_dict(event.config)
     for section in SECTIONS:
-        values = " ".join(f"{k}={_plain(v)}" for k, v in settings[section].items())
+        values = " ".join(f"{k}={_shown(v)}" for k, v in settings[section].items())
         table.add_row(section, Text(values))  # Text: paths are shown as they are, never read as markup
     table.add_row("lr", f"peak {event.config.peak_learning_rate:.3g} (after {event.config.optim.warmup_epochs:.3g} "
                         "warmup epochs)")
@@ -87,7 +100,8 @@ def config_table(event: RunStarted) -> Table:
     return table
 
 
-def _plain(value: Any) -> str:
+def _shown(value: Any) -> str:
+    """A setting as the table shows it: a list as `a,b`, an empty one as `-`."""
     if isinstance(value, list):
         return ",".join(str(v) for v in value) or "-"
     return str(value)
@@ -119,16 +133,6 @@ def summary_lines(event: RunFinished) -> list[str]:
     return lines
 
 
-class NullReporter:
-    """Prints nothing (`--quiet`)."""
-
-    def emit(self, event: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class PlainReporter:
     """Plain periodic lines, suitable for log files."""
 
@@ -152,6 +156,9 @@ class PlainReporter:
             self._epoch_line(event)
         elif isinstance(event, CollapseWarning):
             self.console.print(f"warning: {event.message}", style="yellow", markup=False)
+        elif isinstance(event, Notice):
+            self.console.print(f"warning: {event.message}" if event.warning else event.message,
+                               style="yellow" if event.warning else None, markup=False)
         elif isinstance(event, RunFinished):
             self._summary(event)
 
@@ -167,7 +174,7 @@ class PlainReporter:
     def _epoch_line(self, event: EpochEnded) -> None:
         best = " (best)" if event.is_best else ""
         parts = "".join(f" {name} {value:.4f}" for name, value in event.parts.items()
-                        if name in ("cls", "patch", "koleo", "contrast", "drloc"))
+                        if name in _EPOCH_PARTS)
         self.console.print(f"epoch {event.epoch + 1}/{event.epochs} done: loss {event.loss:.4f}{best}{parts}, "
                            f"{event.seconds:.1f} s, {event.images_per_sec:.0f} img/s")
         if format_evaluation(event.evaluation):
@@ -259,6 +266,8 @@ class RichReporter(PlainReporter):
         elif isinstance(event, RunFinished):
             self.close()
             self._summary(event)
+        elif isinstance(event, Notice):  # printed above the live display
+            super().emit(event)
 
     def _summary(self, event: RunFinished) -> None:
         text = Text("\n".join(summary_lines(event)))
@@ -349,3 +358,93 @@ def print_verification(rows: list[tuple[str, bool, str]], console: Console | Non
         console.print(mark, Text(f"{check}: {detail}"))
     ok = bool(rows) and all(passed for _, passed, _ in rows)
     console.print("[green]The backbone is ready for the pipeline.[/]" if ok else "[red]Verification failed.[/]")
+
+
+# ============ dinopre eval ============
+
+
+class ScoringReporter:
+    """Progress of `dinopre eval`: a bar per task (decoding at a size, embedding by a backbone) on a terminal, else
+    one line per finished task.
+
+    Args:
+        console: where to print.
+        live: draw bars (an interactive terminal) rather than plain lines.
+    """
+
+    def __init__(self, console: Console | None = None, live: bool = True) -> None:
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.live = live
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def emit(self, event: object) -> None:
+        if not isinstance(event, ScoringProgress):
+            return
+        if not self.live:
+            if event.done == event.total:
+                self.console.print(f"{event.task}: {event.done} images", markup=False)
+            return
+        if self.progress is None:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=self.console)
+            self.progress.start()
+        if event.done == 0 or self.task is None:  # a new task, even when a file name repeats
+            self.task = self.progress.add_task(event.task, total=event.total)
+        self.progress.update(self.task, completed=event.done)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def scoring_reporter(quiet: bool) -> ScoringReporter | NullReporter:
+    """Nothing when `quiet` (`--json`: stdout holds only the JSON), bars on a terminal, plain lines otherwise."""
+    if quiet:
+        return NullReporter()
+    return ScoringReporter(live=sys.stdout.isatty())
+
+
+def print_scores(scores: list[Any], eval_dir: str, k: int, temperature: float,
+                 console: Console | None = None) -> None:
+    """`dinopre eval`: one row per backbone (k-NN and linear top-1 side by side), then the folds and any skipped
+    images.
+
+    Args:
+        scores: `dinopre.train.scoring.Score` records, in the order given on the command line.
+        eval_dir: the labelled folder.
+        k: k-NN neighbours.
+        temperature: k-NN vote temperature.
+        console: where to print.
+    """
+    console = console or Console(highlight=False)
+    linear = any(score.linear_top1 is not None for score in scores)
+    table = Table(title=Text(f"{eval_dir}: weighted {k}-NN (T={temperature:g}) top-1"), title_justify="left")
+    for column, justify in (("backbone", "left"), ("weights", "left"), ("input", "right"), ("k-NN", "right"),
+                            *((("linear", "right"),) if linear else ())):
+        table.add_column(column, justify=justify, overflow="fold")
+    for score in scores:
+        row = [Text(score.path), score.weights or "-", f"{score.image_size} px", f"{score.knn_top1:.1f}%"]
+        if linear:
+            row.append(f"{score.linear_top1:.1f}%" if score.linear_top1 is not None else "-")
+        table.add_row(*row)
+    console.print(table)
+    for line in _fold_lines(scores):
+        console.print(line, markup=False)
+
+
+def _fold_lines(scores: list[Any]) -> list[str]:
+    """The folds each input size saw (the same images, unless some failed to decode), and what was skipped."""
+    lines, seen = [], set()
+    for score in scores:
+        if score.image_size in seen:
+            continue
+        seen.add(score.image_size)
+        lines.append(f"at {score.image_size} px: {score.train_images} train and {score.test_images} test images of "
+                     f"{score.classes} classes")
+        if score.skipped:
+            file, reason = score.skipped[0]
+            lines.append(f"  left out {len(score.skipped)} of the folder's images that could not be decoded, e.g. "
+                         f"{file}: {reason}")
+    return lines

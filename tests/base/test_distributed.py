@@ -19,14 +19,15 @@ from typing import Any
 
 import pytest
 import torch
+from processes import finish
 
 from dinopre.base.distributed import detect, first_host
 from dinopre.base.errors import ConfigError
-from dinopre.config.settings import build_config
+from dinopre.base.events import NullReporter
+from dinopre.config.loading import build_config
 from dinopre.data.dataset import EpochBatchSampler
 from dinopre.files.export import inspect_file
 from dinopre.files.rundir import RunDirectory
-from dinopre.progress import NullReporter
 from dinopre.train.engine import fit
 
 # KoLeo and drop path are per process (as in DINOv2), so runs on 1 and 2 processes differ by them: off here.
@@ -71,21 +72,8 @@ def _start(args: list[str], world: int, launcher: str = "env") -> list[subproces
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
 
 
-def _finish(processes: list[subprocess.Popen]) -> list[tuple[int, str]]:
-    """Wait for every process; (exit code, stderr) per rank."""
-    results = []
-    try:
-        for p in processes:
-            _, err = p.communicate(timeout=LIMIT)
-            results.append((p.returncode, err))
-    finally:
-        for p in processes:
-            p.kill()
-    return results
-
-
 def _train(out: Path, world: int, *extra: str, launcher: str = "env") -> list[tuple[int, str]]:
-    return _finish(_start(["train", "face", *TINY, "--output-dir", str(out), *extra], world, launcher))
+    return finish(_start(["train", "face", *TINY, "--output-dir", str(out), *extra], world, launcher))
 
 
 def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -240,9 +228,9 @@ def test_the_teacher_stays_identical_on_every_process(tmp_path: Path) -> None:
 import sys, torch
 from dinopre.base import distributed
 from dinopre.train.build import build_run
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.data.dataset import EpochBatchSampler
-from dinopre.train.engine import train_step
+from dinopre.train.step import train_step
 from dinopre.data.pipeline import build_data_loader, device_batches
 
 settings = dict(epochs=1, batch_size=16, image_size=32, patch_size=8, vit_embed_dim=32, vit_depth=2, vit_num_heads=2,
@@ -262,7 +250,7 @@ with distributed.session("cpu"):
     port = _free_port()
     processes = [subprocess.Popen([sys.executable, str(script)], env=_rank_env(rank, 2, port, "env"),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    _assert_ok(_finish(processes))
+    _assert_ok(finish(processes))
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for part in ("teacher", "loss"):  # bit for bit, with drop path drawn differently on each process
         assert all(torch.equal(first[part][k], second[part][k]) for k in first[part]), part
@@ -299,7 +287,7 @@ def stopped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     processes = _start(["train", "face", *TINY, "--output-dir", str(out), "--checkpoint-every", "8"], 2)
     _wait_for_step(out, 11, processes)
     processes[1].send_signal(signal.SIGTERM)
-    results = _finish(processes)
+    results = finish(processes)
     assert [code for code, _ in results] == [143, 143], results
     assert "Continue with: dinopre resume" in results[0][1] and results[1][1].strip() == ""
     state = _state(out)
@@ -311,7 +299,7 @@ def test_a_signal_to_one_process_stops_all_and_resume_is_bit_for_bit(straight: P
                                                                      tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(stopped, run)
-    _assert_ok(_finish(_start(["resume", str(run), "--quiet"], 2)))
+    _assert_ok(finish(_start(["resume", str(run), "--quiet"], 2)))
     a, b = _state(straight), _state(run)
     for part in ("student", "teacher"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
@@ -337,10 +325,83 @@ def test_kill_9_of_one_process_leaves_a_checkpoint_that_resumes(straight: Path, 
     processes = _start(["train", "face", *TINY, "--output-dir", str(out), "--checkpoint-every", "8"], 2)
     _wait_for_step(out, 19, processes)
     processes[1].kill()
-    results = _finish(processes)
+    results = finish(processes)
     assert results[1][0] == -signal.SIGKILL and results[0][0] != 0  # the survivor does not hang
     assert _state(out)["global_step"] in (16, 24)  # the last complete checkpoint, loadable
-    _assert_ok(_finish(_start(["resume", str(out), "--quiet"], 2)))
+    _assert_ok(finish(_start(["resume", str(out), "--quiet"], 2)))
     a, b = _state(straight), _state(out)
     for part in ("student", "teacher"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def test_koleo_and_the_contrastive_loss_see_the_global_batch_with_its_gradient(tmp_path: Path) -> None:
+    """On each of 2 processes, the terms of its half of a batch equal the terms of the whole batch in one process,
+    and its features get W times their share of the whole batch's gradient (DDP then averages over the W)."""
+    script = tmp_path / "terms.py"
+    script.write_text(f"""
+import torch
+from dinopre.base import distributed
+from dinopre.data.dataset import CropBatch
+from dinopre.model.regularisers.contrast import Contrast, ProjectionHead
+from dinopre.model.regularisers.koleo import KoLeo
+from dinopre.model.regularisers.regulariser import StudentGlobals
+
+def terms(cls, images):
+    student = StudentGlobals(cls, None, CropBatch(torch.zeros(2 * images, 3, 8, 8), None, torch.arange(images)), 8)
+    torch.manual_seed(1)
+    contrast = Contrast(1.0, ProjectionHead(16, 32, 8), 0.2)
+    return torch.stack([KoLeo(1.0).loss(student), contrast.loss(student)])
+
+torch.manual_seed(0)
+whole = torch.randn(2 * 8, 16)  # 2 global views of 8 images, crop-major
+with distributed.session("cpu"):
+    rank = distributed.rank()
+    reference = whole.clone().requires_grad_(True)
+    with distributed.local_collectives():
+        expected = terms(reference, 8)
+    expected.sum().backward()
+    rows = [v * 8 + rank * 4 + i for v in range(2) for i in range(4)]  # this process's 4 images, crop-major
+    mine = whole[rows].clone().requires_grad_(True)
+    got = terms(mine, 4)
+    got.sum().backward()
+    torch.save({{"got": got.detach(), "expected": expected.detach(), "grad": mine.grad,
+                "expected_grad": 2 * reference.grad[rows]}}, r"{tmp_path}/rank%d.pt" % rank)
+""")
+    port = _free_port()
+    processes = [subprocess.Popen([sys.executable, str(script)], env=_rank_env(rank, 2, port, "env"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    _assert_ok(finish(processes))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(result["got"], result["expected"], rtol=1e-5), (rank, result["got"], result["expected"])
+        assert torch.allclose(result["grad"], result["expected_grad"], rtol=1e-4, atol=1e-6), rank
+
+
+# KoLeo over the global batch and drop path keyed by sample: the default recipe needs nothing turned off.
+DEFAULT_RECIPE = [x for k, v in SETTINGS.items() if k not in ("koleo_weight", "drop_path_rate", "log_interval")
+                  for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _largest_relative_difference(a: dict, b: dict) -> float:
+    """max over the student's and the teacher's tensors of max|a - b| / max|a|."""
+    return max(float((a[part][k].double() - b[part][k].double()).abs().max() / a[part][k].double().abs().max())
+               for part in ("student", "teacher") for k in a[part])
+
+
+@pytest.mark.slow
+def test_the_default_recipe_trains_the_same_run_on_one_and_two_processes(tmp_path: Path) -> None:
+    """The same global batch, 48 steps, KoLeo on (auto's 0.1, gathered over the processes). Measured on this
+    machine: 1.1e-2 (with every regulariser off: 4.2e-3; KoLeo per process, as before: 0.56)."""
+    config = tmp_path / "smaller.toml"
+    config.write_text("demo_images = 384\n")  # 24 steps per epoch of 16, 2 epochs
+    args = ["train", "face", "--demo", "--quiet", *DEFAULT_RECIPE, "--log-interval", "8", "--config", str(config)]
+    _assert_ok(finish(_start([*args, "--output-dir", str(tmp_path / "two")], 2)))
+    one = subprocess.run([sys.executable, "-m", "dinopre", *args, "--output-dir", str(tmp_path / "one")],
+                         env=_clean_env(), capture_output=True, text=True, timeout=LIMIT)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = _state(tmp_path / "one"), _state(tmp_path / "two")
+    assert a["global_step"] == b["global_step"] == 48
+    method = b["config"]["method"]
+    assert (method["koleo_weight"], method["regulariser_scope"], b["config"]["model"]["drop_path_scope"]) == \
+        (0.1, "global", "sample")
+    assert _largest_relative_difference(a, b) < 2e-2

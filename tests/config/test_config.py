@@ -8,13 +8,9 @@ from pathlib import Path
 import pytest
 
 from dinopre.base.errors import ConfigError
-from dinopre.config.settings import (
-    PRESETS,
-    build_config,
-    config_from_dict,
-    config_to_dict,
-    read_config_file,
-)
+from dinopre.config.loading import build_config, config_from_dict, read_config_file
+from dinopre.config.presets import PRESETS
+from dinopre.config.settings import config_to_dict
 
 
 def test_defaults_are_vit_small_patch16_for_both_presets() -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from dinopre.base.errors import ConfigError
+from dinopre.config.loading import build_config
 from dinopre.config.recipe import AUTO_RULES, REFERENCE_REASON, resolve, run_shape
-from dinopre.config.settings import RECIPE_SETTINGS, build_config, setting
+from dinopre.config.settings import RECIPE_SETTINGS, setting
 
 # The original tool's budget (the recipe issue): 2,000 images of 64 px, batch 64, 10 epochs (310 steps).
 LEGACY = {"train_dir": ["d"], "epochs": 10, "batch_size": 64, "image_size": 64, "patch_size": 8, "vit_embed_dim": 128,
@@ -75,3 +77,21 @@ def test_auto_scales_with_the_data_and_the_budget() -> None:
     assert large.model.out_dim > small.model.out_dim
     assert large.method.teacher_momentum_base > small.method.teacher_momentum_base
     assert large.method.teacher_momentum_base <= 0.996  # never slower than DINO's teacher
+
+
+def test_one_image_per_batch_turns_koleo_off_with_a_reason_instead_of_an_error() -> None:
+    """A 1-image folder under auto: before, validation blamed --koleo-weight, which the user never set."""
+    resolved = resolve(build_config("face", cli_settings={**LEGACY, "batch_size": 1}), 1)
+    assert resolved.config.method.koleo_weight == 0.0
+    assert "koleo_weight 0 (a batch of one image has no neighbour to push away)" in resolved.notes()
+    with pytest.raises(ConfigError, match="--koleo-weight needs at least 2 images per batch"):  # when it was asked
+        resolve(build_config("face", cli_settings={**LEGACY, "batch_size": 1, "koleo_weight": 0.1}), 1)
+
+
+def test_a_new_run_is_the_same_run_on_any_number_of_processes_unless_it_continues_an_older_one() -> None:
+    config = resolve(build_config("face", cli_settings=LEGACY), 2000).config
+    assert (config.method.regulariser_scope, config.model.drop_path_scope) == ("global", "sample")
+    older = build_config("face", cli_settings={**LEGACY, "regulariser_scope": "process", "drop_path_scope": "process"})
+    kept = resolve(older, 2000).config
+    assert (kept.method.regulariser_scope, kept.model.drop_path_scope) == ("process", "process")
+    assert "regulariser_scope" not in resolve(older, 2000).derived  # not a recipe choice: never shown as one

@@ -17,7 +17,7 @@ from PIL import Image
 import dinopre.data.scan
 from dinopre.base.errors import DataError
 from dinopre.base.events import RunFinished, RunStarted
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.data.blank import DECODED, FLAT, NOT_CHECKED, NOT_FLAT, SCAN_SIZE_BOUND, SCANNED, BlankImageError, is_flat
 from dinopre.data.pipeline import build_source
 from dinopre.data.scan import scan_roots
@@ -202,9 +202,15 @@ def test_the_probe_preview_and_attention_leave_blanks_out(tmp_path: Path) -> Non
 
 def test_old_checkpoints_continue_with_their_blanks() -> None:
     """A checkpoint written before blank detection trained on every file of its folders: it continues so."""
+    import dataclasses
+
+    from test_old_checkpoints import OLD_CHECKPOINT
+
     from dinopre.config.settings import config_to_dict
+    from dinopre.files.state import load_training_checkpoint
     from dinopre.train.resume import continued_config, saved_config
 
+    committed = load_training_checkpoint(OLD_CHECKPOINT)
     old = config_to_dict(build_config("face", cli_settings={"train_dir": ["d"]}))
     del old["data"]["keep_blank"]
     assert saved_config({"config": old}).data.keep_blank
@@ -212,8 +218,9 @@ def test_old_checkpoints_continue_with_their_blanks() -> None:
     del demo["data"]["keep_blank"]
     assert not saved_config({"config": demo}).data.keep_blank
     requested = build_config("face", cli_settings={"train_dir": ["d"]})  # `train --resume` with the same flags
-    assert continued_config(requested, {"config": old}).data.keep_blank
-    assert not continued_config(requested, {"config": config_to_dict(requested)}).data.keep_blank
+    assert continued_config(requested, dataclasses.replace(committed, config=old)).data.keep_blank
+    assert not continued_config(requested, dataclasses.replace(committed, config=config_to_dict(requested))
+                                ).data.keep_blank
 
 
 @pytest.mark.slow

@@ -149,3 +149,14 @@ def test_ibot_masks_come_with_the_global_views_crop_major() -> None:
     assert np.array_equal(batch.masks[2].numpy(), samples[0][3][1])  # view 1 of the first image
     moved = batch.to(torch.device("cpu"))
     assert torch.equal(moved.masks, batch.masks)
+
+
+def test_each_sample_carries_a_drop_path_key_drawn_last_from_its_own_generator() -> None:
+    dataset = MultiCropDataset(SyntheticSource("face", 8), _augmentation(), seed=0)
+    sample = dataset[(0, 3)]
+    assert len(sample) == 5 and sample.drop_key == dataset[(0, 3)].drop_key  # five parts, as before
+    assert sample.drop_key != dataset[(1, 3)].drop_key and sample.drop_key != dataset[(0, 4)].drop_key
+    batch = collate_crops([dataset[(0, i)] for i in (3, 5)])
+    assert batch.drop_keys.tolist() == [sample.drop_key, dataset[(0, 5)].drop_key]
+    assert torch.equal(batch.to(torch.device("cpu")).drop_keys, batch.drop_keys)
+    assert collate_crops([tuple(dataset[(0, i)]) for i in (3, 5)]).drop_keys is None  # plain tuples: no keys

@@ -1,7 +1,7 @@
 """Decoding one image file: every PIL mode comes out as correct 8-bit RGB, broken files raise BadImageError.
 
 Files are written with PIL exactly as a camera, an export script or a broken copy would leave them; the checks look
-at pixel values a user would see in a training crop (design.md section 6: grayscale, RGBA, palette, CMYK, 16-bit
+at pixel values a user would see in a training crop (the promise: grayscale, RGBA, palette, CMYK, 16-bit
 and EXIF-rotated images are converted correctly; unreadable, truncated, zero-byte, non-image and
 decompression-bomb files are reported, never crash).
 """

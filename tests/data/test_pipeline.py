@@ -6,22 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import Recorder, face_config
 
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.data.pipeline import augments_on_device
 from dinopre.train.engine import fit
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[object] = []
-
-    def emit(self, event: object) -> None:
-        self.events.append(event)
-
-
-def _config(settings: dict, folder: Path, **extra: object):
-    return build_config("face", cli_settings={**settings, "train_dir": [str(folder)], **extra})
 
 
 def test_views_are_rendered_on_the_device_unless_workers_are_asked_for() -> None:
@@ -36,7 +25,7 @@ def test_views_rendered_on_the_device_train_like_views_rendered_in_workers(tiny_
     losses = {}
     for place in ("workers", "device"):
         out = tmp_path / place
-        losses[place] = fit(_config(tiny_settings, face_folder, augment_on=place, output_dir=str(out)),
+        losses[place] = fit(face_config(tiny_settings, face_folder, augment_on=place, output_dir=str(out)),
                             Recorder()).epoch_losses
         assert json.loads((out / "params.json").read_text())["environment"]["augment_on"] == place
     assert losses["workers"] != losses["device"]

@@ -408,7 +408,7 @@ def test_a_folder_that_cannot_be_listed_is_reported_not_fatal(tmp_path: Path, ca
 def test_an_unreadable_folder_warns_at_start_and_stops_a_strict_run(tmp_path: Path, cache: Path,
                                                                      deny_listing: set[str]) -> None:
     """The run's start warns that the folder's images are left out; with --strict-data it is a DataError."""
-    from dinopre.config.settings import build_config
+    from dinopre.config.loading import build_config
     from dinopre.data.pipeline import build_source
 
     root, locked = _data_with_locked_folder(tmp_path)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from dinopre.base.errors import ConfigError, DataError
 from dinopre.cli import app
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.data.blank import FLAT
 from dinopre.data.images import BadImageError
 from dinopre.data.pack import pack_folders, parse_size

@@ -11,17 +11,18 @@ import pytest
 import torch
 
 from dinopre.base.errors import RunDirError
-from dinopre.config.settings import build_config, config_to_dict
+from dinopre.config.loading import build_config
+from dinopre.config.settings import config_to_dict
 from dinopre.files.checkpoint import (
     CheckpointError,
     atomic_save,
     backbone_metadata,
     load_file,
-    load_training_checkpoint,
     sha256_file,
     slt_state_dict,
 )
 from dinopre.files.export import write_backbone
+from dinopre.files.state import load_training_checkpoint
 from dinopre.model.vit import VisionTransformer
 
 

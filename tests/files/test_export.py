@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 import dinopre
 from dinopre.base.errors import RunDirError
+from dinopre.base.events import NullReporter
 from dinopre.cli import app
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.files.checkpoint import CheckpointError, sha256_file
 from dinopre.files.export import (
     backbone_state,
@@ -24,7 +25,6 @@ from dinopre.files.export import (
     verify_backbone,
 )
 from dinopre.model.vit import VisionTransformer
-from dinopre.progress import NullReporter
 from dinopre.train.engine import fit
 
 runner = CliRunner()

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinopre.model.heads import DINOHead, LocalisationHead
+from dinopre.model.heads import DINOHead
 
 IN_DIM, K, HIDDEN, BOTTLENECK = 32, 64, 64, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids OpenMP wake-up latency on a loaded 2-core machine (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_head(norm_last_layer: bool = True, seed: int = 0, **kwargs: int) -> DINOHead:
@@ -128,14 +120,3 @@ def test_parameter_names_follow_official_dino() -> None:
     assert "last_layer.weight_g" in names and "last_layer.weight_v" in names
     assert not any("parametrizations" in name or "original" in name for name in head.state_dict())
     assert "last_layer.bias" not in names  # the prototype layer has no bias
-
-
-def test_the_localisation_head_reads_the_two_tokens_of_each_pair_in_order() -> None:
-    torch.manual_seed(0)
-    head = LocalisationHead(IN_DIM, hidden_dim=16)
-    tokens = torch.randn(2, 9, IN_DIM)
-    pairs = torch.tensor([[[0, 8], [3, 3]], [[5, 1], [1, 5]]])
-    expected = torch.stack([torch.stack([head.mlp(torch.cat([tokens[b, i], tokens[b, j]])) for i, j in pairs[b]])
-                            for b in range(2)])
-    torch.testing.assert_close(head(tokens, pairs), expected)
-    assert not torch.allclose(head(tokens, pairs.flip(-1)), expected)  # (i, j) and (j, i) are different questions

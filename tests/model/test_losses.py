@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dinopre.model.losses import (
-    DINOLoss,
-    IBOTPatchLoss,
-    localisation_loss,
-    relative_offsets,
-    sample_token_pairs,
-    teacher_diagnostics,
-)
+from dinopre.model.losses import DINOLoss, IBOTPatchLoss, teacher_diagnostics
 
 K = 64
 B = 5
 GLOBAL_VIEWS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids OpenMP wake-up latency on a loaded 2-core machine (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def reference_dino_loss(
@@ -430,7 +416,7 @@ def test_ibot_bf16_inputs_fp32_loss_and_center_is_state(center: torch.Tensor) ->
     assert list(fresh.parameters()) == []
 
 
-# ----------------------------------------------------------------------------------- Sinkhorn-Knopp and KoLeo
+# ----------------------------------------------------------------------------------- Sinkhorn-Knopp
 
 
 def reference_sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
@@ -487,89 +473,3 @@ def test_sinkhorn_centering_leaves_the_center_alone_and_changes_the_targets() ->
     q = expected_targets.unflatten(0, (2, B))
     pairs = [-(q[i] * logp[v]).sum(-1).mean() for i in range(2) for v in range(4) if v != i]
     assert loss.item() == pytest.approx(float(sum(pairs) / len(pairs)), rel=1e-5)
-
-
-def reference_koleo(features: torch.Tensor, eps: float = 1e-8) -> float:
-    """dinov2 loss/koleo_loss.py `KoLeoLoss` written out with loops, in float64."""
-    x = F.normalize(features.double(), dim=-1, eps=eps)
-    total = 0.0
-    for i in range(len(x)):
-        others = [j for j in range(len(x)) if j != i]
-        j = max(others, key=lambda j: float(x[i] @ x[j]))
-        total += -math.log(float(torch.linalg.vector_norm(x[i] - x[j] + eps)) + eps)
-    return total / len(x)
-
-
-def test_koleo_equals_the_formula_and_stays_finite_on_duplicates() -> None:
-    from dinopre.model.losses import koleo_loss
-
-    features = torch.randn(12, 8, generator=torch.Generator().manual_seed(6))
-    assert koleo_loss(features).item() == pytest.approx(reference_koleo(features), rel=1e-4)
-    duplicates = torch.cat([features[:3], features[:3]])
-    assert math.isfinite(koleo_loss(duplicates).item())  # near-identical video frames (dinov2#143)
-    spread = koleo_loss(torch.eye(8) * 3)
-    squeezed = koleo_loss(torch.eye(8) * 3 + 10)  # the same points crowded into one direction
-    assert spread.item() < squeezed.item()  # KoLeo prefers features spread apart
-    features.requires_grad_(True)
-    koleo_loss(features).backward()
-    assert torch.isfinite(features.grad).all()
-
-
-def reference_nt_xent(z: torch.Tensor, num_views: int, temperature: float) -> float:
-    """SimCLR's NT-Xent written out row by row in float64: each row against every other row of the batch."""
-    z = F.normalize(z.double(), dim=-1)
-    rows, images = z.shape[0], z.shape[0] // num_views
-    total, count = 0.0, 0
-    for i in range(rows):
-        others = [j for j in range(rows) if j != i]
-        denominator = sum(math.exp(float(z[i] @ z[j]) / temperature) for j in others)
-        for j in others:
-            if j % images == i % images:  # another view of the same image
-                total += -math.log(math.exp(float(z[i] @ z[j]) / temperature) / denominator)
-                count += 1
-    return total / count
-
-
-@pytest.mark.parametrize("num_views", [2, 3])
-def test_info_nce_equals_nt_xent(num_views: int) -> None:
-    from dinopre.model.losses import info_nce
-
-    z = torch.randn(num_views * 5, 8, generator=torch.Generator().manual_seed(7))
-    assert info_nce(z, num_views, 0.2).item() == pytest.approx(reference_nt_xent(z, num_views, 0.2), rel=1e-5)
-
-
-def test_info_nce_rewards_views_that_agree() -> None:
-    from dinopre.model.losses import info_nce
-
-    images = torch.randn(6, 16, generator=torch.Generator().manual_seed(8))
-    agreeing = info_nce(torch.cat([images, images + 0.01]), 2, 0.2)
-    random = info_nce(torch.randn(12, 16, generator=torch.Generator().manual_seed(9)), 2, 0.2)
-    assert agreeing.item() < 0.5 < 2.0 < random.item()
-
-
-# ----------------------------------------------------------------------------------- Drloc (relative localisation)
-
-
-def test_relative_offsets_are_drloc_targets_on_a_row_major_grid() -> None:
-    """Token t of a (rows, cols) grid sits at (t // cols, t % cols); the target is the first token's position minus
-    the second's, divided by the grid's side (Liu et al. 2021, eq. 2)."""
-    grid = (3, 4)  # tokens 0..11; token 11 is (2, 3), token 4 is (1, 0)
-    pairs = torch.tensor([[[11, 0], [0, 11], [4, 4], [4, 3]]])
-    expected = torch.tensor([[[2 / 3, 3 / 4], [-2 / 3, -3 / 4], [0.0, 0.0], [1 / 3, -3 / 4]]])
-    torch.testing.assert_close(relative_offsets(pairs, grid), expected)
-
-
-def test_localisation_loss_is_the_mean_l1_distance_per_pair() -> None:
-    predicted = torch.tensor([[[0.5, -0.5], [0.0, 0.25]]])
-    target = torch.tensor([[[0.0, 0.0], [0.0, -0.25]]])
-    assert localisation_loss(predicted, target).item() == pytest.approx((1.0 + 0.5) / 2)
-    assert localisation_loss(target, target).item() == 0.0
-
-
-def test_token_pairs_come_from_the_global_generator() -> None:
-    """A resumed run restores the global generator, so it must draw the same pairs again."""
-    torch.manual_seed(3)
-    first = sample_token_pairs(4, 16, 8, torch.device("cpu"))
-    torch.manual_seed(3)
-    assert torch.equal(sample_token_pairs(4, 16, 8, torch.device("cpu")), first)
-    assert first.shape == (4, 8, 2) and first.min() >= 0 and first.max() < 16

@@ -1,8 +1,7 @@
-"""Tests of the student/teacher pair (model.method) and one DINO optimizer step (train.engine.train_step)."""
+"""Tests of the student/teacher pair (model.method) and one DINO optimizer step (train.step.train_step)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -10,25 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinopre.config.loading import build_config
 from dinopre.config.recipe import resolve
-from dinopre.config.settings import PretrainConfig, build_config
+from dinopre.config.settings import PretrainConfig
 from dinopre.data.dataset import CropBatch
 from dinopre.model.method import StudentTeacher, build_method
 from dinopre.model.optim import build_optimizer
-from dinopre.train.engine import train_step
 from dinopre.train.runtime import setup
+from dinopre.train.step import train_step
 
 B, K, D = 3, 64, 32
 TEACHER_TEMP = 0.04
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids OpenMP wake-up latency on a loaded 2-core machine (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_config(**overrides: Any) -> PretrainConfig:
@@ -512,6 +506,21 @@ def test_ibot_last_layers_and_loss_state() -> None:
     assert shared.loss_state()["patch_center"].shape == (1, K)
 
 
+def test_load_loss_state_is_the_inverse_of_loss_state() -> None:
+    """A checkpoint's centers (CLS and iBOT patch) go back into place as values, on a method of the same shape."""
+    saved, fresh = ibot_method(**SEPARATE), ibot_method(**SEPARATE)
+    saved.dino_loss.center.normal_()
+    saved.patch_loss.center.normal_()
+    state = saved.loss_state()
+    fresh.load_loss_state(state)
+    assert all(torch.equal(fresh.loss_state()[name], state[name]) for name in ("center", "patch_center"))
+    state["center"].zero_()
+    assert torch.count_nonzero(fresh.dino_loss.center) > 0  # copied in, not shared
+    dino = tiny_method()
+    dino.load_loss_state({"center": torch.ones(1, K)})
+    assert torch.equal(dino.dino_loss.center, torch.ones(1, K))
+
+
 def test_ibot_teacher_ema_covers_patch_head_and_mask_token() -> None:
     """update_teacher(0.5) moves every teacher parameter, the separate patch head's included, halfway."""
     method = ibot_method(**SEPARATE)
@@ -596,7 +605,7 @@ def test_a_cuda_training_step_never_waits_for_the_host(algorithm: str) -> None:
 
 
 def test_koleo_adds_its_weighted_term_on_each_global_view() -> None:
-    from dinopre.model.losses import koleo_loss
+    from dinopre.model.regularisers.koleo import koleo_loss
 
     plain, regularised = tiny_method(), tiny_method(koleo_weight=0.5)
     batch = crop_batch()
@@ -612,7 +621,7 @@ def test_koleo_adds_its_weighted_term_on_each_global_view() -> None:
 
 def test_the_contrastive_head_trains_with_the_student_and_is_never_exported() -> None:
     from dinopre.files.export import backbone_state
-    from dinopre.model.losses import info_nce
+    from dinopre.model.regularisers.contrast import info_nce
 
     method = tiny_method(contrast_weight=2.0).train()
     assert "contrast_head" in method.student and method.loss_names[-1] == "contrast"
@@ -631,8 +640,7 @@ def test_the_contrastive_head_trains_with_the_student_and_is_never_exported() ->
 @pytest.mark.parametrize("algorithm", ["dino", "ibot"])
 def test_the_drloc_head_locates_patch_tokens_trains_with_the_student_and_is_never_exported(algorithm: str) -> None:
     from dinopre.files.export import backbone_state
-    from dinopre.model.losses import localisation_loss, relative_offsets, sample_token_pairs
-    from dinopre.model.method import DRLOC_PAIRS
+    from dinopre.model.regularisers.drloc import DRLOC_PAIRS, localisation_loss, relative_offsets, sample_token_pairs
 
     method = tiny_method(drloc_weight=0.5, algorithm=algorithm).train()
     plain = tiny_method(algorithm=algorithm).train()

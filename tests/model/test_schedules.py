@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dinopre.config.loading import build_config
 from dinopre.config.recipe import resolve
-from dinopre.config.settings import PretrainConfig, build_config
+from dinopre.config.settings import PretrainConfig
 from dinopre.model.schedules import Schedule, build_schedules, cosine_schedule, teacher_temp_schedule
 
 

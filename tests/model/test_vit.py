@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,13 +12,7 @@ from dinopre.model.vit import BackboneOutput, VisionTransformer, count_parameter
 D, DEPTH, HEADS, PATCH, SIZE = 32, 2, 2, 8, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids OpenMP wake-up latency on a loaded 2-core machine (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_vit(seed: int = 0, **kwargs: object) -> VisionTransformer:
@@ -396,3 +388,37 @@ def test_fused_blocks_compile_to_the_same_gradients(monkeypatch: pytest.MonkeyPa
         grads.append([out.detach(), inp.grad] + [p.grad.clone() for p in block.parameters()])
     for eager, compiled in zip(*grads, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- keyed drop path
+
+def test_keyed_uniforms_are_a_function_of_key_and_stream_and_uniform() -> None:
+    from dinopre.model.vit import keyed_uniform
+
+    keys = torch.arange(200_000, dtype=torch.int64) * 7919
+    u = keyed_uniform(keys, 3)
+    assert torch.equal(u, keyed_uniform(keys, 3)) and u.dtype == torch.float32
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float((u < 0.9).float().mean()) - 0.9) < 0.005
+    assert float((u == keyed_uniform(keys, 4)).float().mean()) < 0.001  # each block and branch draws anew
+    assert torch.equal(keyed_uniform(keys[5:9], 3), u[5:9])  # a row's number does not depend on the others
+
+
+def test_keyed_drop_path_gives_a_sample_the_same_masks_in_any_batch() -> None:
+    """What lets 1 and N processes train alike: each process holds a slice of the batch, and a sample's drop path
+    must not depend on which slice (the process's generator would give the halves other masks)."""
+    from dinopre.model.vit import row_keys
+
+    model = tiny_vit(drop_path_rate=0.5, depth=4).train()
+    randomise(model)
+    x, keys = images(8), torch.arange(8, dtype=torch.int64) * 1_000_003
+    with torch.no_grad():
+        whole = model(x, drop_keys=row_keys(keys, 1))
+        halves = torch.cat([model(x[:4], drop_keys=row_keys(keys[:4], 1)),
+                            model(x[4:], drop_keys=row_keys(keys[4:], 1))])
+        unkeyed = model(x)
+    assert torch.allclose(whole, halves, atol=1e-6)
+    assert not torch.allclose(whole, unkeyed, atol=1e-3)  # drop path did drop branches
+    assert not torch.allclose(whole, model.eval()(x), atol=1e-3)
+    views = row_keys(keys, 3, first_view=2)
+    assert views.shape == (24,) and torch.equal(views[8:16], row_keys(keys, 1, first_view=3))

@@ -8,33 +8,21 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import Recorder, face_config
 
 from dinopre.base.errors import RunDirError, TrainingStopped
 from dinopre.base.events import CheckpointSaved, EpochEnded, RunFinished, RunStarted, ScanProgress, StepLogged
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.files.checkpoint import sha256_file
 from dinopre.model.losses import DINOLoss
 from dinopre.train.engine import fit
-
-
-class Recorder:
-    """A reporter that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[object] = []
-
-    def emit(self, event: object) -> None:
-        self.events.append(event)
-
-
-def _config(settings: dict[str, Any], folder: Path, **extra: Any):
-    return build_config("face", cli_settings={**settings, "train_dir": [str(folder)], **extra})
+from dinopre.viz.run_pictures import run_pictures
 
 
 def test_a_run_leaves_the_full_run_directory(tiny_settings: dict, face_folder: Path) -> None:
-    config = _config(tiny_settings, face_folder, export_backbone=str(Path(tiny_settings["output_dir"]) / "bb.pt"))
+    config = face_config(tiny_settings, face_folder, export_backbone=str(Path(tiny_settings["output_dir"]) / "bb.pt"))
     recorder = Recorder()
-    result = fit(config, recorder)
+    result = fit(config, recorder, hooks=run_pictures())  # the pictures `dinopre train` draws: views.png
     run_dir = Path(tiny_settings["output_dir"])
     names = {p.name for p in run_dir.iterdir()}
     assert {"checkpoint_last.pt", "checkpoint_best.pt", "params.json", "metrics.jsonl", "artifacts.json",
@@ -70,7 +58,7 @@ def test_a_run_leaves_the_full_run_directory(tiny_settings: dict, face_folder: P
 
 
 def test_best_checkpoint_is_the_lowest_epoch_loss(tiny_settings: dict, face_folder: Path) -> None:
-    result = fit(_config(tiny_settings, face_folder, epochs=3), Recorder())
+    result = fit(face_config(tiny_settings, face_folder, epochs=3), Recorder())
     best = torch.load(Path(tiny_settings["output_dir"]) / "checkpoint_best.pt", weights_only=True)
     assert best["epoch"] == result.best_epoch + 1
     assert best["best_loss"] == min(result.epoch_losses)
@@ -84,7 +72,7 @@ def test_same_seed_same_run_and_other_seed_another(tiny_settings: dict, face_fol
     runs = {}
     for name, seed, workers in (("a", 0, 0), ("b", 0, 1), ("c", 1, 0)):
         out = tmp_path / name
-        runs[name] = (fit(_config(tiny_settings, face_folder, seed=seed, num_workers=workers, output_dir=str(out)),
+        runs[name] = (fit(face_config(tiny_settings, face_folder, seed=seed, num_workers=workers, output_dir=str(out)),
                           Recorder()).epoch_losses, _teacher(out))
     (loss_a, teacher_a), (loss_b, teacher_b), (loss_c, teacher_c) = runs["a"], runs["b"], runs["c"]
     assert loss_a == loss_b  # bit for bit, whether data is loaded in the main process or a worker
@@ -94,7 +82,7 @@ def test_same_seed_same_run_and_other_seed_another(tiny_settings: dict, face_fol
 
 
 def test_an_existing_run_is_not_overwritten_by_accident(tiny_settings: dict, face_folder: Path) -> None:
-    config = _config(tiny_settings, face_folder, epochs=1)
+    config = face_config(tiny_settings, face_folder, epochs=1)
     fit(config, Recorder())
     with pytest.raises(RunDirError, match="dinopre resume .* --overwrite"):
         fit(config, Recorder())
@@ -116,7 +104,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(DINOLoss, "forward", poisoned)
     with pytest.raises(TrainingStopped, match=r"non-finite at step \d+ \(epoch 2\): loss nan"):
-        fit(_config(tiny_settings, face_folder), Recorder())
+        fit(face_config(tiny_settings, face_folder), Recorder())
     state = torch.load(Path(tiny_settings["output_dir"]) / "checkpoint_last.pt", weights_only=True)
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["teacher"].values())
@@ -126,7 +114,7 @@ def test_too_few_images_for_a_batch(tiny_settings: dict, face_folder: Path) -> N
     from dinopre.base.errors import DataError
 
     with pytest.raises(DataError, match="fewer than --batch-size 64"):
-        fit(_config(tiny_settings, face_folder, batch_size=64), Recorder())
+        fit(face_config(tiny_settings, face_folder, batch_size=64), Recorder())
 
 
 @pytest.mark.slow
@@ -222,7 +210,7 @@ def test_the_knn_in_the_metrics_is_that_of_the_exported_backbone(tiny_settings: 
     from dinopre.files.export import load_dinov2_backbone
 
     out = Path(tiny_settings["output_dir"])
-    config = _config(tiny_settings, face_folder, epochs=3, eval_dir=str(labelled_folder),
+    config = face_config(tiny_settings, face_folder, epochs=3, eval_dir=str(labelled_folder),
                      export_backbone=str(out / "bb.pt"))
     recorder = Recorder()
     result = fit(config, recorder)
@@ -242,7 +230,7 @@ def test_the_knn_in_the_metrics_is_that_of_the_exported_backbone(tiny_settings: 
 def test_eval_every_skips_epochs_but_never_the_last(tiny_settings: dict, face_folder: Path,
                                                     labelled_folder: Path) -> None:
     out = Path(tiny_settings["output_dir"])
-    fit(_config(tiny_settings, face_folder, epochs=3, eval_dir=str(labelled_folder), eval_every=2,
+    fit(face_config(tiny_settings, face_folder, epochs=3, eval_dir=str(labelled_folder), eval_every=2,
                 best_by="loss", monitor_images=0), Recorder())
     epochs = [r for r in _records(out) if r["type"] == "epoch"]
     assert ["knn" in r for r in epochs] == [False, True, True]
@@ -256,7 +244,7 @@ def test_a_collapsed_run_says_so_in_the_metrics(tiny_settings: dict, face_folder
     from dinopre.base.events import CollapseWarning
 
     recorder = Recorder()
-    fit(_config(tiny_settings, face_folder, teacher_temp=5.0, warmup_teacher_temp=5.0), recorder)
+    fit(face_config(tiny_settings, face_folder, teacher_temp=5.0, warmup_teacher_temp=5.0), recorder)
     records = _records(Path(tiny_settings["output_dir"]))
     assert [r["collapse"] for r in records if r["type"] == "epoch"] == ["uniform", "uniform"]
     warnings = [r for r in records if r["type"] == "warning"]
@@ -265,7 +253,7 @@ def test_a_collapsed_run_says_so_in_the_metrics(tiny_settings: dict, face_folder
 
 
 def test_a_healthy_run_is_not_called_collapsed(tiny_settings: dict, face_folder: Path) -> None:
-    fit(_config(tiny_settings, face_folder), Recorder())
+    fit(face_config(tiny_settings, face_folder), Recorder())
     records = _records(Path(tiny_settings["output_dir"]))
     assert [r["collapse"] for r in records if r["type"] == "epoch"] == [None, None]
     assert not [r for r in records if r["type"] == "warning"]
@@ -302,7 +290,7 @@ def _state(run_dir: Path) -> dict:
 def resumable(tiny_settings: dict, face_folder: Path):
     """A tiny 3-epoch run (6 steps per epoch, drop path on) with mid-epoch checkpoints every 4 steps."""
     def make(out: Path, **extra: Any):
-        return _config(tiny_settings, face_folder, **{"epochs": 3, "checkpoint_every": 4, "output_dir": str(out),
+        return face_config(tiny_settings, face_folder, **{"epochs": 3, "checkpoint_every": 4, "output_dir": str(out),
                                                       **extra})
     return make
 
@@ -397,7 +385,7 @@ def test_a_signal_before_the_loop_stops_at_once_with_its_exit_code(tiny_settings
                 os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(Interrupted, match="Stopped by SIGTERM outside the training loop") as info:
-        fit(_config(tiny_settings, face_folder), SignalDuringScan())
+        fit(face_config(tiny_settings, face_folder), SignalDuringScan())
     assert info.value.exit_code == 143
     assert not (Path(tiny_settings["output_dir"]) / "checkpoint_last.pt").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
@@ -410,7 +398,7 @@ def test_compiled_and_eager_runs_agree(tiny_settings: dict, face_folder: Path, t
     runs = {}
     for compiled in (False, True):
         out = tmp_path / f"compiled_{compiled}"
-        fit(_config(tiny_settings, face_folder, epochs=1, log_interval=1, output_dir=str(out), compile=compiled),
+        fit(face_config(tiny_settings, face_folder, epochs=1, log_interval=1, output_dir=str(out), compile=compiled),
             Recorder())
         runs[compiled] = [r["loss"] for r in _records(out) if r["type"] == "step"]
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)

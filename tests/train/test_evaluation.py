@@ -14,6 +14,7 @@ from PIL import Image
 from dinopre.base.errors import DataError
 from dinopre.train.evaluation import (
     Evaluator,
+    check_decoded_classes,
     collapse_message,
     collapse_verdict,
     feature_spread,
@@ -165,3 +166,32 @@ def test_the_evaluator_scores_a_backbone_and_skips_broken_probe_images(tmp_path:
     assert set(signals) == {"rankme", "feature_spread", "teacher_entropy", "entropy_max", "prototypes_used",
                             "top_prototype_share"}
     assert 1.0 <= signals["rankme"] <= 3.0  # three colour channels, one of which varies
+
+
+def test_a_class_whose_images_all_fail_to_decode_does_not_count(tmp_path: Path) -> None:
+    """Before, it counted towards "two classes or more": the k-NN then had one class and reported 100 % every
+    epoch, which `--best-by knn` picked by."""
+    _write(tmp_path / "red", 10, (220, 20, 20))
+    (tmp_path / "broken").mkdir()
+    for i in range(4):
+        (tmp_path / "broken" / f"{i}.png").write_bytes(b"not a png")
+    labelled = scan_labelled(tmp_path, 0, 0.3)
+    assert labelled.classes == ("broken", "red")  # found by name: decoding comes later
+    with pytest.raises(DataError, match=r"^--eval-dir 'probe' has train images of 1 class only; the k-NN needs images "
+                                        r"of at least two classes \(none of 'broken' decodes\)\.$"):
+        check_decoded_classes(Evaluator(16, [], labelled), "probe")
+    _write(tmp_path / "blue", 10, (20, 20, 220))
+    evaluator = Evaluator(16, [], scan_labelled(tmp_path, 0, 0.3), k=3)  # two good classes: the broken one is left out
+    check_decoded_classes(evaluator, "probe")
+    assert set(evaluator.test.labels.tolist()) == set(evaluator.train.labels.tolist()) == {0, 2}  # blue, red
+    assert evaluator.knn(_MeanColour(), torch.device("cpu")) == 100.0
+
+
+@pytest.mark.parametrize("fold", ["train", "test"])
+def test_half_of_a_split_is_named_as_such_not_counted_as_a_class(tmp_path: Path, fold: str) -> None:
+    _write(tmp_path / fold / "a", 3, (9, 9, 9))
+    _write(tmp_path / fold / "b", 3, (9, 9, 9))
+    other = "test" if fold == "train" else "train"
+    with pytest.raises(DataError, match=rf"has a {fold}/ folder but no {other}/; give both, each with one sub-folder "
+                                        "per class, or put the class sub-folders directly in it."):
+        scan_labelled(tmp_path, 0, 0.25)

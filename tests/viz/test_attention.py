@@ -10,11 +10,11 @@ from consumer import ConsumerViT
 from PIL import Image
 from typer.testing import CliRunner
 
+from dinopre.base.events import NullReporter
 from dinopre.cli import app
-from dinopre.config.settings import build_config
+from dinopre.config.loading import build_config
 from dinopre.files.checkpoint import slt_state_dict
 from dinopre.model.vit import VisionTransformer
-from dinopre.progress import NullReporter
 from dinopre.train.engine import fit
 from dinopre.viz.attention import attention_maps, keep_mass, last_cls_attention
 
@@ -113,3 +113,28 @@ def test_another_input_size_says_the_position_embedding_is_interpolated(run_and_
     result = runner.invoke(app, ["attention", str(run / "checkpoint_last.pt"), str(images), "--image-size", "64",
                                  "-o", str(tmp_path / "g.png")])
     assert result.exit_code == 0 and "interpolated" in result.output
+
+
+def test_sizes_beyond_any_use_and_unknown_formats_are_one_sentence(run_and_images: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    run, images = run_and_images
+    ckpt, heads = str(run / "checkpoint_last.pt"), 2
+    cases = [
+        (["--cell-size", "5000"], "Error: --cell-size must be between 16 and 1024 pixels, got 5000."),
+        (["--max-images", "1000000"], "Error: --max-images must be between 1 and 256, got 1000000."),
+        (["--max-images", "256", "--cell-size", "1024"], f"Error: 256 rows of {3 + heads} pictures of 1024 px make a "
+                                                         f"{200 + (3 + heads) * 1028 + 4} x 263248 picture, over "
+                                                         "100,000,000 pixels; lower --cell-size or --max-images."),
+        (["--image-size", "100000"], "Error: --image-size 100000 gives a 12500 x 12500 patch grid; the maps take at "
+                                     "most 64 x 64 (--image-size 512 for this backbone's 8 px patches)."),
+        (["-o", str(tmp_path / "a.bmp")], f"Error: --output '{tmp_path / 'a.bmp'}' must end in .png, .jpg, .jpeg: "
+                                          "those are the formats written."),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["attention", ckpt, str(images), "-o", str(tmp_path / "a.png"), *args])
+        assert result.exit_code == 2 and result.output.strip() == message, (args, result.output)
+    assert not list(tmp_path.iterdir())
+    result = runner.invoke(app, ["attention", ckpt, str(images), "--max-images", "2", "-o", str(tmp_path / "a.jpg")])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "a.jpg") as picture:
+        assert picture.format == "JPEG"

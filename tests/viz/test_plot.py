@@ -54,3 +54,15 @@ def test_without_matplotlib_one_sentence_says_what_to_install(tmp_path: Path,
 def test_a_folder_without_metrics_is_refused(tmp_path: Path) -> None:
     result = runner.invoke(app, ["plot", str(tmp_path), "-o", str(tmp_path / "c.png")])
     assert result.exit_code == 2 and "metrics.jsonl" in result.output
+
+
+def test_a_diverged_run_with_losses_of_plus_minus_1e308_is_drawn_without_them(tmp_path: Path) -> None:
+    run = _run(tmp_path / "a", 8)
+    wild = [{"type": "step", "epoch": 3, "step": 9, "loss": 1e308}, {"type": "step", "epoch": 3, "step": 10,
+                                                                      "loss": -1e308}]
+    with (run / "metrics.jsonl").open("a") as metrics:
+        metrics.write("\n" + "\n".join(json.dumps(r) for r in wild) + '\n{"type": "step", "step": 11, "loss": NaN}\n')
+    assert read_run(run).series("loss")[0] == list(range(1, 9))
+    result = runner.invoke(app, ["plot", str(run), "-o", str(tmp_path / "c.png")])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert (tmp_path / "c.png").is_file()

@@ -11,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dinopre.cli import app
+from dinopre.config.loading import build_config
 from dinopre.config.recipe import resolve
-from dinopre.config.settings import build_config
 from dinopre.data.dataset import EpochBatchSampler
 from dinopre.data.pipeline import build_data_loader, build_source, device_batches
 from dinopre.viz.preview import first_images, render_views, shade_mask
@@ -84,3 +84,29 @@ def test_preview_takes_every_augmentation_option_of_train() -> None:
                     "local_crop_scale", "flip_prob", "augment_on", "image_size", "patch_size", "algorithm",
                     "patch_mask_ratio", "mask_probability", "mask_shape", "seed", "device", "recipe"}
     assert augmentation <= options("train") and augmentation <= options("preview")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--cell-size", "100000"], "Error: --cell-size must be between 16 and 1024 pixels, got 100000."),
+    (["--images", "100000"], "Error: --images must be between 1 and 256, got 100000."),
+    (["--images", "256", "--cell-size", "1024"], "Error: 256 rows of 6 pictures of 1024 px make a 6372 x 263248 "
+                                                  "picture, over 100,000,000 pixels; lower --cell-size or --images."),
+    (["--image-size", "4096", "--patch-size", "16", "--local-crop-size", "96"],
+     "Error: 4 images of 6 views at --image-size 4096 and --local-crop-size 96 are 134,365,184 pixels to render, "
+     "over 100,000,000; lower --images or the sizes."),
+])
+def test_sizes_beyond_any_use_are_refused_in_one_sentence_before_drawing(tmp_path: Path, args: list[str],
+                                                                         message: str) -> None:
+    result = runner.invoke(app, ["preview", "face", "--demo", *args, "-o", str(tmp_path / "v.png")])
+    assert result.exit_code == 2 and result.output.strip() == message, result.output
+    assert not (tmp_path / "v.png").exists()
+
+
+def test_the_picture_is_written_in_the_format_its_suffix_names(tmp_path: Path) -> None:
+    common = ["preview", "face", "--demo", "--images", "1", "--cell-size", "32"]
+    assert runner.invoke(app, [*common, "-o", str(tmp_path / "v.jpg")]).exit_code == 0
+    with Image.open(tmp_path / "v.jpg") as picture:
+        assert picture.format == "JPEG"
+    result = runner.invoke(app, [*common, "-o", str(tmp_path / "v.gif")])
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"Error: --output '{tmp_path / 'v.gif'}' must end in .png, .jpg, .jpeg: those are the formats written.")

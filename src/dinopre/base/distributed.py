@@ -5,7 +5,7 @@ dinopre has no launcher of its own. `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, MA
 their variables and `session` joins the process group for the life of a run. Without either, a run is one process
 with no process group at all, and every collective in `dinopre.train.runtime` is a no-op.
 
-The rules every process keeps (design.md section 4, issue "Multi-GPU and multi-node with torchrun"):
+The rules every process keeps, so that N processes neither write twice nor wait forever for each other:
 - global rank 0 is the only writer (never LOCAL_RANK 0: one run folder per node is a classic mistake);
 - a decision that changes the control flow (stop on a signal, stop on a non-finite loss, refuse to start) is taken
   on values all processes share, so that every process takes it at the same step;
@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,9 +80,9 @@ def detect(env: Mapping[str, str] | None = None) -> Launch | None:
             raise ConfigError(f"The environment sets {', '.join(present)} but not {missing}: launch with torchrun "
                               "(which sets all five), or unset them to train in one process.")
         world = _number(env, "WORLD_SIZE", 1)
-        return Launch(_number(env, "RANK"), world, _number(env, "LOCAL_RANK"),
-                      _number(env, "LOCAL_WORLD_SIZE", 1) if "LOCAL_WORLD_SIZE" in env else world,
-                      env["MASTER_ADDR"], _number(env, "MASTER_PORT", 1), "torchrun")
+        return _checked(Launch(_number(env, "RANK"), world, _number(env, "LOCAL_RANK"),
+                               _number(env, "LOCAL_WORLD_SIZE", 1) if "LOCAL_WORLD_SIZE" in env else world,
+                               env["MASTER_ADDR"], _number(env, "MASTER_PORT", 1), "torchrun"))
     # Only an srun step sets SLURM_STEP_NUM_TASKS: a batch script that runs `dinopre train` itself is one process,
     # whatever --ntasks the allocation has.
     if in_srun:
@@ -93,9 +94,36 @@ def detect(env: Mapping[str, str] | None = None) -> Launch | None:
                 else SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0") or 0) % SLURM_PORT_SPAN)
         local_world = _number(env, "SLURM_NTASKS_PER_NODE", 1) if env.get("SLURM_NTASKS_PER_NODE", "").isdigit() \
             else _tasks_on_first_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
-        return Launch(_number(env, "SLURM_PROCID"), world, _number(env, "SLURM_LOCALID"), local_world,
-                      env.get("MASTER_ADDR") or first_host(nodelist) or "127.0.0.1", port, "slurm")
+        return _checked(Launch(_number(env, "SLURM_PROCID"), world, _number(env, "SLURM_LOCALID"), local_world,
+                               env.get("MASTER_ADDR") or first_host(nodelist) or "127.0.0.1", port, "slurm"))
     return None
+
+
+# The variables each launcher's values come from, for the refusals of `_checked`.
+_NAMES = {"torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"),
+          "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "MASTER_PORT")}
+
+
+def _checked(found: Launch) -> Launch:
+    """Refuse launch variables that cannot describe a real launch: a rank that no process of the group can have
+    would wait for the others until the rendezvous times out.
+
+    Raises:
+        ConfigError: one sentence naming the variables.
+    """
+    rank, world, local_rank, local_world, port = _NAMES[found.launcher]
+    if found.rank >= found.world_size:
+        raise ConfigError(f"{rank}={found.rank} is not below {world}={found.world_size}: ranks count from 0, so a "
+                          "group of N processes has ranks 0 to N-1; check the launch command.")
+    # SLURM's tasks per node is the first node's count, which another node's local ids may exceed.
+    local_fits = found.local_rank < found.local_world_size or found.launcher == "slurm"
+    if found.local_world_size > found.world_size or not local_fits:
+        raise ConfigError(f"{local_rank}={found.local_rank} and {local_world}={found.local_world_size} do not fit "
+                          f"{world}={found.world_size}: a node runs at most all the processes, with local ranks "
+                          "0 to its count - 1; check the launch command.")
+    if found.master_port > 65535:
+        raise ConfigError(f"{port}={found.master_port} is not a TCP port (1 to 65535); check the launch command.")
+    return found
 
 
 def _number(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
@@ -152,19 +180,29 @@ def local_world_size() -> int:
 
 
 @contextlib.contextmanager
-def session(device_type: str, env: Mapping[str, str] | None = None) -> Iterator[Launch | None]:
+def session(device_type: str, env: Mapping[str, str] | None = None, *, rendezvous_timeout: float | None = None,
+            notify: Callable[[str], None] | None = None) -> Iterator[Launch | None]:
     """Join the process group of a torchrun or srun launch for the duration of the block (nothing otherwise).
+
+    The wait for the others is bounded and interruptible (`rendezvous.join`); once joined, the launcher and the peers
+    are watched (`watchdog.Watchdogs`) until the block ends.
 
     Args:
         device_type: `cuda` (NCCL, one GPU per local rank) or `cpu` (gloo).
         env: the environment to read (the process's own by default).
+        rendezvous_timeout: seconds to wait for the others (None: `DINOPRE_RENDEZVOUS_TIMEOUT`, else 5 minutes).
+        notify: told, in one sentence, when the wait for the others lasts.
 
     Raises:
-        ConfigError: a partial torchrun environment, or more processes on a node than it has GPUs.
+        ConfigError: a partial or impossible launch environment, more processes on a node than it has GPUs, or
+            processes that did not all join in time.
+        Interrupted: SIGINT or SIGTERM while waiting for the others.
     """
     global _launch
     import torch
     import torch.distributed as dist
+
+    from dinopre.base import rendezvous, watchdog
 
     found = detect(env)
     if found is None or (dist.is_available() and dist.is_initialized()):
@@ -173,22 +211,26 @@ def session(device_type: str, env: Mapping[str, str] | None = None) -> Iterator[
     if device_type == "cuda" and found.local_rank >= torch.cuda.device_count():
         raise ConfigError(f"Process {found.rank} has LOCAL_RANK {found.local_rank}, but this node has "
                           f"{torch.cuda.device_count()} GPU(s); start at most one process per GPU.")
+    timeout, silence = rendezvous.rendezvous_timeout(rendezvous_timeout, env), watchdog.peer_timeout(env)
     os.environ.setdefault("MASTER_ADDR", found.master_addr)
     os.environ.setdefault("MASTER_PORT", str(found.master_port))
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(found.local_rank)
+    store = rendezvous.join(found, timeout, notify, env)
     try:
-        dist.init_process_group(backend, rank=found.rank, world_size=found.world_size, timeout=TIMEOUT)
+        dist.init_process_group(backend, store=store, rank=found.rank, world_size=found.world_size, timeout=TIMEOUT)
     except (RuntimeError, ValueError) as exc:
         detail = " ".join(str(exc).split())[:200]
         raise ConfigError(f"Process {found.rank} of {found.world_size} could not join the others at "
                           f"{found.master_addr}:{found.master_port} ({detail}); check MASTER_ADDR and MASTER_PORT "
                           "and that every process was started.") from None
     _launch = found
+    dogs = watchdog.Watchdogs(found, silence, os.environ if env is None else env).start()
     try:
         yield found
     finally:
+        dogs.stop()
         _launch = None
         with contextlib.suppress(RuntimeError, ValueError):
             dist.destroy_process_group()
@@ -197,33 +239,52 @@ def session(device_type: str, env: Mapping[str, str] | None = None) -> Iterator[
 # ============ decisions taken together ============
 
 
-def agree(error: BaseException | None) -> None:
+def agree(error: BaseException | None, share: Any = None) -> list[Any]:
     """Pass a failure of any process to all of them, so that they leave together before training.
 
-    Every process calls this at the same point with the error it ran into, or None. Afterwards either all of them
-    go on, or all of them raise: the process that failed raises its own error; the others raise a `UserError` that
-    quotes it. Only the main process's message is printed (`errors.shown_here`).
+    Every process calls this with the error it ran into, or None, at a point where the others call it too: not
+    necessarily the same line, since a process that failed skips ahead to the next agreement, where the others' next
+    call is (`build.build_run` agrees before the first collective of its own, the engine after the set-up). Afterwards
+    either all of them go on, or all of them raise: the process that failed raises its own error; the others raise a
+    `UserError` that quotes it. Only the main process's message is printed (`errors.shown_here`). An error raised by
+    an agreement is raised again by the next one at once: every process raises at the same agreement, so no process
+    is left waiting in it.
+
+    Args:
+        error: this process's failure, or None.
+        share: a small value to compare across processes (e.g. a digest of the settings).
+
+    Returns:
+        Every process's `share`, in rank order, when none failed.
 
     Raises:
         BaseException: this process's own `error`.
         UserError: another process failed.
     """
+    if error is not None and getattr(error, "agreed", False):
+        raise error
     if error is not None:
         mark_collective(error)
     if _launch is None:
         if error is not None:
-            raise error
-        return
+            raise _agreed(error)
+        return [share]
     import torch.distributed as dist
 
-    messages: list[Any] = [None] * _launch.world_size
-    dist.all_gather_object(messages, None if error is None else str(error))
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    records: list[Any] = [None] * _launch.world_size
+    dist.all_gather_object(records, (None if error is None else str(error), share))
+    failed = [(r, message) for r, (message, _) in enumerate(records) if message is not None]
     if error is not None and (is_main() or failed[0][0] == rank()):
-        raise error
+        raise _agreed(error)
     if failed:
         first, message = failed[0]
-        raise mark_collective(UserError(f"Process {first} of {_launch.world_size} stopped: {message}"))
+        raise _agreed(mark_collective(UserError(f"Process {first} of {_launch.world_size} stopped: {message}")))
+    return [value for _, value in records]
+
+
+def _agreed(error: BaseException) -> BaseException:
+    error.agreed = True  # type: ignore[attr-defined]
+    return error
 
 
 def mark_collective(error: BaseException) -> BaseException:
@@ -337,3 +398,41 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's `tensor`, concatenated along the first dimension in rank order, with gradients; `tensor`
+    itself in a single process (and inside `local_collectives`). Every process must pass the same shape.
+
+    Every process computes the same loss on the gathered rows. A process's own rows then receive its slice of the
+    gradient summed over the processes, i.e. W times the gradient of that one loss; DDP averages the parameters'
+    gradients over the W processes, so the step is the step of one process on the whole batch (the `GatherLayer` of
+    SimCLR's implementations; torch's `distributed.nn.all_gather` needs reduce_scatter, which gloo lacks).
+    """
+    if world_size() == 1:
+        return tensor
+    return _gather_function().apply(tensor)
+
+
+@functools.cache
+def _gather_function() -> type:
+    """The autograd function of `all_gather_with_grad` (built on first use: this module imports no torch)."""
+    import torch
+    import torch.distributed as dist
+
+    class AllGather(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+            parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, tensor.contiguous())
+            ctx.rows = tensor.shape[0]
+            return torch.cat(parts)
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.contiguous().clone()  # reduced in place: never the caller's tensor
+            dist.all_reduce(grad)
+            start = dist.get_rank() * ctx.rows
+            return grad[start:start + ctx.rows]
+
+    return AllGather

@@ -1,19 +1,20 @@
-"""What the engine tells the outside world while it runs: event records and the Reporter protocol.
+"""What the engine tells the outside world while it runs: event records, the Reporter protocol and NullReporter.
 
-The engine never prints (style principle 9); it emits these plain records and `dinopre.progress` renders them.
-Imports no torch, so reporters stay light.
+The engine never prints, so that it runs the same under a terminal, a log file or a test; it emits these plain
+records and `dinopre.progress` renders them. Imports no torch, so reporters stay light.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from dinopre.config.settings import PretrainConfig
+if TYPE_CHECKING:  # the base layer names the configuration's type but never imports the config layer
+    from dinopre.config.settings import PretrainConfig
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunStarted:
     config: PretrainConfig
     run_dir: Path
@@ -38,7 +39,7 @@ class ScanProgress:
     done: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stopped:
     """The run stopped on a signal after saving a checkpoint."""
 
@@ -47,7 +48,7 @@ class Stopped:
     checkpoint: Path
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepLogged:
     epoch: int  # 0-based
     epochs: int
@@ -58,7 +59,7 @@ class StepLogged:
     metrics: dict[str, float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EpochEnded:
     epoch: int  # 0-based
     epochs: int
@@ -71,7 +72,7 @@ class EpochEnded:
     global_step: int = 0  # steps done in the run at the end of this epoch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CollapseWarning:
     """The epoch's signals say the run has collapsed; `message` says which way and what to change."""
 
@@ -80,7 +81,7 @@ class CollapseWarning:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CheckpointSaved:
     path: Path
     epoch: int  # completed epochs
@@ -88,7 +89,7 @@ class CheckpointSaved:
     mid_epoch: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunFinished:
     run_dir: Path
     best_loss: float
@@ -105,8 +106,36 @@ class RunFinished:
     blank_files_report: Path | None = None
 
 
+@dataclass(frozen=True)
+class ScoringProgress:
+    """`dinopre eval` at work: `done` of `total` images of one task (decoding at a size, or embedding by a backbone)."""
+
+    task: str  # e.g. "decoding at 112 px", "embedding by backbone.pt"
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One sentence about the run's surroundings: a wait for the other processes, a tracker connecting, failing or
+    starting a new run. `warning` when something did not go as asked (training goes on)."""
+
+    message: str
+    warning: bool = False
+
+
 class Reporter(Protocol):
     """Receives the engine's events (ScanProgress, RunStarted, StepLogged, EpochEnded, CollapseWarning,
-    CheckpointSaved, Stopped, RunFinished)."""
+    CheckpointSaved, Stopped, RunFinished, Notice), or those of `dinopre eval` (ScoringProgress)."""
 
     def emit(self, event: object) -> None: ...
+
+
+class NullReporter:
+    """Drops every event: `--quiet`, and the processes other than the main one, which report nothing."""
+
+    def emit(self, event: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -19,15 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dinopre.config.settings import (
-    FIELD_SECTION,
-    RECIPE_SETTINGS,
-    PretrainConfig,
-    reference_value,
-    setting,
-    validate,
-    with_settings,
-)
+from dinopre.config.presets import reference_value
+from dinopre.config.settings import FIELD_SECTION, RECIPE_SETTINGS, PretrainConfig, setting, with_settings
+from dinopre.config.validation import validate
 
 
 @dataclass(frozen=True)
@@ -119,6 +113,8 @@ def _zero_mean_patches(shape: RunShape, config: PretrainConfig) -> tuple[Any, st
 def _koleo_weight(shape: RunShape, config: PretrainConfig) -> tuple[Any, str]:
     # DINOv2's weight. Needed with zero-mean patches: their young features are nearly parallel (mean cosine 0.95 at
     # init against 0.34 for a plain ViT) and the teacher goes uniform without a force that spreads them (measured).
+    if shape.batch_size < 2:  # KoLeo pushes each image from its nearest neighbour in the batch: one image has none
+        return 0.0, "a batch of one image has no neighbour to push away"
     return 0.1, "DINOv2's weight: keeps the young features spread"
 
 
@@ -139,6 +135,7 @@ AUTO_RULES: dict[str, Callable[[RunShape, PretrainConfig], tuple[Any, str]]] = {
 # ============ resolution ============
 
 REFERENCE_REASON = "reference value"
+NEW_RUN_SCOPES = {"regulariser_scope": "global", "drop_path_scope": "sample"}
 
 
 @dataclass(frozen=True)
@@ -183,6 +180,9 @@ def resolve(config: PretrainConfig, num_images: int, previous: dict[str, str] | 
     shape = run_shape(config, num_images)
     if config.method.recipe is None:
         config = with_settings(config, {"recipe": "auto"})
+    # A new run is the same run on 1 and N processes; a resumed one keeps the scopes it was started with.
+    config = with_settings(config, {name: value for name, value in NEW_RUN_SCOPES.items()
+                                    if setting(config, name) is None})
     values: dict[str, Any] = {}
     for name in sorted(RECIPE_SETTINGS, key=list(FIELD_SECTION).index):
         if setting(config, name) is not None:

@@ -11,7 +11,7 @@ per image at ~1,750 images/s are 17,500 bicubic resizes and colour jitters a sec
   grayscale, blur and solarization to the whole batch with per-view parameters.
 
 Same generators, same draws, same resampling: a view equals its per-image twin within a level or two of 255,
-most pixels exactly (tests/test_batch_augment.py). Images whose short side exceeds `source_cap` (4x the global
+most pixels exactly (tests/data/test_batch_augment.py). Images whose short side exceeds `source_cap` (4x the global
 view's side) are shrunk first in the worker, to a size where every view still shrinks its box (`source_cap`);
 their views then differ from the per-image ones by the extra resampling step.
 """

@@ -1,9 +1,10 @@
 """Training data: image folder scanning, decoding, the seeded multi-crop dataset, the resumable sampler, the loader.
 
-Determinism (design.md section 4): the data order of epoch e is a permutation drawn from a generator seeded by
-(seed, e), and every random draw of sample i in epoch e comes from a generator seeded by (seed, e, i). The sampler
-yields (epoch, index) keys, so workers need no epoch state: one loader with persistent workers serves the whole
-run (the reference code respawns its workers every epoch and loses seconds each time; design.md section 5).
+Determinism (a run is a function of config, seed and data, so a resumed run repeats an uninterrupted one): the
+data order of epoch e is a permutation drawn from a generator seeded by (seed, e), and every random draw of sample i
+in epoch e comes from a generator seeded by (seed, e, i). The sampler yields (epoch, index) keys, so workers need no
+epoch state: one loader with persistent workers serves the whole run (the official DINO code builds a loader without
+persistent workers, so they are respawned at every epoch start; on a small dataset that costs seconds per epoch).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class CropBatch:
         masks: (G*B, N) bool iBOT patch masks of the global views (True = masked), or None for DINO.
         mask_index: the masks as index tensors (built with the batch, on the host), or None for DINO.
         bad: (dataset index, reason) of the files that failed and were replaced.
+        drop_keys: (B,) int64 keys of the samples' drop-path draws (`KeyedSample`), or None.
     """
 
     global_crops: torch.Tensor
@@ -123,6 +125,7 @@ class CropBatch:
     masks: torch.Tensor | None = None
     bad: list[tuple[int, str]] = field(default_factory=list)
     mask_index: MaskIndex | None = None
+    drop_keys: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.masks is not None and self.mask_index is None:
@@ -136,7 +139,8 @@ class CropBatch:
         fields = (self.global_crops, self.local_crops, self.indices, self.masks)
         tensors = (None if t is None else fn(t) for t in fields)
         index = None if self.mask_index is None else self.mask_index.map(fn)
-        return CropBatch(*tensors, bad=self.bad, mask_index=index)
+        keys = None if self.drop_keys is None else fn(self.drop_keys)
+        return CropBatch(*tensors, bad=self.bad, mask_index=index, drop_keys=keys)
 
     def pin_memory(self) -> CropBatch:
         """Called by the DataLoader's pinning thread when pin_memory is on."""
@@ -150,6 +154,22 @@ class CropBatch:
 # (global views, local views) or (uint8 image, encoded draws), then index, masks, bad files.
 Sample = tuple[list[torch.Tensor] | torch.Tensor, list[torch.Tensor] | torch.Tensor, int, list[np.ndarray] | None,
                list[tuple[int, str]]]
+DROP_KEYS = 2**31  # drop-path keys are drawn below this (`model.vit.keyed_uniform` hashes 31 bits)
+
+
+class KeyedSample(tuple):
+    """A `Sample` that also carries its drop-path key, the last draw of its own generator, as an attribute: drop
+    path then depends on the sample, like its views, not on the process or the batch it lands in. An attribute, not
+    a sixth part, so that code unpacking a sample's five parts keeps working.
+    """
+
+    drop_key: int
+
+
+def _keyed(parts: Sample, rng: np.random.Generator) -> KeyedSample:
+    sample = KeyedSample(parts)
+    sample.drop_key = int(rng.integers(DROP_KEYS))  # after every other draw: those stay as they were
+    return sample
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
@@ -178,7 +198,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> Sample:
+    def __getitem__(self, key: tuple[int, int]) -> KeyedSample:
         epoch, index = key
         image, bad = self._load(index)
         rng = sample_rng(self.seed, epoch, index)  # the slot's draws, whichever file fills it
@@ -189,7 +209,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
             sent = (first.shape[2], first.shape[1])
             second = torch.from_numpy(encode_views(self.augmentation.draw(rng, *image.size), image.size, sent))
         masks = [self.mask_sampler(rng) for _ in range(2)] if self.mask_sampler is not None else None
-        return first, second, index, masks, bad
+        return _keyed((first, second, index, masks, bad), rng)
 
     def _load(self, index: int) -> tuple[Image.Image, list[tuple[int, str]]]:
         bad: list[tuple[int, str]] = []
@@ -220,7 +240,7 @@ class RawBatch:
     Attributes:
         images: (B, 3, H, W) uint8 images, zero-padded to the largest of the batch.
         views: (B, V, NUM_COLUMNS) float32 encoded view draws (`batch_augment.encode_views`).
-        indices, masks, bad, mask_index: as in `CropBatch`.
+        indices, masks, bad, mask_index, drop_keys: as in `CropBatch`.
         plan: the rows each costly op touches (`batch_augment.plan_rows`), built with the batch on the host.
     """
 
@@ -231,6 +251,7 @@ class RawBatch:
     bad: list[tuple[int, str]] = field(default_factory=list)
     mask_index: MaskIndex | None = None
     plan: tuple[torch.Tensor, tuple[int, ...]] | None = None
+    drop_keys: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.masks is not None and self.mask_index is None:
@@ -246,7 +267,8 @@ class RawBatch:
         masks = None if self.masks is None else fn(self.masks)
         index = None if self.mask_index is None else self.mask_index.map(fn)
         plan = (fn(self.plan[0]), self.plan[1])
-        return RawBatch(fn(self.images), fn(self.views), fn(self.indices), masks, self.bad, index, plan)
+        keys = None if self.drop_keys is None else fn(self.drop_keys)
+        return RawBatch(fn(self.images), fn(self.views), fn(self.indices), masks, self.bad, index, plan, keys)
 
     def pin_memory(self) -> RawBatch:
         """Called by the DataLoader's pinning thread when pin_memory is on."""
@@ -259,7 +281,8 @@ class RawBatch:
     def render(self, augment: BatchAugmentation) -> CropBatch:
         """The batch with its views rendered (on the images' device)."""
         global_crops, local_crops = augment(self.images, self.views, self.plan)
-        return CropBatch(global_crops, local_crops, self.indices, self.masks, self.bad, self.mask_index)
+        return CropBatch(global_crops, local_crops, self.indices, self.masks, self.bad, self.mask_index,
+                         self.drop_keys)
 
 
 def collate_crops(samples: list[Sample]) -> CropBatch | RawBatch:
@@ -270,7 +293,8 @@ def collate_crops(samples: list[Sample]) -> CropBatch | RawBatch:
     global_crops = torch.stack([s[0][v] for v in range(num_global) for s in samples])  # (G*B, 3, H, W)
     local_crops = torch.stack([s[1][v] for v in range(num_local) for s in samples]) if num_local else None
     bad = [record for s in samples for record in s[4]]
-    return CropBatch(global_crops, local_crops, torch.tensor([s[2] for s in samples]), _collate_masks(samples), bad)
+    return CropBatch(global_crops, local_crops, torch.tensor([s[2] for s in samples]), _collate_masks(samples), bad,
+                     drop_keys=_collate_keys(samples))
 
 
 def _collate_raw(samples: list[Sample]) -> RawBatch:
@@ -278,7 +302,14 @@ def _collate_raw(samples: list[Sample]) -> RawBatch:
     images = pad_sources(sources)  # (B, 3, H, W) uint8
     views = torch.stack(tables)  # (B, V, C)
     bad = [record for s in samples for record in s[4]]
-    return RawBatch(images, views, torch.tensor([s[2] for s in samples]), _collate_masks(samples), bad)
+    return RawBatch(images, views, torch.tensor([s[2] for s in samples]), _collate_masks(samples), bad,
+                    drop_keys=_collate_keys(samples))
+
+
+def _collate_keys(samples: list[Sample]) -> torch.Tensor | None:
+    """(B,) int64 drop-path keys of the samples, or None when one has none (a plain tuple)."""
+    keys = [getattr(s, "drop_key", None) for s in samples]
+    return None if None in keys else torch.tensor(keys, dtype=torch.int64)
 
 
 def _collate_masks(samples: list[Sample]) -> torch.Tensor | None:

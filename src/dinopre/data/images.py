@@ -1,12 +1,12 @@
 """Decoding one image file to RGB, correctly for every mode, and telling a broken file from a good one.
 
-Conversions (design.md section 6): EXIF orientation is applied; L, P, CMYK, YCbCr and friends go through PIL's
-RGB conversion; images with transparency (LA, RGBA, PA, P with a transparent colour) are composited over the
-ImageNet mean colour, which normalises to zero, instead of keeping whatever colour hides under transparent pixels;
-16-bit images (I;16, and I holding 16-bit values) are scaled by 65535, and wider integer or float images (I, F)
-by their own range, instead of being clipped at 255 (PIL's `convert("RGB")` turns most of a 16-bit image white).
-A file that cannot be decoded — unreadable, truncated, empty, not an image, or a decompression bomb — raises
-`BadImageError` with a short reason.
+Conversions (a training crop must look like the photo a user sees): EXIF orientation is applied; L, P, CMYK, YCbCr
+and friends go through PIL's RGB conversion; images with transparency (LA, RGBA, PA, P with a transparent colour)
+are composited over the ImageNet mean colour, which normalises to zero, instead of keeping whatever colour hides
+under transparent pixels; 16-bit images (I;16, and I holding 16-bit values) are scaled by 65535, and wider integer
+or float images (I, F) by their own range, instead of being clipped at 255 (PIL's `convert("RGB")` turns most of a
+16-bit image white). A file that cannot be decoded — unreadable, truncated, empty, not an image, or a decompression
+bomb — raises `BadImageError` with a short reason.
 """
 
 from __future__ import annotations

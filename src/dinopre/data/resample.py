@@ -9,7 +9,7 @@ Sources of different sizes share one zero-padded tensor: a view's weights are ze
 
 Like Pillow's classic two-pass code, it resamples along x first and keeps the intermediate image in 8 bits (clipped
 and rounded). The result equals `Image.resize((size, size), Image.Resampling.BICUBIC, box=box)` within two levels
-of 255 on photo-like content, most pixels exactly (tests/test_resample.py): Pillow rounds its fixed-point weights
+of 255 on photo-like content, most pixels exactly (tests/data/test_resample.py): Pillow rounds its fixed-point weights
 and, in recent versions, sometimes resizes rows first, which matters where a clipped overshoot differs (on pure
 noise, up to ~15 levels at a few pixels).
 """

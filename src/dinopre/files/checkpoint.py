@@ -1,17 +1,18 @@
 """State files: atomic checkpoint writes, safe loads, and the backbone export the translation pipeline loads.
 
 Checkpoints hold tensors and plain values only (no pickled classes), so they load with
-`torch.load(weights_only=True)`, and a file crafted to run code on load is refused (design.md section 6).
+`torch.load(weights_only=True)`, and a file crafted to run code on load is refused (a pickle can run code).
 Writes go to a temporary file in the same folder, are fsynced, then renamed over the target: a kill at any moment
 leaves the previous file intact.
 
-Export format `slt` (design.md section 2): {"model": state_dict, "metadata": {"backbone": {...}, ...}} with the
-consumer's key names (`nn.MultiheadAttention` `in_proj_*` / `out_proj`, `mlp.0` / `mlp.3`), plus a JSON sidecar
-with the same stem holding the metadata.
+Export format `slt` (what the translation pipeline's loader reads): {"model": state_dict, "metadata": {"backbone":
+{...}, ...}} with the consumer's key names (`nn.MultiheadAttention` `in_proj_*` / `out_proj`, `mlp.0` / `mlp.3`),
+plus a JSON sidecar with the same stem holding the metadata.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from dinopre import __version__
-from dinopre.base.errors import CheckpointError, RunDirError, UserError
+from dinopre.base.errors import CheckpointError, RunDirError
 from dinopre.files.outputs import write_error
 
 FORMAT_VERSION = 1
@@ -131,8 +132,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
+def load_file(path: str | Path, *, allowed: tuple[type, ...] = ()) -> dict[str, Any]:
     """Load a dinopre file safely (weights_only=True) onto the CPU.
+
+    Args:
+        path: the file.
+        allowed: classes the unpickler may build besides tensors and plain values (for this call only), e.g.
+            `argparse.Namespace` for the arguments official DINO training checkpoints keep.
 
     Raises:
         CheckpointError: missing, empty, truncated, not a torch file, or holding objects other than tensors and
@@ -144,7 +150,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"'{path}' is empty (0 bytes); it is not a usable checkpoint.")
     try:
-        with warnings.catch_warnings():  # torch warns about unusual pickle protocols before refusing them
+        with warnings.catch_warnings(), _safe_globals(allowed):  # torch warns about unusual pickle protocols
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -161,32 +167,14 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a training checkpoint written by `dinopre train`.
-
-    Raises:
-        CheckpointError: not a dinopre training checkpoint, or written by a newer format version.
-    """
-    from dinopre.config.settings import config_from_dict
-    from dinopre.files.schema import check_training_state
-
-    state = load_file(path)
-    if state.get("kind") != KIND_TRAINING:
-        raise CheckpointError(f"'{path}' is not a dinopre training checkpoint.")
-    check_training_state(state, path)
-    if state["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"'{path}' was written by a newer dinopre (format {state['format_version']}); "
-                              "upgrade dinopre to read it.")
-    try:
-        config_from_dict(state["config"])
-    except (UserError, KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot use ({_first_line(exc)}).") from None
-    return state
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+def _safe_globals(allowed: tuple[type, ...]) -> Any:
+    """A context in which the weights_only unpickler also accepts `allowed` (torch >= 2.5), or nothing extra."""
+    if not allowed:
+        return contextlib.nullcontext()
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise CheckpointError(f"Reading {', '.join(c.__name__ for c in allowed)} from a checkpoint safely needs "
+                              "PyTorch 2.5 or newer; upgrade torch.")
+    return torch.serialization.safe_globals(list(allowed))
 
 
 # (our / timm name part, the pipeline's `nn.MultiheadAttention` / `nn.Sequential` name part)

@@ -1,12 +1,14 @@
 """Backbone files: export from a checkpoint, the pipeline's `file::PATH[:MODEL]` loader, verification, inspection.
 
-Formats (design.md section 2):
+Formats (README "The export format"):
 - `slt` (default): {"model": state_dict, "metadata": {...}} with the translation pipeline's key names
   (`nn.MultiheadAttention` in_proj/out_proj, `mlp.0`/`mlp.3`). The pipeline loads it with strict=False, so a
   wrong key would silently stay random; everything here loads strictly.
 - `timm`: a plain state dict with the official DINO / timm `vit_small_patch16_224` key names (`attn.qkv`,
   `attn.proj`, `mlp.fc1`/`mlp.fc2`), loadable with `timm.create_model(..., num_classes=0, checkpoint_path=F)`.
-  Note timm builds LayerNorm with eps 1e-6 where this backbone uses 1e-5 (features differ by ~1e-5 relative).
+  timm builds LayerNorm with eps 1e-6 where this backbone uses 1e-5: on the trained demo checkpoint that moves the
+  CLS features by 2.4e-3 relative; `norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-5)` in
+  `timm.create_model` makes them equal (files written by `dinopre convert` record their own eps in the sidecar).
 Both get a JSON sidecar with the same stem holding the metadata.
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from dinopre.base.errors import ConfigError
+from dinopre.config.settings import EvalConfig, PretrainConfig
 from dinopre.files.checkpoint import (
     KIND_BACKBONE,
     KIND_TRAINING,
@@ -31,20 +34,20 @@ from dinopre.files.checkpoint import (
     atomic_write_text,
     backbone_metadata,
     load_file,
-    load_training_checkpoint,
     sha256_file,
     slt_state_dict,
 )
 from dinopre.files.outputs import check_export_paths, check_parent_writable
 from dinopre.files.schema import check_backbone_metadata, check_backbone_tensors
+from dinopre.files.state import TrainingState, load_training_checkpoint
 from dinopre.model.vit import VisionTransformer, count_parameters
 
-FORMATS = ("slt", "timm")
 MODEL_NAMES = ("slt_vitsmall_patch16", "dinopre_vit")
 
 
 def backbone_state(state: dict[str, Any], weights: str) -> dict[str, torch.Tensor]:
-    """The `teacher` or `student` backbone of a training checkpoint, without the `backbone.` prefix or mask token."""
+    """The `teacher` or `student` backbone of a training checkpoint's contents (`TrainingState.to_dict()`), without
+    the `backbone.` prefix or mask token."""
     prefix = "backbone."
     return {k.removeprefix(prefix): v for k, v in state[weights].items()
             if k.startswith(prefix) and k != "backbone.mask_token"}
@@ -120,11 +123,11 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, fmt: str = 
     checkpoint, output = Path(checkpoint), Path(output)
     check_export_paths(output, force=force, inputs=[checkpoint])  # before the (slow) load
     state = load_training_checkpoint(checkpoint)
-    metadata = backbone_metadata(state["config"], epoch=state["epoch"], weights=weights)
+    metadata = backbone_metadata(state.config, epoch=state.epoch, weights=weights)
     metadata["source_checkpoint"] = str(checkpoint)
-    output, sidecar = write_backbone(backbone_state(state, weights), metadata, output, fmt=fmt, force=force,
-                                     inputs=[checkpoint])
-    return output, sidecar, _record_in_run_dir(checkpoint.parent, output, sidecar, fmt, state["epoch"])
+    output, sidecar = write_backbone(backbone_state(state.to_dict(), weights), metadata, output, fmt=fmt,
+                                     force=force, inputs=[checkpoint])
+    return output, sidecar, _record_in_run_dir(checkpoint.parent, output, sidecar, fmt, state.epoch)
 
 
 def _record_in_run_dir(folder: Path, output: Path, sidecar: Path, fmt: str, epoch: int) -> str | None:
@@ -185,13 +188,13 @@ def load_any_backbone(path: str | Path, weights: str = "teacher") -> tuple[Visio
     Raises:
         CheckpointError: neither, or damaged.
     """
-    obj_kind = load_file(Path(path)).get("kind")
-    if obj_kind != KIND_TRAINING:
+    obj = load_file(Path(path))
+    if obj.get("kind") != KIND_TRAINING:
         return load_backbone_file(path)
-    state = load_training_checkpoint(path)
-    metadata = backbone_metadata(state["config"], epoch=state["epoch"], weights=weights)
+    state = TrainingState.from_dict(obj, path)
+    metadata = backbone_metadata(state.config, epoch=state.epoch, weights=weights)
     model = build_backbone(metadata)
-    model.load_state_dict(backbone_state(state, weights), strict=True)
+    model.load_state_dict(backbone_state(state.to_dict(), weights), strict=True)
     return model.eval(), metadata
 
 
@@ -282,7 +285,7 @@ def _compare_with_checkpoint(report: VerifyReport, model: VisionTransformer, met
     try:
         state = load_training_checkpoint(checkpoint)
         reference = build_backbone(metadata)
-        reference.load_state_dict(backbone_state(state, metadata.get("weights", "teacher")), strict=True)
+        reference.load_state_dict(backbone_state(state.to_dict(), metadata.get("weights", "teacher")), strict=True)
     except (CheckpointError, RuntimeError) as exc:
         report.add("same features as the checkpoint", False, str(exc).splitlines()[0])
         return
@@ -295,50 +298,66 @@ def _compare_with_checkpoint(report: VerifyReport, model: VisionTransformer, met
 
 
 def inspect_file(path: str | Path) -> dict[str, Any]:
-    """A summary of a dinopre training checkpoint or backbone export.
+    """A summary of a dinopre training checkpoint or backbone export, or of a checkpoint `dinopre convert` takes
+    (its layout and what it would become).
 
     Raises:
-        CheckpointError: the file is not one of dinopre's.
+        CheckpointError: the file is neither (the sentence says what it saw).
     """
+    from dinopre.files.convert import describe_source
+    from dinopre.files.sources import is_dinopre_export, load_source_file, read_source
+
     path = Path(path)
-    obj = load_file(path)
+    obj = load_source_file(path)
     info: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     if obj.get("kind") == KIND_TRAINING:
-        return {**info, **_inspect_training(load_training_checkpoint(path))}
+        return {**info, **_inspect_training(TrainingState.from_dict(obj, path))}
+    if not is_dinopre_export(obj, path):
+        return {**info, **describe_source(read_source(path))}
     model, metadata = load_backbone_file(path)
     if metadata.get("kind") != KIND_BACKBONE:
         raise CheckpointError(f"'{path}' is not a dinopre file.")
     keys = ("format", "format_version", "dinopre_version", "preset", "stream", "algorithm", "weights", "epoch")
-    return {**info, "kind": "backbone export", **{k: metadata.get(k) for k in keys},
+    return {**info, "kind": "backbone export", **{k: metadata.get(k) for k in keys}, **_converted_from(metadata),
             "backbone": metadata["backbone"], "parameters": {"backbone": count_parameters(model)}}
 
 
-def _inspect_training(state: dict[str, Any]) -> dict[str, Any]:
-    config = state["config"]
+def _converted_from(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Where a file written by `dinopre convert` came from (nothing for an export of a dinopre run)."""
+    source = metadata.get("source")
+    if not isinstance(source, dict):
+        return {}
+    return {"converted_from": f"{source.get('description')} '{source.get('path')}' (sha256 "
+                              f"{str(source.get('sha256'))[:12]}...)",
+            "layer_norm_eps": f"{metadata.get('layer_norm_eps', 1e-5):g}"}
+
+
+def _inspect_training(state: TrainingState) -> dict[str, Any]:
+    config = state.config
     counts: dict[str, int] = {}
-    for side in ("student", "teacher"):
-        for name, tensor in state[side].items():
+    for side, weights in (("student", state.student), ("teacher", state.teacher)):
+        for name, tensor in weights.items():
             part = f"{side} {name.split('.')[0].replace('_', ' ')}"
             counts[part] = counts.get(part, 0) + tensor.numel()
-    losses = [float(x) for x in state.get("epoch_losses", [])]
+    losses = [float(x) for x in state.epoch_losses]
     history = {"epochs": len(losses)}
     if losses:
         history.update(first=losses[0], last=losses[-1], min=min(losses), max=max(losses))
     m, d, o = config["model"], config["data"], config["optim"]
     return {
         "kind": "training checkpoint",
-        "format_version": state.get("format_version"),
-        "dinopre_version": state.get("dinopre_version"),
+        "format_version": state.format_version,
+        "dinopre_version": state.dinopre_version,
         "algorithm": config["method"]["algorithm"],
         "preset": config["preset"],
-        "epoch": state["epoch"],
+        "epoch": state.epoch,
         "epochs_planned": o["epochs"],
-        "step_in_epoch": state.get("step_in_epoch", 0),
-        "global_step": state["global_step"],
-        "best_loss": state["best_loss"] if math.isfinite(state["best_loss"]) else None,
-        "best_epoch": state.get("best_epoch"),
-        "world_size": state.get("world_size", 1),  # training processes that wrote it (any number may resume)
-        "trackers": dict(state.get("trackers") or {}),  # --logger runs a resume continues
+        "step_in_epoch": state.step_in_epoch,
+        "global_step": state.global_step,
+        "best_loss": state.best_loss if math.isfinite(state.best_loss) else None,
+        "best_epoch": state.best_epoch,
+        "world_size": state.world_size,  # training processes that wrote it (any number may resume)
+        "trackers": dict(state.trackers),  # --logger runs a resume continues
         "config": {
             "model": f"ViT {m['vit_embed_dim']}-d depth {m['vit_depth']} heads {m['vit_num_heads']} patch "
                      f"{m['patch_size']} at {m['image_size']} px, K={m['out_dim']}",
@@ -348,13 +367,13 @@ def _inspect_training(state: dict[str, Any]) -> dict[str, Any]:
         },
         "parameters": counts,
         "loss_history": history,
-        **_inspect_evaluations(state, config),
+        **_inspect_evaluations(state.evaluations, config),
     }
 
 
-def _inspect_evaluations(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+def _inspect_evaluations(evaluations: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
     """The last epoch's feature signals and the k-NN history of a training checkpoint (none before version 0.2)."""
-    records = [r for r in state.get("evaluations", []) if isinstance(r, dict)]
+    records = [r for r in evaluations if isinstance(r, dict)]
     if not records:
         return {}
     last = records[-1]
@@ -366,6 +385,10 @@ def _inspect_evaluations(state: dict[str, Any], config: dict[str, Any]) -> dict[
         best_epoch, best = max(knn, key=lambda pair: pair[1])
         out["knn_history"] = {"evaluations": len(knn), "first": knn[0][1], "last": knn[-1][1], "best": best,
                               "best_epoch": best_epoch}
+    # The checkpoint holds the configuration as plain values; the rule that resolves an unset --best-by is the
+    # configuration's own, asked of just the two settings it reads (the rest may predate today's validation).
     eval_config = config.get("eval", {})
-    out["best_by"] = eval_config.get("best_by") or ("knn" if eval_config.get("eval_dir") else "loss")
+    asked = PretrainConfig(config["preset"], eval=EvalConfig(eval_dir=eval_config.get("eval_dir"),
+                                                             best_by=eval_config.get("best_by")))
+    out["best_by"] = asked.resolved_best_by
     return out

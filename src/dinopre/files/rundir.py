@@ -1,4 +1,4 @@
-"""The run directory and its files (design.md section 1).
+"""The run directory and its files (README "The run directory").
 
 `checkpoint_last.pt` (every epoch and every `--checkpoint-every` steps), `checkpoint_best.pt` (lowest epoch mean
 loss), `params.json` (resolved config + environment), `metrics.jsonl` (one JSON object per log step and per

@@ -49,6 +49,11 @@ def _dict_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, dict) for v in value)
 
 
+def _rank_share(value: Any) -> bool:
+    return (isinstance(value, dict) and _tensor_dict(value.get("rng")) and "torch" in value["rng"]
+            and _tensor_dict(value.get("loss_sums")))
+
+
 # (key, check, what it must be); optional keys (written by later versions) may be absent.
 _TRAINING_KEYS: tuple[tuple[str, Callable[[Any], bool], str, bool], ...] = (
     ("format_version", _is_int, "an integer format_version", True),
@@ -72,6 +77,12 @@ _TRAINING_KEYS: tuple[tuple[str, Callable[[Any], bool], str, bool], ...] = (
     ("recipe", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
      "the recipe's reasons", False),
     ("best_knn", lambda v: v is None or _is_number(v), "a number (or nothing) as best_knn", False),
+    ("dinopre_version", lambda v: isinstance(v, str), "a version string", False),
+    ("world_size", lambda v: _is_int(v) and v >= 1, "a process count of 1 or more", False),
+    ("trackers", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in (*v, *v.values())),
+     "a mapping of tracker names to run ids", False),
+    ("ranks", lambda v: isinstance(v, list) and all(_rank_share(x) for x in v),
+     "a list of each process's generator states and loss sums", False),
 )
 
 
@@ -104,15 +115,15 @@ def check_training_state(state: dict[str, Any], path: Any) -> None:
         raise _fail(path, "its loss sums are not single numbers")
 
 
-def check_centers(state: dict[str, Any], path: Any, out_dim: int, patch_out_dim: int | None) -> None:
-    """Check that the loss centers have the prototype counts of the configuration that continues them.
+def check_centers(centers: dict[str, torch.Tensor], path: Any, out_dim: int, patch_out_dim: int | None) -> None:
+    """Check that a checkpoint's loss centers have the prototype counts of the configuration that continues them.
 
     Raises:
         SchemaError: a center of another width.
     """
     expected = {"center": out_dim, **({"patch_center": patch_out_dim} if patch_out_dim is not None else {})}
     for name, width in expected.items():
-        center = state["loss"].get(name)
+        center = centers.get(name)
         if center is None or tuple(center.shape) != (1, width):
             shape = None if center is None else tuple(center.shape)
             raise _fail(path, f"its loss center '{name}' has the shape {shape}, not (1, {width}) as its configuration "
@@ -121,7 +132,7 @@ def check_centers(state: dict[str, Any], path: Any, out_dim: int, patch_out_dim:
 
 # ============ backbone exports ============
 
-# The largest architecture an export may describe (as config.UPPER_BOUNDS for training).
+# The largest architecture an export may describe (as dinopre.config.settings.UPPER_BOUNDS for training).
 _BACKBONE_BOUNDS = {"image_size": 4096, "patch_size": 4096, "in_channels": 16, "embed_dim": 8192, "depth": 256,
                     "num_heads": 8192}
 

@@ -70,54 +70,7 @@ class DINOHead(nn.Module):
         """(R, in_dim) features -> (R, K) fp32 logits."""
         x = self.mlp(x)
         # The prototype logits feed softmaxes at temperature 0.04: in bf16 their rounding (~3e-3) becomes 0.08
-        # nats; keep the normalisation and the last layer in fp32 (dino_ibot.md section 5, problem 2).
+        # nats, so the normalisation and the last layer stay in fp32 like the rest of the loss maths.
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = F.normalize(x.float(), dim=-1, p=2)  # (R, bottleneck)
             return self.last_layer(x)
-
-
-class ProjectionHead(nn.Module):
-    """A training-only MLP (in -> hidden -> out, GELU) that maps backbone features to a contrastive embedding.
-
-    Args:
-        in_dim: backbone feature width.
-        hidden_dim: hidden width.
-        out_dim: embedding width.
-    """
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
-        for module in self.mlp:
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(R, in_dim) features -> (R, out_dim) embeddings."""
-        return self.mlp(x)
-
-
-class LocalisationHead(nn.Module):
-    """A training-only MLP that reads two patch tokens and predicts how far apart they lie on the patch grid.
-
-    Drloc (Liu et al., "Efficient Training of Visual Transformers with Small Datasets", NeurIPS 2021): the pair's
-    concatenated tokens (2 x in_dim) -> hidden -> hidden -> (drow, dcol), ReLU, as in the paper. Solving it needs
-    tokens that know where they are relative to each other, the spatial structure a ViT otherwise lacks early on
-    small data. Never exported.
-
-    Args:
-        in_dim: backbone token width.
-        hidden_dim: width of the two hidden layers (512 in the paper).
-    """
-
-    def __init__(self, in_dim: int, hidden_dim: int = 512) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(2 * in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.ReLU(), nn.Linear(hidden_dim, 2))
-
-    def forward(self, tokens: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) tokens and (B, P, 2) index pairs -> (B, P, 2) predicted offsets of the first from the second."""
-        index = pairs.flatten(1).unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (B, 2P, D)
-        picked = tokens.gather(1, index).unflatten(1, pairs.shape[1:])  # (B, P, 2, D)
-        return self.mlp(picked.flatten(-2))

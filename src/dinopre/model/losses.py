@@ -55,62 +55,6 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = S
     return (q * total).t()
 
 
-def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """KoLeo regulariser of one view's (B, D) features: -mean_i log ||x_i - x_nn(i)|| on L2-normalised x, fp32.
-
-    The nearest neighbour excludes the image itself (DINOv2 sets the diagonal of the similarities to -1). Needs at
-    least 2 rows; eps keeps an exact duplicate at -log(eps) instead of infinity (dinov2#143).
-    """
-    with torch.autocast(features.device.type, enabled=False):
-        x = F.normalize(features.float(), dim=-1, eps=eps)
-        similarity = x @ x.t()
-        similarity.fill_diagonal_(-1.0)
-        nearest = similarity.argmax(dim=1)
-        distances = F.pairwise_distance(x, x[nearest], p=2, eps=eps)
-        return -torch.log(distances + eps).mean()
-
-
-def info_nce(embeddings: torch.Tensor, num_views: int, temperature: float) -> torch.Tensor:
-    """Contrastive loss of crop-major (V*B, d) embeddings (SimCLR's NT-Xent, Chen et al. 2020), in fp32.
-
-    Each row must pick out the other views of its own image among all rows of the batch (its own row excluded):
-    -log of the softmax weight, at `temperature`, of its positives, averaged over positives and rows. In-batch
-    negatives only, per process (no gathering across processes).
-    """
-    with torch.autocast(embeddings.device.type, enabled=False):
-        z = F.normalize(embeddings.float(), dim=-1)
-        rows = z.shape[0]
-        image = torch.arange(rows, device=z.device) % (rows // num_views)  # crop-major: row r is image r % B
-        logits = (z @ z.t()) / temperature
-        self_mask = torch.eye(rows, dtype=torch.bool, device=z.device)
-        logits = logits.masked_fill(self_mask, float("-inf"))
-        positives = (image[:, None] == image[None, :]) & ~self_mask
-        log_p = F.log_softmax(logits, dim=1)
-        return -(log_p.masked_fill(~positives, 0.0).sum(1) / positives.sum(1)).mean()
-
-
-def sample_token_pairs(batch: int, num_tokens: int, pairs: int, device: torch.device) -> torch.Tensor:
-    """(batch, pairs, 2) indices of token pairs, drawn uniformly with replacement from the global generator (whose
-    state the checkpoints carry, so a resumed run draws the same pairs)."""
-    return torch.randint(num_tokens, (batch, pairs, 2), device=device)
-
-
-def relative_offsets(pairs: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(..., 2) token-index pairs on a (rows, cols) grid -> (..., 2) offsets (drow / rows, dcol / cols) of the first
-    token from the second, each in (-1, 1): Drloc's targets (Liu et al., NeurIPS 2021, eq. 2)."""
-    rows, cols = grid
-    first, second = pairs.unbind(-1)
-    drow = torch.div(first, cols, rounding_mode="floor") - torch.div(second, cols, rounding_mode="floor")
-    dcol = first % cols - second % cols
-    return torch.stack([drow / rows, dcol / cols], dim=-1).float()
-
-
-def localisation_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Drloc's loss: the L1 distance between predicted and true (..., 2) offsets, averaged over pairs, in fp32."""
-    with torch.autocast(predicted.device.type, enabled=False):
-        return (predicted.float() - target.float()).abs().sum(-1).mean()
-
-
 class _CenteredLoss(nn.Module):
     """What the DINO and iBOT losses share: a student temperature and the teacher's centering.
 
@@ -174,7 +118,7 @@ class DINOLoss(_CenteredLoss):
         student_logp = student_logp.unflatten(0, (num_student_views, -1))  # (V, B, K)
         teacher_p = self.teacher_targets(teacher_logits, teacher_temp).unflatten(0, (num_global, -1))  # (G, B, K)
         # Sum over every (q, v) pair = <sum_q t_q, sum_v s_v> - sum_q <t_q, s_q>: one pass over (B, K) per view
-        # instead of one per pair (18 for 2 + 8 crops); equal to dino's double loop (tests/test_losses.py).
+        # instead of one per pair (18 for 2 + 8 crops); equal to dino's double loop (tests/model/test_losses.py).
         all_pairs = (teacher_p.sum(0) * student_logp.sum(0)).sum(-1)  # (B,)
         same_view = (teacher_p * student_logp[:num_global]).sum(-1).sum(0)  # (B,)
         num_pairs = num_global * num_student_views - num_global
@@ -233,8 +177,8 @@ class IBOTPatchLoss(_CenteredLoss):
 
 @torch.no_grad()
 def teacher_diagnostics(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Collapse signals of a batch's (R, K) teacher targets (dino_ibot.md section 5, problem 1), computed without
-    host synchronisation.
+    """Collapse signals of a batch's (R, K) teacher targets, computed without host synchronisation: a uniform
+    teacher (entropy near ln K, the loss stuck at ln K of facebookresearch/dino#246) or a one-hot one.
 
     Returns:
         `teacher_entropy`: mean entropy of the teacher's target distributions (ln K = uniform collapse);

@@ -8,11 +8,15 @@ iBOT patch head: `shared_head` uses the CLS head for patch tokens too (the iBOT 
 serves both; otherwise a separate head with `patch_out_dim` prototypes (DINOv2's `ibot.separate_head`). The
 student's patch head runs on the masked tokens only, the only ones the loss reads; the teacher's runs on every
 patch token, because the patch center is the mean over all of them (iBOT `iBOTLoss.update_center`).
+
+Regularisers (KoLeo, contrastive, Drloc: `model.regularisers`) add their weighted terms on the student's global
+views; the pair loops over them and holds their training-only heads in the student's ModuleDict.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -20,18 +24,11 @@ from torch import nn
 from dinopre.config.settings import PretrainConfig
 from dinopre.data.augment import grayscale_normalized, standardized_luma
 from dinopre.data.dataset import CropBatch
-from dinopre.model.heads import DINOHead, LocalisationHead, ProjectionHead
-from dinopre.model.losses import (
-    DINOLoss,
-    IBOTPatchLoss,
-    info_nce,
-    koleo_loss,
-    localisation_loss,
-    relative_offsets,
-    sample_token_pairs,
-    teacher_diagnostics,
-)
-from dinopre.model.vit import VisionTransformer
+from dinopre.model.heads import DINOHead
+from dinopre.model.losses import DINOLoss, IBOTPatchLoss, teacher_diagnostics
+from dinopre.model.regularisers.registry import build_regularisers
+from dinopre.model.regularisers.regulariser import Regulariser, StudentGlobals
+from dinopre.model.vit import VisionTransformer, row_keys
 
 
 class StudentTeacher(nn.Module):
@@ -44,19 +41,15 @@ class StudentTeacher(nn.Module):
         patch_loss: the iBOT patch loss; None for DINO.
         patch_head: a separate patch head, or None to share `head` (iBOT only).
         loss_weights: (CLS, patch) weights of the iBOT total.
-        koleo_weight: weight of the KoLeo regulariser on the student's global-view CLS features (0: off).
         teacher_view: how the teacher sees its views: `rgb` (as rendered, DINO), `gray` (luma: its targets cannot
             depend on colour, so the student learns features that do not either) or `pattern` (luma standardised
             per view: nor on brightness and contrast).
-        contrast_head: a training-only projection head for a contrastive loss between the student's global views
-            (SimCLR's InfoNCE), or None; it is never exported.
-        contrast_weight: weight of that loss in the total.
-        contrast_temperature: its softmax temperature.
-        drloc_head: a training-only head that predicts the grid offset between two of the student's patch tokens
-            of a global view (Drloc), or None; it is never exported.
-        drloc_weight: weight of that loss in the total.
+        regularisers: extra terms on the student's global views, added to the total in this order; their heads
+            join the student's ModuleDict (under `head_key`, listed after the DINO heads) and are never exported.
         zero_mean_patches: keep the patch filters at zero mean per colour channel (`constrain` after each step),
             so a patch token does not change when a constant is added to a channel of the patch.
+        drop_path_scope: `sample`: the student's drop path draws from each sample's own key (`batch.drop_keys`),
+            so a step does not depend on the number of processes; `process`: from the process's generator.
     """
 
     def __init__(
@@ -68,26 +61,20 @@ class StudentTeacher(nn.Module):
         patch_loss: IBOTPatchLoss | None = None,
         patch_head: DINOHead | None = None,
         loss_weights: tuple[float, float] = (1.0, 1.0),
-        koleo_weight: float = 0.0,
         teacher_view: str = "rgb",
-        contrast_head: ProjectionHead | None = None,
-        contrast_weight: float = 0.0,
-        contrast_temperature: float = 0.2,
-        drloc_head: LocalisationHead | None = None,
-        drloc_weight: float = 0.0,
+        regularisers: Sequence[Regulariser] = (),
         zero_mean_patches: bool = False,
+        drop_path_scope: str = "sample",
     ) -> None:
         super().__init__()
         self.zero_mean_patches = zero_mean_patches
+        self.keyed_drop_path = drop_path_scope == "sample" and any(b.drop_path_rate > 0 for b in backbone.blocks)
         if zero_mean_patches:
             _center_filters(backbone.patch_embed.proj.weight)
         modules = {"backbone": backbone, "head": head}
         if patch_head is not None:
             modules["patch_head"] = patch_head
-        if contrast_head is not None:
-            modules["contrast_head"] = contrast_head
-        if drloc_head is not None:
-            modules["drloc_head"] = drloc_head
+        modules.update({r.head_key: r.head for r in regularisers if r.head is not None})
         self.student = nn.ModuleDict(modules)
         self.teacher = copy.deepcopy(self.student)
         for block in self.teacher["backbone"].blocks:
@@ -96,10 +83,9 @@ class StudentTeacher(nn.Module):
         self.dino_loss = loss
         self.patch_loss = patch_loss
         self.loss_weights = loss_weights
-        self.koleo_weight = koleo_weight
         self.teacher_view = teacher_view
-        self.contrast_weight, self.contrast_temperature = contrast_weight, contrast_temperature
-        self.drloc_weight = drloc_weight
+        self.regularisers = tuple(regularisers)  # a plain tuple: their heads are registered in `student` only
+        self._needs_patch_tokens = any(r.needs_patch_tokens for r in self.regularisers)
 
     @property
     def is_ibot(self) -> bool:
@@ -109,9 +95,7 @@ class StudentTeacher(nn.Module):
     def loss_names(self) -> tuple[str, ...]:
         """The total and its parts, as keys of `forward`'s result."""
         names = ("loss", "cls", "patch") if self.is_ibot else ("loss", "dino")
-        names += ("koleo",) if self.koleo_weight > 0 else ()
-        names += ("contrast",) if "contrast_head" in self.student else ()
-        return names + ("drloc",) if "drloc_head" in self.student else names
+        return names + tuple(r.name for r in self.regularisers)
 
     def train(self, mode: bool = True) -> StudentTeacher:
         super().train(mode)
@@ -133,6 +117,13 @@ class StudentTeacher(nn.Module):
         if self.patch_loss is not None:
             state["patch_center"] = self.patch_loss.center.detach().clone()
         return state
+
+    @torch.no_grad()
+    def load_loss_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put the loss centers of `loss_state` back in place (a checkpoint's, whose widths were checked)."""
+        self.dino_loss.center.copy_(state["center"])
+        if self.patch_loss is not None:
+            self.patch_loss.center.copy_(state["patch_center"])
 
     def forward(
         self,
@@ -156,19 +147,31 @@ class StudentTeacher(nn.Module):
             return self._forward_ibot(batch, teacher_temp, teacher_patch_temp, diagnostics)
         with torch.no_grad():
             teacher_logits = self.teacher["head"](self.teacher["backbone"](self._teacher_views(batch)))  # (G*B, K)
-        global_cls, patch_tokens = self._student_globals(batch)
-        student_logits = self.student["head"](self._student_cls(global_cls, batch))  # (V*B, K)
+        student = self._student_globals(batch)
+        student_logits = self.student["head"](self._student_cls(student.cls, batch))  # (V*B, K)
         out = self._diagnostics(teacher_logits, teacher_temp) if diagnostics else {}
         loss = self._cls_loss(student_logits, teacher_logits, batch, teacher_temp)
-        return self._with_regularisers({"loss": loss, "dino": loss.detach(), **out}, global_cls, batch, patch_tokens)
+        return self._with_regularisers({"loss": loss, "dino": loss.detach(), **out}, student)
 
-    def _student_globals(self, batch: CropBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The student's (G*B, D) CLS features of the global views, and their (G*B, N, D) patch tokens when a loss
-        reads them (Drloc)."""
-        if "drloc_head" not in self.student:
-            return self.student["backbone"](batch.global_crops), None
-        features = self.student["backbone"].forward_features(batch.global_crops)
-        return features.cls, features.patch_tokens
+    def _student_globals(self, batch: CropBatch) -> StudentGlobals:
+        """The student's (G*B, D) CLS features of the global views, and their (G*B, N, D) patch tokens only when a
+        regulariser reads them (the CLS-only path is cheaper)."""
+        keys = self._drop_keys(batch, batch.global_crops)
+        if not self._needs_patch_tokens:
+            return self._globals(self.student["backbone"](batch.global_crops, **keys), None, batch)
+        features = self.student["backbone"].forward_features(batch.global_crops, **keys)
+        return self._globals(features.cls, features.patch_tokens, batch)
+
+    def _drop_keys(self, batch: CropBatch, crops: torch.Tensor, first_view: int = 0) -> dict[str, torch.Tensor]:
+        """`drop_keys` for the backbone's call on `crops` (views `first_view` on of the batch): the per-row keys,
+        or nothing, to draw from the process's generator (scope `process`, no drop path, a batch without keys),
+        which leaves the call as it always was."""
+        if not self.keyed_drop_path or batch.drop_keys is None:
+            return {}
+        return {"drop_keys": row_keys(batch.drop_keys, crops.shape[0] // batch.batch_size, first_view)}
+
+    def _globals(self, cls: torch.Tensor, patch_tokens: torch.Tensor | None, batch: CropBatch) -> StudentGlobals:
+        return StudentGlobals(cls, patch_tokens, batch, self.student["backbone"].patch_embed.patch_size)
 
     def _teacher_views(self, batch: CropBatch) -> torch.Tensor:
         """The global views as the teacher sees them (`teacher_view`)."""
@@ -178,35 +181,21 @@ class StudentTeacher(nn.Module):
             return standardized_luma(batch.global_crops)
         return batch.global_crops
 
-    def _with_regularisers(self, losses: dict[str, torch.Tensor], global_cls: torch.Tensor, batch: CropBatch,
-                           patch_tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Add the student's regularisers of its global views to the total, per process: KoLeo on each view's CLS
-        features (DINOv2), the contrastive loss between views and the relative localisation of patch tokens
-        (each through its training-only head)."""
-        views = global_cls.shape[0] // batch.batch_size
-        if self.koleo_weight > 0:
-            koleo = sum(koleo_loss(view) for view in global_cls.chunk(views))
-            losses = {**losses, "loss": losses["loss"] + self.koleo_weight * koleo, "koleo": koleo.detach()}
-        if "contrast_head" in self.student:
-            contrast = info_nce(self.student["contrast_head"](global_cls), views, self.contrast_temperature)
-            losses = {**losses, "loss": losses["loss"] + self.contrast_weight * contrast, "contrast": contrast.detach()}
-        if "drloc_head" in self.student and patch_tokens is not None:
-            drloc = self._localisation(patch_tokens, batch)
-            losses = {**losses, "loss": losses["loss"] + self.drloc_weight * drloc, "drloc": drloc.detach()}
+    def _with_regularisers(self, losses: dict[str, torch.Tensor], student: StudentGlobals) -> dict[str, torch.Tensor]:
+        """Add each regulariser's weighted term to the total, in their order (a term that draws random numbers,
+        Drloc's pairs, draws them here; KoLeo and the contrastive loss see every process's images), and its
+        detached value under its name."""
+        for regulariser in self.regularisers:
+            term = regulariser.loss(student)
+            losses = {**losses, "loss": losses["loss"] + regulariser.weight * term, regulariser.name: term.detach()}
         return losses
-
-    def _localisation(self, patch_tokens: torch.Tensor, batch: CropBatch) -> torch.Tensor:
-        """Drloc's loss on (G*B, N, D) patch tokens: DRLOC_PAIRS random pairs per view, offsets on the patch grid."""
-        patch = self.student["backbone"].patch_embed.patch_size
-        grid = (batch.global_crops.shape[-2] // patch, batch.global_crops.shape[-1] // patch)
-        pairs = sample_token_pairs(patch_tokens.shape[0], patch_tokens.shape[1], DRLOC_PAIRS, patch_tokens.device)
-        return localisation_loss(self.student["drloc_head"](patch_tokens, pairs), relative_offsets(pairs, grid))
 
     def _student_cls(self, global_cls: torch.Tensor, batch: CropBatch) -> torch.Tensor:
         """Student CLS features of every view: globals (already computed) then locals, one call per resolution."""
         if batch.local_crops is None:
             return global_cls
-        return torch.cat([global_cls, self.student["backbone"](batch.local_crops)])  # (V*B, D)
+        keys = self._drop_keys(batch, batch.local_crops, global_cls.shape[0] // batch.batch_size)
+        return torch.cat([global_cls, self.student["backbone"](batch.local_crops, **keys)])  # (V*B, D)
 
     def _cls_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: CropBatch,
                   teacher_temp: float) -> torch.Tensor:
@@ -224,7 +213,8 @@ class StudentTeacher(nn.Module):
         with torch.no_grad():
             teacher = self.teacher["backbone"].forward_features(self._teacher_views(batch))  # unmasked views
             teacher_logits, teacher_patch_logits = self._heads(self.teacher, teacher.cls, teacher.patch_tokens)
-        student = self.student["backbone"].forward_features(batch.global_crops, masks=batch.masks)
+        student = self.student["backbone"].forward_features(batch.global_crops, masks=batch.masks,
+                                                            **self._drop_keys(batch, batch.global_crops))
         student_cls = self._student_cls(student.cls, batch)  # (V*B, D)
         # (M, D): only these reach the loss; gathered by index, so the host never waits for the mask count
         masked_tokens = student.patch_tokens.flatten(0, 1).index_select(0, batch.mask_index.flat)
@@ -235,7 +225,7 @@ class StudentTeacher(nn.Module):
                                      teacher_temp=teacher_patch_temp)
         loss = self.loss_weights[0] * cls_loss + self.loss_weights[1] * patch_loss
         return self._with_regularisers({"loss": loss, "cls": cls_loss.detach(), "patch": patch_loss.detach(), **out},
-                                       student.cls, batch, student.patch_tokens)
+                                       self._globals(student.cls, student.patch_tokens, batch))
 
     @staticmethod
     def _heads(model: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,10 +253,6 @@ class StudentTeacher(nn.Module):
         student_params = list(self.student.parameters())
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
-
-
-CONTRAST_DIM = 128  # SimCLR's projection width
-DRLOC_PAIRS = 64  # token pairs per view (Liu et al. 2021 sample a few dozen): as many as the 8 x 8 grid of a 64 px crop
 
 
 @torch.no_grad()
@@ -300,12 +286,9 @@ def build_method(config: PretrainConfig) -> StudentTeacher:
 
     loss = DINOLoss(m.out_dim, student_temp=method.student_temp, center_momentum=method.center_momentum,
                     centering=method.centering)
-    extras = {"koleo_weight": method.koleo_weight, "teacher_view": method.teacher_view,
-              "contrast_weight": method.contrast_weight, "contrast_temperature": method.contrast_temperature,
-              "contrast_head": ProjectionHead(m.vit_embed_dim, m.head_hidden_dim, CONTRAST_DIM)
-              if method.contrast_weight > 0 else None, "drloc_weight": method.drloc_weight,
-              "drloc_head": LocalisationHead(m.vit_embed_dim) if method.drloc_weight > 0 else None,
-              "zero_mean_patches": m.zero_mean_patches}
+    # The regularisers' heads draw their weights before the DINO heads: the order every run so far was built in.
+    extras = {"teacher_view": method.teacher_view, "regularisers": build_regularisers(config),
+              "zero_mean_patches": m.zero_mean_patches, "drop_path_scope": m.drop_path_scope or "sample"}
     if not ibot:
         return StudentTeacher(backbone, head(m.out_dim), loss, **extras)
     return StudentTeacher(

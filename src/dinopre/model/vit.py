@@ -2,7 +2,7 @@
 
 This module stands alone (it imports nothing from dinopre) so that an exported backbone can be rebuilt from it or
 a copy of it. It follows the DINO / timm layout (pre-norm blocks, fused qkv Linear, learned CLS token and position
-embedding) with two choices made for the consumer of our exports (design.md section 2):
+embedding) with two choices made for the consumer of our exports (the translation pipeline's ViT):
 - LayerNorm eps is 1e-5, PyTorch's default, which the translation pipeline's ViT uses; DINO's 1e-6 would make the
   exported features differ slightly.
 - The fused qkv weight keeps rows ordered q|k|v, the layout of `nn.MultiheadAttention.in_proj_weight`.
@@ -12,6 +12,7 @@ mask token replaces masked patch embeddings before position embeddings are added
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,7 @@ class _NormLinear(torch.autograd.Function):
     autocast) for the linear's weight gradient; the output is recomputed here from the input instead: one
     (tokens x D) activation fewer per norm, two per block. The norm runs in fp32 and the linear in the autocast
     dtype, as autocast would run them, and the gradients are the same ops on the same values as plain autograd's
-    (tests/test_vit.py compares them bit for bit).
+    (tests/model/test_vit.py compares them bit for bit).
     """
 
     @staticmethod
@@ -127,8 +128,8 @@ class _GeluLinear(torch.autograd.Function):
     Plain autograd keeps both the fc1 output (for GELU's backward) and the GELU output (for fc2's weight gradient):
     two (tokens x 4D) tensors per block, the largest activations a ViT stores, about a fifth of all it saves for
     DINO's multi-crop step. Recomputing the GELU is one elementwise pass; the gradients are the same ops on the same
-    values as plain autograd's (tests/test_vit.py compares them). The linear runs in `h`'s dtype, as autocast would
-    run it (fc1 under autocast already returns the autocast dtype), with autocast off inside.
+    values as plain autograd's (tests/model/test_vit.py compares them). The linear runs in `h`'s dtype, as autocast
+    would run it (fc1 under autocast already returns the autocast dtype), with autocast off inside.
     """
 
     @staticmethod
@@ -171,19 +172,53 @@ class Mlp(nn.Module):
         return _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+def drop_path(x: torch.Tensor, rate: float, training: bool, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Stochastic depth per sample (Huang et al. 2016): drop the residual branch of whole samples.
 
     Args:
         x: (B, ...) residual branch output.
         rate: probability of dropping a sample's branch.
         training: no-op outside training.
+        uniform: (B,) numbers in [0, 1) that decide which rows keep their branch (`keyed_uniform`); None draws
+            them from the global generator, which makes them depend on the process and the batch.
     """
     if rate == 0.0 or not training:
         return x
     keep = 1.0 - rate
-    mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(keep)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    if uniform is None:
+        mask = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(keep)
+    else:
+        mask = (uniform < keep).to(x.dtype).view(shape)
     return x * mask / keep
+
+
+_MASK31 = 0x7FFFFFFF
+_MIX = 0x45D9F3B  # a 32-bit integer hash's multiplier (below 2^27: products of 31-bit values fit in int64)
+
+
+def _mix31(x: torch.Tensor) -> torch.Tensor:
+    """An elementwise integer hash of 31-bit int64 values onto 31-bit values (no product can overflow)."""
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * _MIX) & _MASK31
+    return (x >> 16) ^ x
+
+
+def keyed_uniform(keys: torch.Tensor, stream: int) -> torch.Tensor:
+    """(R,) int64 keys -> (R,) float32 numbers in [0, 1), a pure function of (key, stream) on any device.
+
+    Random numbers that belong to a row, not to a generator's state: with a sample's key, its drop path is the same
+    in whatever process, batch or position the sample is (`dinopre.data.dataset.KeyedSample`). `stream` tells apart
+    the draws of one row (each block's two branches).
+    """
+    x = _mix31((_mix31(keys & _MASK31) + stream * 0x9E3779B1) & _MASK31)
+    return (x >> 7).to(torch.float32) / 2**24  # 24 bits: exact in float32, never 1
+
+
+def row_keys(sample_keys: torch.Tensor, views: int, first_view: int = 0) -> torch.Tensor:
+    """(B,) keys of the samples -> (views * B,) keys of their crop-major views `first_view`, `first_view + 1`, ..."""
+    view = torch.arange(first_view + 1, first_view + views + 1, device=sample_keys.device)[:, None]
+    return _mix31((sample_keys[None, :] & _MASK31) ^ _mix31(view)).flatten()
 
 
 class Block(nn.Module):
@@ -197,17 +232,25 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop_keys: torch.Tensor | None = None, stream: int = 0) -> torch.Tensor:
+        """x + attn(norm1(x)), then + mlp(norm2(x)); with `drop_keys` (per row), drop path draws
+        `keyed_uniform(drop_keys, stream)` and `stream + 1` for the two branches."""
+        attn_keep, mlp_keep = self._uniforms(drop_keys, stream)
         if x.device.type not in NORM_RECOMPUTE_DEVICES or not _saves_for_backward(x, self):
-            x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
-            return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+            x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training, attn_keep)
+            return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training, mlp_keep)
         # Training: the same computation, each norm fused with the linear layer it feeds (see _NormLinear).
         qkv = _NormLinear.apply(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, self.attn.qkv.weight,
                                 self.attn.qkv.bias)
-        x = x + drop_path(self.attn.attend(qkv), self.drop_path_rate, self.training)
+        x = x + drop_path(self.attn.attend(qkv), self.drop_path_rate, self.training, attn_keep)
         hidden = _NormLinear.apply(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, self.mlp.fc1.weight,
                                    self.mlp.fc1.bias)
-        return x + drop_path(self.mlp.project(hidden), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp.project(hidden), self.drop_path_rate, self.training, mlp_keep)
+
+    def _uniforms(self, keys: torch.Tensor | None, stream: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if keys is None or self.drop_path_rate == 0.0 or not self.training:
+            return None, None
+        return keyed_uniform(keys, stream), keyed_uniform(keys, stream + 1)
 
 
 class VisionTransformer(nn.Module):
@@ -273,11 +316,7 @@ class VisionTransformer(nn.Module):
         """
         if height == self.grid_size and width == self.grid_size:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        grid = patch_pos.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-        grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
-        patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)  # (1, h*w, D)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return resample_pos_embed(self.pos_embed, height, width)
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Patch-embed, apply the mask token, prepend CLS and add position embeddings.
@@ -298,17 +337,37 @@ class VisionTransformer(nn.Module):
         tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)  # (B, 1 + N, D)
         return tokens + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
 
-    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> BackboneOutput:
-        """Run the backbone and return the normed CLS and patch tokens."""
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                         drop_keys: torch.Tensor | None = None) -> BackboneOutput:
+        """Run the backbone and return the normed CLS and patch tokens (drop path keyed by `drop_keys`, one per
+        image, when given: `row_keys`)."""
         tokens = self.prepare_tokens(x, masks)
-        for block in self.blocks:
-            tokens = block(tokens)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, drop_keys, 2 * i)
         tokens = self.norm(tokens)
         return BackboneOutput(cls=tokens[:, 0], patch_tokens=tokens[:, 1:])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop_keys: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) images -> (B, D) CLS embeddings."""
-        return self.forward_features(x).cls
+        # Without keys, the call `forward_features` always got (what wrappers of it, compiled or not, expect).
+        features = self.forward_features(x) if drop_keys is None else self.forward_features(x, drop_keys=drop_keys)
+        return features.cls
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A (1, 1 + g*g, D) position embedding of a square g x g grid resampled to (height x width) patches, bicubic;
+    the CLS position is kept. `VisionTransformer` does this on the fly and `dinopre convert --image-size` once, with
+    the same operations, so both give the same embedding.
+
+    Returns:
+        (1, 1 + height*width, D) position embedding.
+    """
+    grid_size = math.isqrt(pos_embed.shape[1] - 1)
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    grid = patch_pos.reshape(1, grid_size, grid_size, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
+    patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)  # (1, h*w, D)
+    return torch.cat([cls_pos, patch_pos], dim=1)
 
 
 def count_parameters(module: nn.Module) -> int:

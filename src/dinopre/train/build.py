@@ -6,16 +6,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from dinopre.base import distributed
-from dinopre.base.errors import ConfigError
+from dinopre.base.errors import ConfigError, UserError
 from dinopre.base.events import Reporter
 from dinopre.config.recipe import ResolvedRecipe, resolve
-from dinopre.config.settings import PretrainConfig
+from dinopre.config.settings import PretrainConfig, config_to_dict
 from dinopre.data.dataset import check_dataset_size
 from dinopre.data.pipeline import DataSource, build_source
 from dinopre.model.method import StudentTeacher, build_method
@@ -24,7 +28,7 @@ from dinopre.model.schedules import Schedules, build_schedules
 from dinopre.train.runtime import Runtime, default_num_workers, setup
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunParts:
     """What a run trains with.
 
@@ -92,6 +96,48 @@ def compile_backbones(method: StudentTeacher) -> None:
         backbone.forward_features = torch.compile(backbone.forward_features)
 
 
+# Settings each process may set for itself, left out of the settings the processes compare: which device it uses,
+# how it loads its share of the data, how long it waits for the others (README: "Several GPUs and nodes").
+PER_PROCESS = frozenset({"device", "num_workers", "rendezvous_timeout"})
+
+
+def shared_settings(config: PretrainConfig, num_images: int) -> dict[str, Any]:
+    """What every process of a run must have alike: the resolved settings but `PER_PROCESS`, and the number of
+    training images found (the recipe derives settings from it)."""
+    flat = {name: value for section in config_to_dict(config).values() if isinstance(section, dict)
+            for name, value in section.items() if name not in PER_PROCESS}
+    return {"preset": config.preset, **flat, "images found": num_images}
+
+
+def agree_on_settings(error: UserError | None, settings: Callable[[], dict[str, Any]]) -> None:
+    """Stop every process together when any failed to set up, or when their settings differ: a digest of each
+    process's `shared_settings` first, then, only when the digests differ, the differing settings in one sentence.
+
+    Raises:
+        UserError: this process's failure, another's, or the differing settings (all processes raise together).
+    """
+    digests = distributed.agree(error, None if error is not None else _digest(settings()))
+    if all(digest == digests[0] for digest in digests):
+        return
+    everyone = distributed.gather(settings())
+    distributed.agree(ConfigError(settings_differences(everyone)))
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def settings_differences(everyone: list[dict[str, Any]]) -> str:
+    """One sentence naming each setting in which a process differs from process 0, with both values."""
+    first, parts = everyone[0], []
+    for name in dict.fromkeys(key for settings in everyone for key in settings):
+        rank = next((r for r, settings in enumerate(everyone) if settings.get(name) != first.get(name)), None)
+        if rank is not None:
+            parts.append(f"{name} ({first.get(name)!r} on process 0, {everyone[rank].get(name)!r} on process {rank})")
+    return (f"The training processes were started with different settings: {', '.join(parts)}; give every process "
+            f"the same command and configuration (only {', '.join(sorted(PER_PROCESS))} may differ).")
+
+
 def build_run(config: PretrainConfig, reporter: Reporter | None = None,
               previous_recipe: dict[str, str] | None = None, *, rescan: bool = False) -> RunParts:
     """Set up the device, find the images, resolve the recipe and build the model, optimizer and schedules.
@@ -109,13 +155,18 @@ def build_run(config: PretrainConfig, reporter: Reporter | None = None,
         UserError: no usable device, no images, fewer images than a batch, or an invalid derived setting.
     """
     world = distributed.launch().world_size if distributed.launch() is not None else 1
-    if config.optim.batch_size % world:
-        raise ConfigError(f"--batch-size {config.optim.batch_size} is the global batch and must divide by the "
-                          f"{world} training processes; use a multiple of {world}.")
-    runtime = setup(config.run.device, config.run.precision, config.run.seed, distributed.local_rank())
-    data = build_source(config, reporter, use_cache=not rescan)
-    steps_per_epoch = check_dataset_size(len(data.source), config.optim.batch_size)
-    recipe = resolve(config, len(data.source), previous_recipe)
+    error: UserError | None = None
+    try:  # a failure here on any process reaches all of them before the first collective (DDP's, below)
+        if config.optim.batch_size % world:
+            raise ConfigError(f"--batch-size {config.optim.batch_size} is the global batch and must divide by the "
+                              f"{world} training processes; use a multiple of {world}.")
+        runtime = setup(config.run.device, config.run.precision, config.run.seed, distributed.local_rank())
+        data = build_source(config, reporter, use_cache=not rescan)
+        steps_per_epoch = check_dataset_size(len(data.source), config.optim.batch_size)
+        recipe = resolve(config, len(data.source), previous_recipe)
+    except UserError as exc:
+        error = exc
+    agree_on_settings(error, lambda: shared_settings(recipe.config, len(data.source)))
     config = recipe.config
     method = build_method(config).to(runtime.device)
     if config.run.compile:
@@ -125,6 +176,6 @@ def build_run(config: PretrainConfig, reporter: Reporter | None = None,
         torch.manual_seed(config.run.seed + 1_000_003 * distributed.rank())
     num_workers = (config.data.num_workers if config.data.num_workers is not None
                    else default_num_workers(distributed.local_world_size()))
-    return RunParts(config, recipe, runtime, data, steps_per_epoch, num_workers, method,
-                    build_optimizer(method.student, runtime.device), build_schedules(config, steps_per_epoch), model,
-                    world)
+    return RunParts(config=config, recipe=recipe, runtime=runtime, data=data, steps_per_epoch=steps_per_epoch,
+                    num_workers=num_workers, method=method, optimizer=build_optimizer(method.student, runtime.device),
+                    schedules=build_schedules(config, steps_per_epoch), model=model, world_size=world)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dinopre.base.errors import DataError
+from dinopre.config.settings import PretrainConfig
 from dinopre.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from dinopre.data.images import BadImageError, load_rgb
 from dinopre.data.scan import usable_files
@@ -42,7 +43,7 @@ _MONITOR_STREAM = 3  # separates the monitor subset's generator from the data or
 _SPLIT_STREAM = 4
 FEATURE_BATCH = 256
 # Collapse thresholds. Uniform: the teacher's entropy within 2 % of ln K, i.e. its distribution is all but flat
-# (a healthy teacher at temperature 0.04-0.07 stays well below; measured in tests/test_evaluation.py). One-hot:
+# (a healthy teacher at temperature 0.04-0.07 stays well below; measured in tests/train/test_evaluation.py). One-hot:
 # a single prototype wins 90 % or more of the monitored images.
 UNIFORM_ENTROPY_SHARE = 0.98
 ONE_HOT_SHARE = 0.9
@@ -142,9 +143,15 @@ def to_input(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def decode_all(loaders: list[Callable[[], Image.Image]], size: int,
-               threads: int = 4) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+def decode_all(loaders: list[Callable[[], Image.Image]], size: int, threads: int = 4,
+               advance: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
     """Decode images (in threads: Pillow releases the GIL) into one (N, 3, size, size) uint8 tensor.
+
+    Args:
+        loaders: one function per image that opens it.
+        size: the side the images are resized to.
+        threads: decoding threads.
+        advance: called with 1 after each image (decoded or not), in this thread, for a progress display.
 
     Returns:
         The images that decoded, their positions in `loaders`, and (position, reason) of those that did not.
@@ -156,8 +163,12 @@ def decode_all(loaders: list[Callable[[], Image.Image]], size: int,
         except BadImageError as exc:
             return str(exc)
 
+    results: list[torch.Tensor | str] = []
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = list(pool.map(one, loaders))
+        for result in pool.map(one, loaders):  # in order, so the images keep their positions
+            results.append(result)
+            if advance is not None:
+                advance(1)
     kept = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
     bad = [(i, r) for i, r in enumerate(results) if isinstance(r, str)]
     images = torch.stack([results[i] for i in kept]) if kept else torch.zeros(0, 3, size, size, dtype=torch.uint8)
@@ -166,8 +177,11 @@ def decode_all(loaders: list[Callable[[], Image.Image]], size: int,
 
 @torch.no_grad()
 def cls_features(backbone: torch.nn.Module, images: torch.Tensor, device: torch.device,
-                 batch_size: int = FEATURE_BATCH) -> torch.Tensor:
-    """(N, D) fp32 CLS features of uint8 images, in eval mode and without autocast, on `device`."""
+                 batch_size: int = FEATURE_BATCH, advance: Callable[[int], None] | None = None) -> torch.Tensor:
+    """(N, D) fp32 CLS features of uint8 images, in eval mode and without autocast, on `device`.
+
+    `advance`, if given, is called with the number of images of each batch once it is embedded.
+    """
     was_training = backbone.training
     backbone.eval()
     out = []
@@ -175,6 +189,8 @@ def cls_features(backbone: torch.nn.Module, images: torch.Tensor, device: torch.
         for start in range(0, images.shape[0], batch_size):
             batch = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255.0)
             out.append(backbone(normalize(batch, IMAGENET_MEAN, IMAGENET_STD)).float())
+            if advance is not None:
+                advance(batch.shape[0])
     backbone.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 0, device=device)
 
@@ -219,7 +235,12 @@ def scan_labelled(eval_dir: str | Path, seed: int, test_share: float) -> Labelle
     if not root.is_dir():
         raise DataError(f"--eval-dir '{eval_dir}' is not a folder; give a folder with one sub-folder of images per "
                         "class (or train/ and test/ sub-folders holding those).")
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    folds = [fold for fold in ("train", "test") if (root / fold).is_dir()]
+    if len(folds) == 1:  # not a class named `train`: half of a split
+        other = "test" if folds == ["train"] else "train"
+        raise DataError(f"--eval-dir '{eval_dir}' has a {folds[0]}/ folder but no {other}/; give both, each with one "
+                        "sub-folder per class, or put the class sub-folders directly in it.")
+    if folds:
         classes = tuple(p.name for p in _class_folders(root / "train"))
         folds = []
         for fold in ("train", "test"):
@@ -284,22 +305,30 @@ class Evaluator:
         k: k-NN neighbours.
         temperature: k-NN vote temperature.
         threads: decoding threads.
+        advance: called with 1 after each probe image is decoded (`decode_all`), for a progress display.
     """
 
     def __init__(self, image_size: int, monitor: list[Callable[[], Image.Image]], labelled: LabelledFolder | None,
-                 *, k: int = 20, temperature: float = 0.07, threads: int = 4) -> None:
+                 *, k: int = 20, temperature: float = 0.07, threads: int = 4,
+                 advance: Callable[[int], None] | None = None) -> None:
         self.k, self.temperature = k, temperature
         self.skipped: list[tuple[str, str]] = []  # (file, reason) of probe images that could not be decoded
         self.monitor = _Decoded(decode_all(monitor, image_size, threads)[0], torch.zeros(0, dtype=torch.long))
         self.train = self.test = None
+        self.classes: tuple[str, ...] = ()
         if labelled is not None:
-            self.train = self._decode_fold(labelled.train_files, labelled.train_labels, image_size, threads)
-            self.test = self._decode_fold(labelled.test_files, labelled.test_labels, image_size, threads)
+            self.classes = labelled.classes
+            self.train = self._decode_fold(labelled.train_files, labelled.train_labels, image_size, threads, advance)
+            self.test = self._decode_fold(labelled.test_files, labelled.test_labels, image_size, threads, advance)
             if not len(self.train.labels) or not len(self.test.labels):
                 raise DataError("No image of the --eval-dir train or test fold could be decoded.")
+            # A test image of a class without train images can never be classified right: it measures nothing.
+            known = torch.isin(self.test.labels, self.train.labels)
+            self.test = _Decoded(self.test.images[known], self.test.labels[known])
 
-    def _decode_fold(self, files: tuple[Path, ...], labels: tuple[int, ...], size: int, threads: int) -> _Decoded:
-        images, kept, bad = decode_all([lambda f=f: load_rgb(f) for f in files], size, threads)
+    def _decode_fold(self, files: tuple[Path, ...], labels: tuple[int, ...], size: int, threads: int,
+                     advance: Callable[[int], None] | None) -> _Decoded:
+        images, kept, bad = decode_all([lambda f=f: load_rgb(f) for f in files], size, threads, advance)
         self.skipped += [(str(files[i]), reason) for i, reason in bad]
         return _Decoded(images, torch.tensor([labels[i] for i in kept], dtype=torch.long))
 
@@ -309,11 +338,20 @@ class Evaluator:
 
     def knn(self, backbone: torch.nn.Module, device: torch.device) -> float:
         """k-NN top-1 accuracy (%) of the backbone's CLS features on the labelled probe."""
+        return self.knn_of(*self.fold_features(backbone, device))
+
+    def fold_features(self, backbone: torch.nn.Module, device: torch.device,
+                      advance: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's CLS features of the train and the test fold (`cls_features`), on `device`."""
         assert self.train is not None and self.test is not None
-        train = cls_features(backbone, self.train.images, device)
-        test = cls_features(backbone, self.test.images, device)
-        return weighted_knn_accuracy(train, self.train.labels.to(device), test, self.test.labels.to(device),
-                                     k=self.k, temperature=self.temperature)
+        return (cls_features(backbone, self.train.images, device, advance=advance),
+                cls_features(backbone, self.test.images, device, advance=advance))
+
+    def knn_of(self, train: torch.Tensor, test: torch.Tensor) -> float:
+        """k-NN top-1 accuracy (%) of given train and test fold features (`fold_features`)."""
+        assert self.train is not None and self.test is not None
+        return weighted_knn_accuracy(train, self.train.labels.to(train.device), test,
+                                     self.test.labels.to(test.device), k=self.k, temperature=self.temperature)
 
     def signals(self, backbone: torch.nn.Module, head: torch.nn.Module,
                 targets: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> dict[str, float]:
@@ -333,8 +371,32 @@ class Evaluator:
         return {"rankme": rankme(features), "feature_spread": feature_spread(features), **prototype_signals(p)}
 
 
+def check_decoded_classes(evaluator: Evaluator, eval_dir: str | Path) -> None:
+    """Refuse a probe with fewer than two classes whose train images decode: with one, every test image gets that
+    class and the k-NN reports 100 % whatever the features (and `--best-by knn` would pick by it). Class folders
+    are counted when found, before decoding: a class of broken files, or a train/CLASS folder that holds nothing,
+    counts only here.
+
+    Raises:
+        DataError: one sentence, naming the classes without a train image that decodes.
+    """
+    assert evaluator.train is not None
+    kept = set(evaluator.train.labels.tolist())
+    if len(kept) >= 2:
+        return
+    lost = [repr(name) for label, name in enumerate(evaluator.classes) if label not in kept]
+    raise DataError(f"--eval-dir '{eval_dir}' has train images of {len(kept)} class only; the k-NN needs images of at "
+                    f"least two classes (none of {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''} decodes).")
+
+
 def monitor_indices(num_images: int, count: int, seed: int) -> list[int]:
     """The fixed seeded subset of training images whose signals are logged every epoch (sorted)."""
     count = min(count, num_images)
     rng = np.random.default_rng([seed, _MONITOR_STREAM])
     return sorted(int(i) for i in rng.choice(num_images, count, replace=False))
+
+
+def is_eval_epoch(config: PretrainConfig, completed: int) -> bool:
+    """Whether the epoch that brings the run to `completed` epochs is one of the --eval-every epochs, which get the
+    k-NN probe and the trackers' attention grid (the last epoch always is)."""
+    return completed % config.eval.eval_every == 0 or completed == config.optim.epochs

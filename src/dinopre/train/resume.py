@@ -7,22 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dinopre.base.errors import ConfigError
-from dinopre.config.settings import (
-    RECIPE_SETTINGS,
-    RESUME_MAY_CHANGE,
-    SECTIONS,
-    PretrainConfig,
-    config_differences,
-    config_from_dict,
-    config_to_dict,
-    setting,
-    with_settings,
-)
+from dinopre.base.errors import CheckpointError, ConfigError
+from dinopre.config.loading import config_from_dict
+from dinopre.config.recipe import NEW_RUN_SCOPES
+from dinopre.config.settings import RECIPE_SETTINGS, SECTIONS, PretrainConfig, config_to_dict, setting, with_settings
+from dinopre.config.validation import RESUME_MAY_CHANGE, config_differences
 from dinopre.data.pipeline import absolute_roots
-from dinopre.files.checkpoint import CheckpointError, load_training_checkpoint
 from dinopre.files.rundir import RunDirectory
-from dinopre.files.schema import check_centers
+from dinopre.files.state import TrainingState, load_training_checkpoint
 
 
 def find_checkpoint(target: str | Path) -> Path:
@@ -43,39 +35,50 @@ def find_checkpoint(target: str | Path) -> Path:
     return target
 
 
-def saved_config(state: dict[str, Any]) -> PretrainConfig:
-    """The configuration a training checkpoint was written with.
+def saved_config(state: TrainingState | dict[str, Any]) -> PretrainConfig:
+    """The configuration a training checkpoint (typed, or its contents as a dict) was written with.
 
     Checkpoints written before `--augment-on` existed rendered their views in the data workers; they carry no
     `augment_on` and continue that way (the new default would change how views are resampled mid-run). Those
-    written before recipes existed used the reference values, which they hold, and continue with `reference`.
-    Those written before blank crops were left out trained on every file of their folders and continue with
-    `keep_blank`.
+    written before recipes existed used the reference values, which they hold, and continue with `reference`. Those
+    written before the scopes existed computed KoLeo and the contrastive loss per process and drew drop path from
+    each process's generator, and continue so (`process`). Those written before blank crops were left out trained
+    on every file of their folders and continue with `keep_blank`.
     """
-    settings = {key: dict(value) if isinstance(value, dict) else value for key, value in state["config"].items()}
+    saved = state.config if isinstance(state, TrainingState) else state["config"]
+    settings = {key: dict(value) if isinstance(value, dict) else value for key, value in saved.items()}
     if isinstance(settings.get("data"), dict):
         settings["data"].setdefault("augment_on", "workers")
         # Written before blank crops were left out: the run trained on them, and its fingerprint counts them.
         settings["data"].setdefault("keep_blank", bool(settings["data"].get("train_dir")))
     if isinstance(settings.get("method"), dict):
         settings["method"].setdefault("recipe", "reference")
+        settings["method"].setdefault("regulariser_scope", "process")
+    if isinstance(settings.get("model"), dict):
+        settings["model"].setdefault("drop_path_scope", "process")
     return config_from_dict(settings)
 
 
-def continued_config(config: PretrainConfig, state: dict[str, Any]) -> PretrainConfig:
+def _with_saved_scopes(config: PretrainConfig, saved: PretrainConfig) -> PretrainConfig:
+    """`config` with the scopes it leaves unset taken from the run it continues (they shape its random numbers)."""
+    return with_settings(config, {name: setting(saved, name) for name in NEW_RUN_SCOPES
+                                  if setting(config, name) is None})
+
+
+def continued_config(config: PretrainConfig, state: TrainingState) -> PretrainConfig:
     """The configuration a resumed run uses: the requested one, with the recipe settings it leaves unset taken from
     the checkpoint (what the run was started with; more epochs do not derive them again)."""
     saved = saved_config(state)
     values = {name: setting(saved, name) for name in RECIPE_SETTINGS | {"recipe"} if setting(config, name) is None}
     if _before_blank_crops(state, config):
         values["keep_blank"] = saved.data.keep_blank
-    return with_settings(config, values)
+    return with_settings(_with_saved_scopes(config, saved), values)
 
 
-def _before_blank_crops(state: dict[str, Any], config: PretrainConfig) -> bool:
+def _before_blank_crops(state: TrainingState, config: PretrainConfig) -> bool:
     """Whether the checkpoint was written before blank crops were left out and the request leaves `keep_blank` at
     its default: the run continues as it started (`saved_config`), not refused for a setting it never had."""
-    data = state.get("config", {}).get("data")
+    data = state.config.get("data")
     return isinstance(data, dict) and "keep_blank" not in data and not config.data.keep_blank
 
 
@@ -91,7 +94,7 @@ def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[Pr
     state = load_training_checkpoint(path)
     settings = config_to_dict(saved_config(state))
     flat = {"output_dir": str(path.parent), **{k: v for k, v in overrides.items() if v is not None}}
-    roots = state.get("data", {}).get("roots")
+    roots = state.data.get("roots")
     if roots and settings["data"]["train_dir"]:  # the folders the run read, whatever the working directory now
         flat["train_dir"] = list(roots)
     for section in SECTIONS:
@@ -101,7 +104,7 @@ def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> tuple[Pr
     return config_from_dict(settings), path
 
 
-def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any]:
+def load_resume_state(path: str | Path, config: PretrainConfig) -> TrainingState:
     """Load a checkpoint and check that `config` may continue it.
 
     Raises:
@@ -114,12 +117,12 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any
         saved = saved_config(state)
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"'{path}' holds a configuration this dinopre cannot read ({exc}).") from None
-    check_centers(state, path, saved.model.out_dim,
-                  saved.resolved_patch_out_dim if saved.method.algorithm == "ibot" else None)
-    differences = config_differences(saved, config)
+    state.check_centers(path, saved.model.out_dim,
+                        saved.resolved_patch_out_dim if saved.method.algorithm == "ibot" else None)
+    differences = config_differences(saved, _with_saved_scopes(config, saved))
     if _before_blank_crops(state, config):
         differences = [d for d in differences if not d.startswith("keep_blank:")]
-    roots = state.get("data", {}).get("roots")
+    roots = state.data.get("roots")
     if roots and config.data.train_dir:  # compared as absolute paths: `data` and `$PWD/data` are the same folder
         differences = [d for d in differences if not d.startswith("train_dir:")]
         if list(absolute_roots(config.data.train_dir)) != list(roots):
@@ -129,7 +132,7 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> dict[str, Any
         may_change = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(RESUME_MAY_CHANGE))
         raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
                           f"{may_change} may change.")
-    done, in_epoch = state["epoch"], state["step_in_epoch"]
+    done, in_epoch = state.epoch, state.step_in_epoch
     if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
         raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "
                           f"N > {done} to train longer.")

@@ -202,8 +202,10 @@ def draw_attention(model_path: Path, paths: list[Path], output: Path, *, weights
     from dinopre.data.images import BadImageError, load_rgb
     from dinopre.files.export import load_any_backbone
     from dinopre.files.outputs import check_output, check_parent_writable
-    from dinopre.viz.figures import save_png
+    from dinopre.viz.figures import check_cells, check_grid, check_picture_path, save_picture
 
+    check_picture_path(output)
+    check_cells(limit, cell, images_flag="--max-images")  # the whole picture once the heads are known
     check_output(output, force=force, inputs=[model_path, *paths], what="--output")
     check_parent_writable(output, "the --output picture")
     if keep is not None and not 0 < keep <= 1:
@@ -213,6 +215,9 @@ def draw_attention(model_path: Path, paths: list[Path], output: Path, *, weights
     model, metadata = load_any_backbone(model_path, weights)
     native, patch = metadata["backbone"]["image_size"], metadata["backbone"]["patch_size"]
     size = image_size or native
+    columns = 1 + metadata["backbone"]["num_heads"] + int(mean) + int(keep is not None)
+    check_grid(limit, columns, cell, images_flag="--max-images")
+    check_attention_size(size, patch)
     notes: list[str] = []
     loaders: list[tuple[str, Callable[[], Image.Image]]] = []
     if demo:  # the synthetic crops of the model's preset (`train --demo` trains on them)
@@ -232,4 +237,20 @@ def draw_attention(model_path: Path, paths: list[Path], output: Path, *, weights
     if size != native:
         notes.append(interpolated_size_note(native, size))
     figure = compute_figure(model, patch, loaders, size, keep=keep, mean=mean)
-    return save_png(figure.grid(cell).render(), output), notes
+    return save_picture(figure.grid(cell).render(), output), notes
+
+
+MAX_GRID = 64  # patches per side: the last block's (N+1)^2 attention weights stay a few hundred MB per image
+
+
+def check_attention_size(image_size: int, patch_size: int) -> None:
+    """Refuse an input size whose attention weights would not fit in memory.
+
+    Raises:
+        ConfigError: one sentence with the largest size that works for this backbone.
+    """
+    grid = image_size // patch_size
+    if grid > MAX_GRID:
+        raise ConfigError(f"--image-size {image_size} gives a {grid} x {grid} patch grid; the maps take at most "
+                          f"{MAX_GRID} x {MAX_GRID} (--image-size {MAX_GRID * patch_size} for this backbone's "
+                          f"{patch_size} px patches).")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dinopre.base.errors import ConfigError
 from dinopre.files.checkpoint import TMP_MARK
 from dinopre.files.outputs import write_error
 
@@ -21,6 +22,12 @@ from dinopre.files.outputs import write_error
 _RAMP = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
                   (250, 193, 39), (252, 255, 164)], dtype=np.float32)
 PAD, TITLE_HEIGHT, LABEL_WIDTH = 4, 16, 0
+# Bounds of a grid, checked before anything is decoded or drawn: a cell larger than a screen, 10^8 pixels (300 MB
+# of RGB) in all, a few hundred images (every one is decoded and kept at the model's size first).
+MIN_CELL, MAX_CELL, MAX_PIXELS, MAX_IMAGES = 16, 1024, 10**8, 256
+LABEL_ALLOWANCE = 200  # pixels of row labels, at most (they are cut to about 22 characters)
+# The picture formats `save_picture` writes, by suffix (Pillow's names).
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
 def colorize(values: np.ndarray) -> np.ndarray:
@@ -109,8 +116,63 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.Image
     return text + "..."
 
 
-def save_png(image: Image.Image, path: Path) -> Path:
-    """Write a PNG atomically (a reader never sees half a file; an existing file is replaced only when complete).
+def check_grid(rows: int, columns: int, cell: int, *, images_flag: str) -> None:
+    """Refuse, before anything is drawn, a grid whose cells or whole picture would be too large to be useful.
+
+    Args:
+        rows: rows of pictures (one per image).
+        columns: pictures per row.
+        cell: side of a picture in pixels (`--cell-size`).
+        images_flag: the option that sets the rows, for the message.
+
+    Raises:
+        ConfigError: one sentence naming the option to lower.
+    """
+    check_cells(rows, cell, images_flag=images_flag)
+    width = LABEL_ALLOWANCE + columns * (cell + PAD) + PAD
+    height = TITLE_HEIGHT + rows * (cell + PAD) + PAD + 3 * (TITLE_HEIGHT + PAD)
+    if width * height > MAX_PIXELS:
+        raise ConfigError(f"{rows} rows of {columns} pictures of {cell} px make a {width} x {height} picture, over "
+                          f"{MAX_PIXELS:,} pixels; lower --cell-size or {images_flag}.")
+
+
+def check_cells(rows: int, cell: int, *, images_flag: str) -> None:
+    """Refuse a cell side or a number of images (rows) out of bounds (`check_grid` without the columns).
+
+    Raises:
+        ConfigError: one sentence naming the option.
+    """
+    if not MIN_CELL <= cell <= MAX_CELL:
+        raise ConfigError(f"--cell-size must be between {MIN_CELL} and {MAX_CELL} pixels, got {cell}.")
+    if not 1 <= rows <= MAX_IMAGES:
+        raise ConfigError(f"{images_flag} must be between 1 and {MAX_IMAGES}, got {rows}.")
+
+
+def check_picture_path(path: Path) -> str:
+    """The format a picture's suffix asks for.
+
+    Raises:
+        ConfigError: a suffix of another format.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ConfigError(f"--output '{path}' must end in {', '.join(FORMATS)}: those are the formats written.")
+    return FORMATS[suffix]
+
+
+def save_picture(image: Image.Image, path: Path) -> Path:
+    """Write a picture atomically in the format its suffix names (`check_picture_path`).
+
+    Raises:
+        ConfigError: a suffix of another format.
+        RunDirError: the folder cannot be written (one sentence, by errno).
+    """
+    return save_png(image, path, check_picture_path(path))
+
+
+def save_png(image: Image.Image, path: Path, picture_format: str = "PNG") -> Path:
+    """Write a PNG (or `picture_format`) atomically (a reader never sees half a file; an existing file is replaced only
+    when complete).
 
     Raises:
         RunDirError: the folder cannot be written (one sentence, by errno).
@@ -119,7 +181,7 @@ def save_png(image: Image.Image, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=picture_format, **({"quality": 95} if picture_format == "JPEG" else {}))
         os.replace(tmp, path)
     except OSError as exc:
         raise write_error(path, exc, "the picture") from None

@@ -7,6 +7,7 @@ against its maximum ln K (near the maximum: uniform collapse; near 0: one-hot co
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -14,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from dinopre.base.errors import ConfigError, RunDirError
+from dinopre.model.regularisers.registry import REGULARISERS
 
 INSTALL_HINT = 'dinopre plot draws with matplotlib: install it with pip install "dinopre[plots]".'
-LOSS_PARTS = ("dino", "cls", "patch", "koleo", "contrast", "drloc")
+# Parts a run did not log are skipped. Old runs' metrics.jsonl are plotted too: a regulariser that ever leaves the
+# registry keeps its name here.
+LOSS_PARTS = ("dino", "cls", "patch", *REGULARISERS)
 
 
 @dataclass
@@ -29,11 +33,20 @@ class RunCurves:
     out_dim: int | None = None
 
     def series(self, key: str, records: str = "steps") -> tuple[list[float], list[float]]:
-        """(x, y) of a metric: x is the global step for step records, the epoch for epoch records."""
+        """(x, y) of a metric: x is the global step for step records, the epoch for epoch records. Values that are
+        not finite or beyond +-1e300 (a diverged run) are left out: matplotlib cannot scale an axis around them."""
         rows = self.steps if records == "steps" else self.epochs
         x_key = "step" if records == "steps" else "epoch"
-        pairs = [(r[x_key], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        pairs = [(r[x_key], r[key]) for r in rows if _plottable(r.get(key)) and _plottable(r.get(x_key))]
         return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+PLOT_LIMIT = 1e300  # beyond it, an axis's range overflows a float
+
+
+def _plottable(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and abs(value) <= PLOT_LIMIT
 
 
 def read_run(folder: Path) -> RunCurves:
@@ -108,7 +121,7 @@ def draw_curves(runs: list[RunCurves], output: Path) -> Path:
 
 def _loss_panel(ax: Any, run: RunCurves, colour: str) -> None:
     ax.plot(*run.series("loss"), color=colour, label=f"{run.name} loss")
-    styles = iter(["--", "-.", ":", (0, (1, 4)), (0, (5, 5))])
+    styles = itertools.cycle(["--", "-.", ":", (0, (1, 4)), (0, (5, 5))])  # cycles once a run logs 6 parts
     for part in LOSS_PARTS:
         x, y = run.series(part)
         if x and (run.series("loss")[1] != y):

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinopre.base.errors import ConfigError
 from dinopre.config.settings import PretrainConfig
 from dinopre.data.dataset import CropBatch, ImageSource, RawBatch, collate_crops, epoch_permutation
 from dinopre.data.pipeline import build_dataset
-from dinopre.viz.figures import Grid, save_png
+from dinopre.viz.figures import MAX_PIXELS, Grid, check_grid, check_picture_path, save_picture, save_png
 
 VIEWS = "views.png"  # the grid a run writes into its folder at start
 MASK_TINT = np.array([40, 120, 255], dtype=np.float32)  # masked patches: blended towards blue
@@ -89,12 +90,30 @@ def _pair(values: tuple[float, float]) -> str:
 
 
 def write_views(config: PretrainConfig, source: ImageSource, output: Path, *, count: int = 4, epoch: int = 0,
-                device: torch.device | None = None, cell: int = 96) -> Path:
-    """Render the first `count` images of `epoch` as training would and write the grid to `output` (PNG)."""
+                device: torch.device | None = None, cell: int = 96, any_format: bool = False) -> Path:
+    """Render the first `count` images of `epoch` as training would and write the grid to `output` (PNG, or with
+    `any_format` the format its suffix names)."""
     indices = first_images(config, min(count, len(source)), epoch, len(source))
     batch = render_views(config, source, indices, epoch, device)
     names = [_short(source.describe(index)) for index in indices]
-    return save_png(views_grid(config, batch, names, cell).render(), output)
+    picture = views_grid(config, batch, names, cell).render()
+    return save_picture(picture, output) if any_format else save_png(picture, output)
+
+
+def check_preview_size(config: PretrainConfig, count: int, cell: int) -> None:
+    """Refuse, before any image is read, a preview too large to draw: its grid (`check_grid`), and the views it
+    renders at the model's sizes first.
+
+    Raises:
+        ConfigError: one sentence naming the options to lower.
+    """
+    d = config.data
+    check_grid(count, 2 + d.num_local_crops, cell, images_flag="--images")
+    rendered = count * (2 * config.model.image_size**2 + d.num_local_crops * d.local_crop_size**2)
+    if rendered > MAX_PIXELS:
+        raise ConfigError(f"{count} images of {2 + d.num_local_crops} views at --image-size {config.model.image_size} "
+                          f"and --local-crop-size {d.local_crop_size} are {rendered:,} pixels to render, over "
+                          f"{MAX_PIXELS:,}; lower --images or the sizes.")
 
 
 def _short(name: str, limit: int = 22) -> str:
@@ -114,9 +133,11 @@ def preview(config: PretrainConfig, output: Path, *, count: int = 4, epoch: int 
     from dinopre.files.outputs import check_output, check_parent_writable
     from dinopre.train.runtime import resolve_device
 
+    check_picture_path(output)
+    check_preview_size(config, count, cell)
     check_output(output, force=force, inputs=inputs, what="--output")
     check_parent_writable(output, "the --output picture")
     data = build_source(config)
     resolved = resolve(config, len(data.source)).config
     return write_views(resolved, data.source, output, count=count, epoch=epoch,
-                       device=resolve_device(resolved.run.device), cell=cell)
+                       device=resolve_device(resolved.run.device), cell=cell, any_format=True)
