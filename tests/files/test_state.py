@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinopre.base.errors import CheckpointError
 from dinopre.files.checkpoint import load_file
 from dinopre.files.schema import SchemaError
 from dinopre.files.state import RankShare, TrainingState, load_training_checkpoint
@@ -48,6 +49,28 @@ def test_keys_older_files_lack_get_the_value_their_absence_meant() -> None:
 def test_the_keys_schema_did_not_check_are_one_sentence_when_damaged(key: str, value: object, words: str) -> None:
     raw = {**load_file(OLD_CHECKPOINT), key: value}
     with pytest.raises(SchemaError, match=words):
+        TrainingState.from_dict(raw, "bad.pt")
+
+
+@pytest.mark.parametrize("data", [
+    {"version": 2, "count": -1, "names": "", "sizes": "", "mtimes": "", "roots": []},
+    {"version": 2, "count": 3, "names": 7, "sizes": "", "mtimes": "", "roots": []},
+    {"version": 2, "count": 3, "names": "", "sizes": "", "mtimes": "", "roots": "/data/face"},
+    {"fingerprint": None},
+])
+def test_a_damaged_fingerprint_of_the_training_images_is_one_sentence(data: dict) -> None:
+    """A resume compares these with the folder it scans: a wrong type is refused when the file is read."""
+    raw = {**load_file(OLD_CHECKPOINT), "data": data}
+    with pytest.raises(SchemaError, match="its data is not the fingerprint of its training images"):
+        TrainingState.from_dict(raw, "bad.pt")
+
+
+def test_keep_blank_is_checked_with_the_rest_of_the_configuration() -> None:
+    """Blank crops left out or kept is a setting of the run: a value that is not true or false is refused."""
+    raw = load_file(OLD_CHECKPOINT)
+    assert "keep_blank" not in raw["config"]["data"]  # written before blank crops were left out: still loads
+    raw["config"]["data"]["keep_blank"] = "yes"
+    with pytest.raises(CheckpointError, match="keep_blank' must be true or false"):
         TrainingState.from_dict(raw, "bad.pt")
 
 

@@ -54,6 +54,24 @@ def _rank_share(value: Any) -> bool:
             and _tensor_dict(value.get("loss_sums")))
 
 
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# What a checkpoint's `data` (`pipeline.DataFingerprint.to_state`; dinopre 0.1 wrote only `fingerprint`) may hold.
+_DATA_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "version": _is_int, "count": lambda v: _is_int(v) and v >= 0, "names": lambda v: isinstance(v, str),
+    "sizes": lambda v: isinstance(v, str), "mtimes": lambda v: isinstance(v, str), "roots": _str_list,
+    "fingerprint": lambda v: isinstance(v, str),
+}
+
+
+def _data_description(value: Any) -> bool:
+    """The fingerprint of the training images a resume compares (a file count, hashes, the folders), each part of
+    its type: a resume reads them before anything else of the run is checked."""
+    return isinstance(value, dict) and all(check(value[key]) for key, check in _DATA_FIELDS.items() if key in value)
+
+
 # (key, check, what it must be); optional keys (written by later versions) may be absent.
 _TRAINING_KEYS: tuple[tuple[str, Callable[[Any], bool], str, bool], ...] = (
     ("format_version", _is_int, "an integer format_version", True),
@@ -72,7 +90,7 @@ _TRAINING_KEYS: tuple[tuple[str, Callable[[Any], bool], str, bool], ...] = (
     ("best_epoch", _is_int, "an integer best_epoch", True),
     ("epoch_losses", _number_list, "a list of epoch losses", True),
     ("epoch_parts", _dict_list, "a list of epoch loss parts", True),
-    ("data", lambda v: isinstance(v, dict), "a description of its data", False),
+    ("data", _data_description, "the fingerprint of its training images (a file count, hashes and folders)", False),
     ("evaluations", _dict_list, "a list of evaluations", False),
     ("recipe", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
      "the recipe's reasons", False),
