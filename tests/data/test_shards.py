@@ -174,6 +174,9 @@ def test_bad_members_are_skipped_and_reported(tmp_path: Path) -> None:
     assert len(index) == 1 and any("cut short" in reason for _, reason in problems)
     with pytest.raises(BadImageError, match="cut short"):
         ShardReader(index).load(0)
+    warnings = build_source(build_config("face", cli_settings={"train_dir": [str(shard)]})).warnings
+    assert any(w.startswith("4 tar member(s) or shard(s) cannot be used and are left out") for w in warnings)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["cut.tar", "s.tar"]  # nothing extracted
     not_tar = tmp_path / "junk.tar"
     not_tar.write_bytes(b"\x01" * 2000)
     index, problems = read_members(not_tar)
@@ -194,21 +197,34 @@ def test_blank_members_are_found_and_left_out(tmp_path: Path) -> None:
 # ============ training on shards ============
 
 
-@pytest.mark.slow
-def test_shards_train_exactly_like_the_folder_they_were_packed_from(folder: Path, packed: Path,
-                                                                    tmp_path: Path) -> None:
-    """The same images in the same order give the same losses; in a worker process too; a shard rewritten between a
-    run and its resume is refused like a changed folder."""
-    clean = tmp_path / "clean"
+@pytest.fixture(scope="module")
+def trained(folder: Path, packed: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One epoch on the images pack kept, as a folder, as shards, and as shards read in a worker process."""
+    from dinopre.train.engine import fit
+
+    base = tmp_path_factory.mktemp("trained")
+    clean = base / "clean"
     shutil.copytree(folder, clean, ignore=shutil.ignore_patterns("zz_*"))  # what pack kept
     losses = {}
     for name, root, workers in (("folder", clean, 0), ("shards", packed, 0), ("worker", packed, 1)):
-        settings = {**TINY, "train_dir": [str(root)], "output_dir": str(tmp_path / name), "num_workers": workers,
+        settings = {**TINY, "train_dir": [str(root)], "output_dir": str(base / name), "num_workers": workers,
                     "epochs": 1}
-        from dinopre.train.engine import fit
-
         losses[name] = fit(build_config("face", cli_settings=settings), _Silent()).epoch_losses
+    return {"losses": losses, "runs": base}
+
+
+@pytest.mark.slow
+def test_shards_train_exactly_like_the_folder_they_were_packed_from(trained: dict) -> None:
+    """The same images in the same order give the same losses; in a worker process too."""
+    losses = trained["losses"]
     assert losses["shards"] == losses["folder"] == losses["worker"]
+
+
+@pytest.mark.slow
+def test_a_shard_changed_between_a_run_and_its_resume_is_refused(trained: dict, packed: Path) -> None:
+    """Like a changed folder: one sentence, exit code 2, the checkpoint left as it was."""
+    run = trained["runs"] / "shards"
+    checkpoint = (run / "checkpoint_last.pt").read_bytes()
     shard = sorted(packed.glob("*.tar"))[0]
     saved = shard.read_bytes()
     try:
@@ -216,8 +232,10 @@ def test_shards_train_exactly_like_the_folder_they_were_packed_from(folder: Path
             info = tarfile.TarInfo("extra.jpg")
             info.size = len(_jpeg(5))
             archive.addfile(info, io.BytesIO(_jpeg(5)))
-        result = invoke("resume", tmp_path / "shards", "--epochs", "3")
+        result = invoke("resume", run, "--epochs", "3")
         assert result.exit_code == 2 and "training images changed since the checkpoint" in result.output
+        assert result.output.count("Error:") == 1 and "Traceback" not in result.output
+        assert (run / "checkpoint_last.pt").read_bytes() == checkpoint
     finally:
         shard.write_bytes(saved)
 

@@ -279,6 +279,10 @@ def _scan_warnings(scan: ScanResult, blank: BlankFiles) -> tuple[str, ...]:
         path, reason = scan.skipped_files[0]
         warnings.append(f"{len(scan.skipped_files)} file(s) named like images are not regular files and are left out "
                         f"(e.g. '{shown_path(path)}': {reason}).")
+    if scan.shard_problems:
+        where, reason = scan.shard_problems[0]
+        warnings.append(f"{len(scan.shard_problems)} tar member(s) or shard(s) cannot be used and are left out, "
+                        f"nothing extracted (e.g. '{shown_path(where)}': {reason}).")
     if len(blank):
         example = next(iter(blank))[0]
         warnings.append(f"{len(blank)} blank crop(s) (one flat colour, e.g. '{example}') are left out and listed in "

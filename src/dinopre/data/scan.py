@@ -60,6 +60,7 @@ class ScanResult:
     roots: list[RootScan] = field(default_factory=list)
     unreadable_dirs: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason)
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): named like images, unusable
+    shard_problems: list[tuple[str, str]] = field(default_factory=list)  # (shard or "shard:member", reason)
     linked_dirs: int = 0  # symbolic links to folders followed
     cached_roots: int = 0  # roots whose index came from the cache
 
@@ -119,7 +120,7 @@ def scan_roots(roots: tuple[str, ...] | list[str], progress: Callable[[int], Non
             continue
         found = shards.index_shard_set(root, progress, result.count, use_cache=use_cache, find_blank=find_blank)
         result.roots.append(RootScan(found.index, "shards", found.names))
-        result.skipped_files.extend(found.problems)
+        result.shard_problems.extend(found.problems)
         result.cached_roots += found.cached
     if not result.count:
         listed = ", ".join(f"'{r}'" for r in roots)
