@@ -150,6 +150,12 @@ def test_a_third_blank_trains_exactly_like_the_folder_without_them(crops: dict[s
         from dinopre.train.engine import fit
 
         results[name] = fit(build_config("face", cli_settings=settings), recorders[name])
+    import torch
+
+    trained_on = {name: torch.load(tmp_path / name / "checkpoint_last.pt", weights_only=True)["data"]
+                  for name in results}
+    for key in ("count", "names", "sizes", "mtimes"):  # the same files (named under their folder), nothing else
+        assert trained_on["mixed"][key] == trained_on["clean"][key]
     assert results["mixed"].epoch_losses == results["clean"].epoch_losses
     assert results["mixed"].epoch_parts == results["clean"].epoch_parts
     assert all("koleo" in parts for parts in results["mixed"].epoch_parts)
@@ -200,8 +206,25 @@ def test_the_probe_preview_and_attention_leave_blanks_out(tmp_path: Path) -> Non
         collect_images([tmp_path / "probe" / "c"], 10)
 
 
+def test_preview_of_a_folder_with_blanks_is_the_preview_of_the_folder_without_them(crops: dict[str, Path],
+                                                                                     tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dinopre.cli import app
+
+    pictures = {}
+    for name in ("clean", "mixed"):
+        pictures[name] = tmp_path / f"{name}.png"
+        result = CliRunner().invoke(app, ["preview", "face", "--train-dir", str(crops[name]), "--images", "6",
+                                          "--image-size", "32", "--patch-size", "8", "--local-crop-size", "16",
+                                          "--num-local-crops", "2", "--cell-size", "32", "-o", str(pictures[name])])
+        assert result.exit_code == 0, result.output
+    assert pictures["mixed"].read_bytes() == pictures["clean"].read_bytes()
+
+
 def test_old_checkpoints_continue_with_their_blanks() -> None:
-    """A checkpoint written before blank detection trained on every file of its folders: it continues so."""
+    """A checkpoint written before blank detection trained on every file of its folders: it continues so (under
+    `train --resume` with the same flags too, instead of being refused for a setting it never had)."""
     import dataclasses
 
     from test_old_checkpoints import OLD_CHECKPOINT
