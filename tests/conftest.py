@@ -56,6 +56,18 @@ def face_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def labelled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-class probe (synthetic faces and hands, 32 px) with train/ and test/ folds."""
+    from dinopre.data.demo import write_synthetic_folder
+
+    root = tmp_path_factory.mktemp("probe")
+    for fold, start, count in (("train", 0, 12), ("test", 500, 6)):
+        for kind in ("face", "hands"):
+            write_synthetic_folder(root / fold / kind, kind, count, size=32, start=start)
+    return root
+
+
 @pytest.fixture(scope="module")
 def single_thread() -> Iterator[None]:
     """Tiny tensors: one intra-op thread avoids OpenMP wake-up latency on a loaded 2-core machine (restored after).

@@ -217,7 +217,7 @@ def _file_only_in_readme() -> set[str]:
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     paragraph = text.split("Settings only reachable through a file:", 1)[1].split("\n\n", 1)[0]
-    return set(re.findall(r"`([a-z_]+)`", paragraph))
+    return set(re.findall(r"`([a-z_0-9]+)`", paragraph))
 
 
 def test_train_options_settings_and_the_readme_agree() -> None:
@@ -233,7 +233,7 @@ def test_train_options_settings_and_the_readme_agree() -> None:
 def test_resume_options_are_exactly_the_settings_a_resume_may_change() -> None:
     from dinopre.config.validation import RESUME_MAY_CHANGE
 
-    options = _options("resume") - {"target", "quiet"}
+    options = _options("resume") - {"target", "quiet", "init_from"}  # hidden: --init-from is refused with a reason
     paths = {"output_dir", "export_backbone", "stream"}  # fixed by the run directory being resumed
     assert options == RESUME_MAY_CHANGE - paths
 
@@ -257,7 +257,7 @@ def test_every_train_option_reaches_the_configuration(monkeypatch: pytest.Monkey
               "vit_depth": "2",
               "vit_num_heads": "3", "vit_mlp_ratio": "2.0", "drop_path_rate": "0.05", "out_dim": "128",
               "head_hidden_dim": "96", "norm_last_layer": False, "shared_head": False, "patch_out_dim": "64",
-              "zero_mean_patches": None,
+              "zero_mean_patches": None, "init_from": "source.pth", "head_warmup_epochs": "1", "layer_decay": "0.8",
               "epochs": "3", "batch_size": "16", "learning_rate": "0.002", "min_lr": "1e-5", "warmup_epochs": "2",
               "weight_decay": "0.05", "weight_decay_end": "0.3", "clip_grad_norm": "1.5",
               "freeze_last_layer_epochs": "2", "algorithm": "ibot", "student_temp": "0.2", "teacher_temp": "0.05",

@@ -86,6 +86,8 @@ def config_table(event: RunStarted) -> Table:
         table.add_row(section, Text(values))  # Text: paths are shown as they are, never read as markup
     table.add_row("lr", f"peak {event.config.peak_learning_rate:.3g} (after {event.config.optim.warmup_epochs:.3g} "
                         "warmup epochs)")
+    if event.init_notes:
+        table.add_row("init from", Text("\n".join(event.init_notes)))
     if event.recipe_notes:
         table.add_row(f"{event.config.method.recipe} recipe", Text("\n".join(event.recipe_notes)))
     table.add_row("images", Text(event.data_description))

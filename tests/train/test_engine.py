@@ -165,18 +165,6 @@ def test_ibot_on_a_folder_lowers_both_loss_parts(tmp_path: Path) -> None:
 # ============ measuring the features ============
 
 
-@pytest.fixture(scope="module")
-def labelled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A two-class probe (synthetic faces and hands, 32 px) with train/ and test/ folds."""
-    from dinopre.data.demo import write_synthetic_folder
-
-    root = tmp_path_factory.mktemp("probe")
-    for fold, start, count in (("train", 0, 12), ("test", 500, 6)):
-        for kind in ("face", "hands"):
-            write_synthetic_folder(root / fold / kind, kind, count, size=32, start=start)
-    return root
-
-
 def _independent_knn(backbone: torch.nn.Module, folder: Path, k: int = 20, temperature: float = 0.07) -> float:
     """A weighted k-NN written here from scratch: numpy, PIL, the exported backbone (not dinopre.train.evaluation)."""
     import numpy as np

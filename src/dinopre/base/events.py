@@ -31,6 +31,7 @@ class RunStarted:
     warnings: tuple[str, ...] = ()  # settings known to go wrong, problems found while scanning
     augment_on: str = "workers"  # where the views are rendered: "workers" or "device"
     recipe_notes: tuple[str, ...] = ()  # `out_dim 1024 (2,000 images)`: what the recipe derived, and why
+    init_notes: tuple[str, ...] = ()  # where an --init-from run starts: the source, what was folded or loaded
 
 
 @dataclass(frozen=True)

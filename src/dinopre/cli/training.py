@@ -128,6 +128,8 @@ def train(
                                                       show_default=False)] = None,
     vit_mlp_ratio: Annotated[float | None, typer.Option(help=HELP["vit_mlp_ratio"],
                                                         rich_help_panel=MODEL, show_default=False)] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        metavar="SOURCE", help=HELP["init_from"], rich_help_panel=MODEL, show_default=False)] = None,
     drop_path_rate: Annotated[float | None, typer.Option(help=HELP["drop_path_rate"],
                                                          rich_help_panel=MODEL, show_default=False)] = None,
     out_dim: Annotated[int | None, typer.Option(
@@ -170,6 +172,10 @@ def train(
     freeze_last_layer_epochs: Annotated[float | None, typer.Option(
         help=HELP["freeze_last_layer_epochs"],
         rich_help_panel=OPTIM, show_default=False)] = None,
+    head_warmup_epochs: Annotated[float | None, typer.Option(
+        help=HELP["head_warmup_epochs"], rich_help_panel=OPTIM, show_default=False)] = None,
+    layer_decay: Annotated[float | None, typer.Option(
+        help=HELP["layer_decay"], rich_help_panel=OPTIM, show_default=False)] = None,
     algorithm: _ALGORITHM = None,
     recipe: _RECIPE = None,
     student_temp: Annotated[float | None, typer.Option(help=HELP["student_temp"],
@@ -255,6 +261,9 @@ def train(
 ) -> None:
     """Train a backbone with DINO or iBOT on folders of crops (or on built-in demo data with --demo)."""
     cli_settings = settings_given(locals())
+    if resume is not None and init_from is not None:
+        fail("--init-from starts a new run from a backbone and --resume continues a checkpoint, whose weights "
+             "already came from wherever it started; drop one of them.")
     _run_training(preset.value, demo, config, cli_settings, overwrite=overwrite, quiet=quiet, resume_from=resume)
 
 
@@ -385,8 +394,12 @@ def resume(
     rendezvous_timeout: Annotated[float | None, typer.Option(
         metavar="SECONDS", help=RESUME_HELP["rendezvous_timeout"], show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    init_from: Annotated[Path | None, typer.Option(hidden=True, show_default=False)] = None,
 ) -> None:
     """Continue a run exactly where it stopped: same data order, augmentations, masks, schedules and centers."""
+    if init_from is not None:  # hidden: only to say why, instead of "no such option"
+        fail("--init-from starts a new run; a resumed run continues from its checkpoint's weights (and needs no "
+             "source file). Use `dinopre train PRESET --init-from SOURCE` for a new run.")
     overrides = settings_given(locals())
 
     def resolve() -> tuple[Any, Path]:

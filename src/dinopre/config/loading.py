@@ -6,6 +6,7 @@ Every value read from a file or the command line is checked against its field's 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -162,6 +163,7 @@ def build_config(
     if preset not in PRESETS:
         raise ConfigError(f"Unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}.")
     settings: dict[str, Any] = dict(PRESETS[preset])
+    given = frozenset(k for layer in (file_settings or {}, cli_settings or {}) for k in layer if k != "preset")
     if demo:
         settings.update(DEMO_OVERRIDES)
         settings["demo"] = True
@@ -170,7 +172,7 @@ def build_config(
         if layer.get("preset", preset) != preset:
             raise ConfigError(f"The config file is for preset '{layer['preset']}' but preset '{preset}' was asked.")
         settings.update({k: v for k, v in layer.items() if k != "preset"})
-    config = _assemble(preset, settings)
+    config = dataclasses.replace(_assemble(preset, settings), given=given)
     validate(config)
     return config
 

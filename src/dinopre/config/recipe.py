@@ -85,6 +85,11 @@ def _teacher_momentum(shape: RunShape, config: PretrainConfig) -> tuple[Any, str
 
 
 def _learning_rate(shape: RunShape, config: PretrainConfig) -> tuple[Any, str]:
+    if config.model.init_from:
+        # A trained backbone needs smaller steps than a random one: DINO's rule at this width, without the 4x that
+        # a random start needs in a few hundred steps (layer_decay scales it down further for the early blocks).
+        lr = 5e-4 * shape.batch_size / 256 * math.sqrt(384 / shape.embed_dim)
+        return lr, f"batch {shape.batch_size}, width {shape.embed_dim}, a quarter of a random start's: --init-from"
     lr = 5e-4 * shape.batch_size / 256 * math.sqrt(384 / shape.embed_dim) * 4
     return lr, f"batch {shape.batch_size}, width {shape.embed_dim}"
 
@@ -99,6 +104,27 @@ def _freeze_last_layer_epochs(shape: RunShape, config: PretrainConfig) -> tuple[
     return _epochs(steps, shape), f"{_count(steps)} steps: DINO's one epoch, at most 5 % of the run"
 
 
+def _head_warmup_epochs(shape: RunShape, config: PretrainConfig) -> tuple[Any, str]:
+    # Random heads at full learning rate wreck a trained backbone (dinov2#204: k-NN 80 % -> 25 % after 10k images):
+    # the heads first learn the source's features with the backbone frozen. A DINO head carried over from the
+    # source (an official training checkpoint) fits them already and needs only a short settling.
+    if not config.model.init_from:
+        return 0.0, REFERENCE_REASON
+    if config.model.init_heads:
+        steps = max(1, round(0.05 * shape.total_steps))
+        return _epochs(steps, shape), f"{_count(steps)} steps, a twentieth of the run: the source's DINO head fits"
+    steps = max(1, round(0.2 * shape.total_steps))
+    return _epochs(steps, shape), f"{_count(steps)} steps, a fifth of the run: fresh heads learn the source first"
+
+
+def _layer_decay(shape: RunShape, config: PretrainConfig) -> tuple[Any, str]:
+    # BEiT (Bao et al. 2022) and iBOT fine-tune ViT-S/B with layer-wise decay 0.65-0.75: the early blocks hold the
+    # most general features and move least.
+    if not config.model.init_from:
+        return 1.0, REFERENCE_REASON
+    return 0.75, "BEiT's and iBOT's fine-tuning value: the early blocks of --init-from move least"
+
+
 def _drop_path_rate(shape: RunShape, config: PretrainConfig) -> tuple[Any, str]:
     if shape.total_steps < 10_000 or shape.depth < 6:
         return 0.0, "short run or shallow model: nothing to regularise yet"
@@ -106,6 +132,8 @@ def _drop_path_rate(shape: RunShape, config: PretrainConfig) -> tuple[Any, str]:
 
 
 def _zero_mean_patches(shape: RunShape, config: PretrainConfig) -> tuple[Any, str]:
+    if config.model.init_from:  # the projection would change the source's function at the first step
+        return False, "--init-from: projecting its patch filters would change what it computes"
     # The largest single gain measured by benchmarks/learn.py: a plain ViT's CLS features sort images by colour.
     return True, "tokens see structure, not a patch's mean colour"
 
@@ -129,6 +157,8 @@ AUTO_RULES: dict[str, Callable[[RunShape, PretrainConfig], tuple[Any, str]]] = {
     "drop_path_rate": _drop_path_rate,
     "zero_mean_patches": _zero_mean_patches,
     "koleo_weight": _koleo_weight,
+    "head_warmup_epochs": _head_warmup_epochs,
+    "layer_decay": _layer_decay,
 }
 
 
@@ -171,12 +201,14 @@ def resolve(config: PretrainConfig, num_images: int, previous: dict[str, str] | 
     Args:
         config: a configuration from `build_config` (unset recipe settings are None).
         num_images: the training images the run will see.
-        previous: the reasons of a resumed run's derived settings (its values are already in `config`).
+        previous: the reasons of a resumed run's derived settings, or of the settings a new run took from its
+            --init-from source (their values are already in `config`).
 
     Returns:
         The complete configuration and the derived settings with their reasons.
     """
-    derived = {name: reason for name, reason in (previous or {}).items() if name in RECIPE_SETTINGS}
+    # Besides the recipe's own settings, `previous` may give reasons for settings taken from an --init-from source.
+    derived = {name: reason for name, reason in (previous or {}).items() if name in FIELD_SECTION}
     shape = run_shape(config, num_images)
     if config.method.recipe is None:
         config = with_settings(config, {"recipe": "auto"})

@@ -81,6 +81,17 @@ class ModelConfig:
     # resume (dinopre.train.resume). File only: it is set for you.
     drop_path_scope: str | None = setting_field(None, choices=DROP_PATH_SCOPES,
                                                 says="{name} must be one of {choices}, got '{value}'.")
+    # Continued pretraining (dinopre.train.init_from): the backbone file the run started from, stored absolute, and
+    # its sha256, which a resume does not need the file to know. The sha256 and `init_heads` are file only: set for
+    # you.
+    init_from: str | None = setting_field(
+        None, help="Start the student and teacher backbones from this checkpoint instead of random weights: an "
+                   "official DINO or DINOv2 file, a timm or Hugging Face ViT, a dinopre export or training "
+                   "checkpoint (anything dinopre convert takes). The model's shape comes from it; the heads start "
+                   "fresh (or from its DINO head, when it has one that fits). Under --recipe auto the heads train "
+                   "first with the backbone frozen, then the backbone joins with layer-wise lr decay.")
+    init_from_sha256: str | None = setting_field(None)
+    init_heads: bool = setting_field(False)
 
 
 @dataclass(frozen=True)
@@ -165,6 +176,17 @@ class OptimConfig:
     freeze_last_layer_epochs: float | None = setting_field(
         None, reference=1.0, check="non_negative", maximum=_EPOCHS,
         help="Epochs during which the prototype layer is frozen (stabilises the start).")
+    # Continued pretraining (dinopre.train.init_from): under `reference` neither, under `auto` both with --init-from.
+    head_warmup_epochs: float | None = setting_field(
+        None, reference=0.0, check="non_negative", maximum=_EPOCHS,
+        help="Epochs at the start during which only the heads train and the backbone stays frozen, so that random "
+             "heads cannot wreck the features of an --init-from backbone (auto: a fifth of the run with "
+             "--init-from, else 0).")
+    layer_decay: float | None = setting_field(
+        None, reference=1.0, check="positive", maximum=1.0, says="{flag} must be in (0, 1], got {value}.",
+        help="Layer-wise lr decay: block i of n learns at --learning-rate x decay^(n + 1 - i) and the patch "
+             "embedding at decay^(n + 1), so the early layers of an --init-from backbone move least (auto: 0.75 "
+             "with --init-from, else 1: off).")
 
 
 @dataclass(frozen=True)
@@ -321,6 +343,9 @@ class PretrainConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # The settings the user gave (a flag or a config file), not the preset or --demo: an --init-from source
+    # replaces the others' shape (dinopre.train.init_from). Never saved.
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     @property
     def resolved_best_by(self) -> str:

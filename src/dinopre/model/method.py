@@ -106,6 +106,10 @@ class StudentTeacher(nn.Module):
         """Student parameters the optimizer updates."""
         return [p for p in self.student.parameters() if p.requires_grad]
 
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Student backbone parameters the optimizer updates (frozen during an --init-from head warm-up)."""
+        return [p for p in self.student["backbone"].parameters() if p.requires_grad]
+
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Student prototype-layer parameters of every head (frozen during the first epoch(s))."""
         heads = [self.student["head"]] + ([self.student["patch_head"]] if "patch_head" in self.student else [])
@@ -237,6 +241,25 @@ class StudentTeacher(nn.Module):
         return logits[: cls.shape[0]], logits[cls.shape[0] :].unflatten(0, patches.shape[:-1])
 
     @torch.no_grad()
+    def start_from(self, backbone: dict[str, torch.Tensor], head: dict[str, torch.Tensor]) -> None:
+        """Load trained weights into the student and the teacher (continued pretraining, `--init-from`).
+
+        Args:
+            backbone: backbone tensors; a name it lacks (iBOT's mask token) keeps its initial value.
+            head: the DINO head's tensors, or empty to keep the fresh heads.
+
+        Raises:
+            RuntimeError, KeyError: a name or shape that does not fit.
+        """
+        for model in (self.student, self.teacher):
+            model["backbone"].load_state_dict({**model["backbone"].state_dict(), **backbone})
+            if head:
+                model["head"].load_state_dict(head)
+        if self.zero_mean_patches:  # asked for explicitly: the constraint holds from the first step, in both
+            _center_filters(self.student["backbone"].patch_embed.proj.weight)
+            _center_filters(self.teacher["backbone"].patch_embed.proj.weight)
+
+    @torch.no_grad()
     def constrain(self) -> None:
         """Restore the student's constraints after an optimizer step (projected gradient descent).
 
@@ -247,10 +270,17 @@ class StudentTeacher(nn.Module):
             _center_filters(self.student["backbone"].patch_embed.proj.weight)
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """teacher <- m * teacher + (1 - m) * student, over parameters, in fp32 (dino main_dino.py)."""
-        teacher_params = list(self.teacher.parameters())
-        student_params = list(self.student.parameters())
+    def update_teacher(self, momentum: float, *, backbone: bool = True) -> None:
+        """teacher <- m * teacher + (1 - m) * student, over parameters, in fp32 (dino main_dino.py).
+
+        Args:
+            momentum: m.
+            backbone: include the backbones. During a head warm-up the student's backbone does not move, and
+                leaving it out keeps the teacher's bit for bit the source's (m t + (1 - m) t rounds).
+        """
+        keep = (lambda name: True) if backbone else (lambda name: not name.startswith("backbone."))
+        teacher_params = [p for name, p in self.teacher.named_parameters() if keep(name)]
+        student_params = [p for name, p in self.student.named_parameters() if keep(name)]
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 

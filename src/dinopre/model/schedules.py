@@ -6,7 +6,9 @@
 - teacher temperature: linear from `warmup_teacher_temp` to `teacher_temp` over `warmup_teacher_temp_epochs`, then
   constant; per epoch under `--recipe reference` (dino main_dino.py `DINOLoss`), per step under `auto` (dinov2's
   per-iteration schedules, so a warmup may be a fraction of an epoch);
-- iBOT teacher patch temperature: the same shape with its own values (ibot main_ibot.py `iBOTLoss`).
+- iBOT teacher patch temperature: the same shape with its own values (ibot main_ibot.py `iBOTLoss`);
+- the backbone's share of the lr with a head warm-up (`--init-from`): 0 while only the heads train, then a linear
+  ramp to 1 over the lr warmup's length, so the backbone gets a warmup of its own from the step it joins.
 Epoch counts may be fractional; a warmup of e epochs lasts round(e x steps per epoch) steps. Every schedule is
 defined over the run's total number of epochs; past the end it holds its final value (dinov2 `CosineScheduler`).
 Values are computed per step rather than tabulated (dino precomputes arrays), so a run of 10^9 steps costs no
@@ -104,6 +106,7 @@ class Schedules:
     momentum: Schedule
     teacher_temp: Schedule
     teacher_patch_temp: Schedule | None = None  # iBOT only
+    backbone_scale: Schedule | None = None  # with a head warm-up only
 
     def at(self, step: int) -> dict[str, float]:
         """Every scheduled value at a global step."""
@@ -115,7 +118,17 @@ class Schedules:
         }
         if self.teacher_patch_temp is not None:
             values["teacher_patch_temp"] = self.teacher_patch_temp(step)
+        if self.backbone_scale is not None:
+            values["backbone_scale"] = self.backbone_scale(step)
         return values
+
+
+def backbone_scale_schedule(frozen_steps: int, ramp_steps: int, total_steps: int) -> Schedule:
+    """0 for the first `frozen_steps` (the head warm-up), then rising linearly to 1 over `ramp_steps` steps (its
+    first step already moves: (1 / ramp), ..., 1), then 1."""
+    ramp = max(ramp_steps, 1)
+    return Schedule(lambda step: 0.0 if step < frozen_steps else min(1.0, (step - frozen_steps + 1) / ramp),
+                    total_steps)
 
 
 def build_schedules(config: PretrainConfig, steps_per_epoch: int) -> Schedules:
@@ -123,9 +136,10 @@ def build_schedules(config: PretrainConfig, steps_per_epoch: int) -> Schedules:
     o, m = config.optim, config.method
     total = o.epochs * steps_per_epoch
     per_step = m.recipe == "auto"
+    warmup = epochs_to_steps(o.warmup_epochs, steps_per_epoch)
+    head_warmup = epochs_to_steps(o.head_warmup_epochs or 0.0, steps_per_epoch)
     return Schedules(
-        lr=cosine_schedule(config.peak_learning_rate, o.min_lr, total,
-                           epochs_to_steps(o.warmup_epochs, steps_per_epoch)),
+        lr=cosine_schedule(config.peak_learning_rate, o.min_lr, total, warmup),
         weight_decay=cosine_schedule(o.weight_decay, o.weight_decay_end, total),
         momentum=cosine_schedule(m.teacher_momentum_base, m.teacher_momentum_final, total),
         teacher_temp=teacher_temp_schedule(
@@ -135,4 +149,5 @@ def build_schedules(config: PretrainConfig, steps_per_epoch: int) -> Schedules:
             m.warmup_teacher_patch_temp, m.teacher_patch_temp, m.warmup_teacher_patch_temp_epochs, o.epochs,
             steps_per_epoch, per_step,
         ) if m.algorithm == "ibot" else None,
+        backbone_scale=backbone_scale_schedule(head_warmup, warmup, total) if head_warmup > 0 else None,
     )

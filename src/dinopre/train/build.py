@@ -25,6 +25,7 @@ from dinopre.data.pipeline import DataSource, build_source
 from dinopre.model.method import StudentTeacher, build_method
 from dinopre.model.optim import build_optimizer
 from dinopre.model.schedules import Schedules, build_schedules
+from dinopre.train.init_from import InitPlan, load_init, plan_init
 from dinopre.train.runtime import Runtime, default_num_workers, setup
 
 
@@ -45,6 +46,7 @@ class RunParts:
         model: what a step calls: `method` itself, or `method` in DistributedDataParallel when several processes
             train (its gradients are averaged across them).
         world_size: training processes.
+        init: how a new run started from its --init-from source (None otherwise, and on resume).
     """
 
     config: PretrainConfig
@@ -58,6 +60,7 @@ class RunParts:
     schedules: Schedules
     model: nn.Module
     world_size: int = 1
+    init: InitPlan | None = None
 
     @property
     def batch_per_rank(self) -> int:
@@ -139,7 +142,7 @@ def settings_differences(everyone: list[dict[str, Any]]) -> str:
 
 
 def build_run(config: PretrainConfig, reporter: Reporter | None = None,
-              previous_recipe: dict[str, str] | None = None, *, rescan: bool = False) -> RunParts:
+              previous_recipe: dict[str, str] | None = None, *, rescan: bool = False, new: bool = True) -> RunParts:
     """Set up the device, find the images, resolve the recipe and build the model, optimizer and schedules.
 
     The global generator is seeded before the model is built, so the same configuration gives the same weights.
@@ -150,17 +153,23 @@ def build_run(config: PretrainConfig, reporter: Reporter | None = None,
         previous_recipe: the derived settings' reasons of a run being resumed.
         rescan: list the training folders afresh instead of reading the cached index (a resume does, so that it
             sees files rewritten in place).
+        new: a new run, whose backbones start from `--init-from` when it is set (a resumed run has its weights
+            in its checkpoint, and never reads the source again).
 
     Raises:
         UserError: no usable device, no images, fewer images than a batch, or an invalid derived setting.
     """
     world = distributed.launch().world_size if distributed.launch() is not None else 1
     error: UserError | None = None
+    init: InitPlan | None = None
     try:  # a failure here on any process reaches all of them before the first collective (DDP's, below)
         if config.optim.batch_size % world:
             raise ConfigError(f"--batch-size {config.optim.batch_size} is the global batch and must divide by the "
                               f"{world} training processes; use a multiple of {world}.")
         runtime = setup(config.run.device, config.run.precision, config.run.seed, distributed.local_rank())
+        if new and config.model.init_from:  # before the images: a bad source is refused at once
+            init = plan_init(config)
+            config, previous_recipe = init.config, init.reasons
         data = build_source(config, reporter, use_cache=not rescan)
         steps_per_epoch = check_dataset_size(len(data.source), config.optim.batch_size)
         recipe = resolve(config, len(data.source), previous_recipe)
@@ -168,7 +177,10 @@ def build_run(config: PretrainConfig, reporter: Reporter | None = None,
         error = exc
     agree_on_settings(error, lambda: shared_settings(recipe.config, len(data.source)))
     config = recipe.config
-    method = build_method(config).to(runtime.device)
+    method = build_method(config)
+    if init is not None:  # after the random draws of a scratch run, so the heads are drawn as they would be
+        load_init(method, init)
+    method = method.to(runtime.device)
     if config.run.compile:
         compile_backbones(method)
     model = data_parallel(method, runtime.device) if distributed.launch() is not None else method
@@ -176,6 +188,12 @@ def build_run(config: PretrainConfig, reporter: Reporter | None = None,
         torch.manual_seed(config.run.seed + 1_000_003 * distributed.rank())
     num_workers = (config.data.num_workers if config.data.num_workers is not None
                    else default_num_workers(distributed.local_world_size()))
+    o = config.optim
+    # Continued pretraining gets a parameter group per backbone layer; every other run keeps the two groups of its
+    # checkpoints.
+    layered = o.layer_decay < 1.0 or (o.head_warmup_epochs or 0.0) > 0.0
+    optimizer = build_optimizer(method.student, runtime.device, layered=layered, depth=config.model.vit_depth,
+                                layer_decay=o.layer_decay)
     return RunParts(config=config, recipe=recipe, runtime=runtime, data=data, steps_per_epoch=steps_per_epoch,
-                    num_workers=num_workers, method=method, optimizer=build_optimizer(method.student, runtime.device),
-                    schedules=build_schedules(config, steps_per_epoch), model=model, world_size=world)
+                    num_workers=num_workers, method=method, optimizer=optimizer,
+                    schedules=build_schedules(config, steps_per_epoch), model=model, world_size=world, init=init)

@@ -25,7 +25,7 @@ from dinopre.base.signals import StopSignals
 from dinopre.config.settings import PretrainConfig
 from dinopre.data.blank import is_blank_reason
 from dinopre.train.checkpointing import export, restore, save
-from dinopre.train.epoch import close_epoch
+from dinopre.train.epoch import close_epoch, evaluate_source
 from dinopre.train.hooks import RunHooks
 from dinopre.train.run import Run, RunRequest
 from dinopre.train.runtime import device_type
@@ -107,6 +107,9 @@ def _start(prepared: Prepared) -> FitResult:
     for hook in run.hooks:
         hook.on_run_start(context)
     run.reporter.emit(run_started(run, prepared.state))
+    if run.parts.init is not None and run.config.eval.eval_dir:  # the source's own features, as epoch 0
+        run.reporter.emit(evaluate_source(run))
+        save(run, best=run.config.resolved_best_by == "knn", mid_epoch=True)
     return _train(run)
 
 

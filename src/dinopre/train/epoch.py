@@ -12,7 +12,7 @@ from typing import Any
 
 from dinopre.base import distributed
 from dinopre.base.errors import TrainingStopped
-from dinopre.base.events import CollapseWarning, EpochEnded
+from dinopre.base.events import CollapseWarning, EpochEnded, Notice
 from dinopre.train.evaluation import collapse_message, collapse_verdict, is_eval_epoch
 from dinopre.train.run import Run
 from dinopre.train.step import mean_over_processes
@@ -103,3 +103,26 @@ def _evaluate_here(run: Run, epoch: int) -> dict[str, Any]:
     out["collapse"] = collapse_verdict(out)
     out["eval_seconds"] = time.perf_counter() - started
     return out
+
+
+def evaluate_source(run: Run) -> Notice:
+    """Before the first step of an --init-from run with an --eval-dir: the source's own k-NN, recorded as epoch 0
+    (metrics.jsonl, the run's evaluations), so the user sees at once whether training helps or hurts. Under
+    `--best-by knn` it is the first best: checkpoint_best.pt keeps the source until an epoch beats it.
+
+    Only the main process evaluates (the others have no evaluator).
+
+    Returns:
+        The line that tells the user.
+    """
+    knn = None
+    if run.evaluator is not None:
+        with distributed.local_collectives():
+            knn = run.evaluator.knn(run.method.teacher["backbone"], run.runtime.device)
+        run.best_knn = knn
+        run.evaluations.append({"epoch": 0, "knn": knn})
+    is_best = run.config.resolved_best_by == "knn"
+    run.files.append_metrics({"type": "epoch", "epoch": 0, "step": 0, "knn": knn, "best": is_best, "source": True})
+    keep = (" checkpoint_best.pt holds it until an epoch beats it." if is_best else "")
+    shown = f"{knn:.1f} %" if knn is not None else "measured on the main process"
+    return Notice(f"Before training, --init-from's own k-NN on --eval-dir is {shown} (epoch 0).{keep}")

@@ -130,8 +130,10 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> TrainingState
                                   f"{list(absolute_roots(config.data.train_dir))!r}")
     if differences:
         may_change = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(RESUME_MAY_CHANGE))
+        started = (f" It started from --init-from, which set its shape: `dinopre resume {path.parent}` takes every "
+                   "setting from the checkpoint." if saved.model.init_from else "")
         raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
-                          f"{may_change} may change.")
+                          f"{may_change} may change.{started}")
     done, in_epoch = state.epoch, state.step_in_epoch
     if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
         raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "

@@ -86,7 +86,8 @@ def open_run(config: PretrainConfig, reporter: Reporter, request: RunRequest, st
     state = load_resume_state(request.resume_from, config) if request.resume_from is not None else None
     if state is not None:
         config = continued_config(config, state)
-    parts = build_run(config, reporter, state.recipe if state is not None else None, rescan=state is not None)
+    parts = build_run(config, reporter, state.recipe if state is not None else None, rescan=state is not None,
+                      new=state is None)
     if state is not None:  # refusals before anything in the run folder is touched
         refusal, _ = parts.data.fingerprint.change(state.data)
         if refusal is not None:
@@ -199,6 +200,7 @@ def run_started(run: Run, state: TrainingState | None) -> RunStarted:
                     for name, module in parts.method.student.items()},
         resumed_from=run.request.resume_from, start_step=run.global_step, warnings=warnings,
         augment_on="device" if augments_on_device(config) else "workers", recipe_notes=tuple(recipe.notes()),
+        init_notes=parts.init.notes if parts.init is not None else (),
     )
 
 

@@ -41,8 +41,9 @@ def train_step(
     the method in DistributedDataParallel when several processes train (`build.RunParts.model`).
     """
     mark = on_phase or (lambda phase: None)
-    # apply schedules
-    apply_schedules(optimizer, values["lr"], values["weight_decay"])
+    # apply schedules; during a head warm-up (--init-from) the backbone's share is 0
+    backbone_scale = values.get("backbone_scale", 1.0)
+    apply_schedules(optimizer, values["lr"], values["weight_decay"], backbone_scale)
     # forward and losses (trunk in autocast, loss maths in fp32)
     with runtime.autocast():
         losses = (model or method)(batch, values["teacher_temp"], values.get("teacher_patch_temp"),
@@ -56,11 +57,16 @@ def train_step(
         clip_gradients_per_tensor(method.trainable_parameters(), clip_grad_norm)
     if freeze_last_layer:
         cancel_gradients(method.last_layer_parameters())
+    if backbone_scale == 0.0:
+        # Frozen by dropping its gradients, not by requires_grad (which DDP does not allow to change after it
+        # wraps the model): AdamW then skips the backbone entirely, weight decay and moments included, so its
+        # moments start at the first step it trains.
+        cancel_gradients(method.backbone_parameters())
     optimizer.step()
     method.constrain()
     mark("optimizer")
     # teacher EMA
-    method.update_teacher(values["momentum"])
+    method.update_teacher(values["momentum"], backbone=backbone_scale != 0.0)
     mark("teacher")
     return {name: value.detach() for name, value in losses.items()}
 
