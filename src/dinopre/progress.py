@@ -4,8 +4,7 @@
   temperature, data-wait share) for an interactive terminal.
 - `PlainReporter`: one plain line per log step and per epoch, for logs (CI, nohup, SLURM).
 Both print the resolved configuration at start and a final summary with what to run next; `--quiet` gets
-`base.events.NullReporter`, which prints nothing. `dinopre eval` has its own: `scoring_reporter` (its progress) and
-`print_scores` (its table).
+`base.events.NullReporter`, which prints nothing. `dinopre eval` has its own: `scoring_reporter` and `print_scores`.
 """
 
 from __future__ import annotations
@@ -86,10 +85,9 @@ def config_table(event: RunStarted) -> Table:
         table.add_row(section, Text(values))  # Text: paths are shown as they are, never read as markup
     table.add_row("lr", f"peak {event.config.peak_learning_rate:.3g} (after {event.config.optim.warmup_epochs:.3g} "
                         "warmup epochs)")
-    if event.init_notes:
-        table.add_row("init from", Text("\n".join(event.init_notes)))
-    if event.recipe_notes:
-        table.add_row(f"{event.config.method.recipe} recipe", Text("\n".join(event.recipe_notes)))
+    for label, notes in (("init from", event.init_notes), (f"{event.config.method.recipe} recipe", event.recipe_notes)):
+        if notes:  # where an --init-from run starts; what the recipe derived, and why
+            table.add_row(label, Text("\n".join(notes)))
     table.add_row("images", Text(event.data_description))
     table.add_row("steps", f"{event.steps_per_epoch} per epoch, {event.total_steps} in all")
     table.add_row("hardware", f"{event.device}, {event.precision}, {event.num_workers} data workers, views "
