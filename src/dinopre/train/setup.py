@@ -34,7 +34,7 @@ from dinopre.train.build import build_run
 from dinopre.train.checkpointing import check_export_path, load_weights
 from dinopre.train.evaluation import Evaluator, check_decoded_classes, monitor_indices, scan_labelled
 from dinopre.train.hooks import RunHooks
-from dinopre.train.resume import continued_config, load_resume_state
+from dinopre.train.resume import continued_config, find_checkpoint, load_resume_state
 from dinopre.train.run import Run, RunRequest
 from dinopre.train.runtime import Runtime, share_cpus
 from dinopre.train.trackers import Trackers, check_installed
@@ -91,7 +91,7 @@ def open_run(config: PretrainConfig, reporter: Reporter, request: RunRequest, st
         refusal, _ = parts.data.fingerprint.change(state.data)
         if refusal is not None:
             raise ConfigError(refusal)
-        load_weights(parts.method, parts.optimizer, state)
+        load_weights(parts.method, parts.optimizer, state, find_checkpoint(request.resume_from))
     evaluator = build_evaluator(parts.config, parts.data.source, parts.num_workers) if distributed.is_main() \
         else None
     if parts.config.run.export_backbone and distributed.is_main():  # at the start, not after hours of training
