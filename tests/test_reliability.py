@@ -899,9 +899,6 @@ INVOCATIONS = [
     # resume
     pytest.param(["resume", "{run}", "--epochs", "0"], 2, "--epochs must be a positive integer", "error",
                  id="resume-epochs-0"),
-    pytest.param(["resume", "{run}", "--epochs", "1"], 2, "has already done 1 of 1 epochs", "error",
-                 id="resume-epochs-done"),
-    pytest.param(["resume", "{run}"], 2, "pass --epochs N with N > 1", "error", id="resume-finished-run"),
     pytest.param(["resume", "{run}", "--epochs", "2", "--device", "cuda"], 2, "no usable CUDA GPU", "error",
                  marks=NO_CUDA, id="resume-device-cuda"),
     pytest.param(["resume", "{run}", "--epochs", "2", "--num-workers", "-2"], 2, "--num-workers must be 0 or more",
