@@ -35,9 +35,12 @@ def resume_command(target: str | Path, options: str = "", launch: distributed.La
         nodes = max(1, launch.world_size // launch.local_world_size)
         # One node: --standalone picks a free rendezvous itself. Several: the same command on each node with its
         # --node-rank (this one is the first node's, where the run directory is written).
-        where = ["--standalone"] if nodes == 1 else ["--nnodes", str(nodes), "--node-rank", "0", "--master-addr",
-                                                     launch.master_addr, "--master-port", str(launch.master_port)]
-        words = ["torchrun", *where, "--nproc-per-node", str(launch.local_world_size), "-m", "dinopre"]
+        # The options in the README's order.
+        processes = ["--nproc-per-node", str(launch.local_world_size)]
+        where = ["--standalone", *processes] if nodes == 1 else [
+            "--nnodes", str(nodes), "--node-rank", "0", *processes, "--master-addr", launch.master_addr,
+            "--master-port", str(launch.master_port)]
+        words = ["torchrun", *where, "-m", "dinopre"]
     elif launch is not None and launch.launcher == "slurm":
         words = ["srun", "dinopre"]
     command = shell_command(*words, "resume", target)
