@@ -40,6 +40,8 @@ def test_the_launch_is_read_from_the_environment_after_the_session(monkeypatch: 
     for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(name, value)
-    assert resume_command("x").startswith("torchrun --standalone --nproc-per-node 2 -m dinopre resume x")
+    assert resume_command("x") == "dinopre resume x"  # the variables set by hand: not torchrun
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun itself sets besides them
+    assert resume_command("x") == "torchrun --standalone --nproc-per-node 2 -m dinopre resume x"
     monkeypatch.setenv("RANK", "5")  # variables no launch could set: a plain command rather than a wrong one
     assert resume_command("x") == "dinopre resume x"

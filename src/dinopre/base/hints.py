@@ -5,6 +5,7 @@ many processes as the run did.
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -53,9 +54,14 @@ def export_command(checkpoint: str | Path, output: str | Path) -> str:
 
 
 def _this_launch() -> distributed.Launch | None:
-    if distributed.launch() is not None:
-        return distributed.launch()
-    try:
-        return distributed.detect()
-    except ConfigError:  # variables no launch could set: the run was refused before it started
+    """This process's launch, when a launcher started it: torchrun's variables set by hand (each rank started
+    from a shell of its own) are not torchrun, which also sets TORCHELASTIC_RUN_ID."""
+    launch = distributed.launch()
+    if launch is None:
+        try:
+            launch = distributed.detect()
+        except ConfigError:  # variables no launch could set: the run was refused before it started
+            return None
+    if launch is not None and launch.launcher == "torchrun" and "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
+    return launch
