@@ -363,6 +363,52 @@ def test_ctrl_c_before_any_checkpoint_does_not_promise_one(tmp_path: Path, monke
     assert "holds the last checkpoint" not in result.output and "RUN_DIR" not in result.output, result.output
 
 
+# A process that sends itself a signal at a chosen moment after the last step: while the final checkpoint is
+# written (`save` at the end of the last epoch) or while the backbone is exported; then it runs `dinopre ARGS`.
+_SIGNAL_AFTER_THE_END = """
+import os, signal, sys
+import dinopre.train.engine as engine
+signum, moment = getattr(signal, sys.argv[1]), sys.argv[2]
+original = getattr(engine, moment)
+
+def signalled(run, *args, **kwargs):
+    if moment == "export" or (not kwargs["mid_epoch"] and run.epoch == run.config.optim.epochs):
+        os.kill(os.getpid(), signum)
+    return original(run, *args, **kwargs)
+
+setattr(engine, moment, signalled)
+from dinopre.cli import main
+sys.argv = ["dinopre", *sys.argv[3:]]
+main()
+"""
+
+
+@pytest.mark.parametrize(("signame", "moment"), [("SIGTERM", "save"), ("SIGINT", "export")],
+                         ids=["sigterm-final-checkpoint", "sigint-export"])
+def test_a_signal_after_the_last_step_lets_the_run_complete_with_exit_0(tmp_path: Path, small_demo: Path,
+                                                                        private_cache: Path, signame: str,
+                                                                        moment: str) -> None:
+    """The run is complete once its last step is done: a scheduler's SIGTERM (or a Ctrl-C) while the final
+    checkpoint or the export is written must not make it a stopped run (143 / 130, requeued by the README's SLURM
+    script). It finishes writing, prints its summary and one line about the signal, and exits 0."""
+    from processes import TINY_RUN, clean_env
+
+    run, export = tmp_path / "run", tmp_path / "backbone.pt"
+    tiny = [flag for flag in TINY_RUN if flag != "--quiet"]  # the summary is part of what is checked
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_THE_END, signame, moment, "train", "face", *tiny,
+                           "--config", str(small_demo), "--epochs", "1", "--output-dir", str(run),
+                           "--export-backbone", str(export)],
+                          capture_output=True, text=True, timeout=240, start_new_session=True,
+                          env=clean_env(NO_COLOR="1", DINOPRE_CACHE_DIR=str(private_cache)))
+    assert done.returncode == 0, done.stderr
+    assert f"{signame} arrived after the last step and was ignored: the run is complete" in done.stderr
+    assert "Traceback" not in done.stderr and "Stopped by" not in done.stderr
+    assert f"backbone        {export}" in done.stdout  # the normal summary
+    state = _load(run / "checkpoint_last.pt")
+    assert state["epoch"] == 1 and state["step_in_epoch"] == 0 and export.is_file()
+    assert json.loads(export.with_suffix(".json").read_text())["epoch"] == 1
+
+
 # ============ kill -9 at random moments ============
 
 
@@ -906,9 +952,6 @@ INVOCATIONS = [
     # resume
     pytest.param(["resume", "{run}", "--epochs", "0"], 2, "--epochs must be a positive integer", "error",
                  id="resume-epochs-0"),
-    pytest.param(["resume", "{run}", "--epochs", "1"], 2, "has already done 1 of 1 epochs", "error",
-                 id="resume-epochs-done"),
-    pytest.param(["resume", "{run}"], 2, "pass --epochs N with N > 1", "error", id="resume-finished-run"),
     pytest.param(["resume", "{run}", "--epochs", "2", "--device", "cuda"], 2, "no usable CUDA GPU", "error",
                  marks=NO_CUDA, id="resume-device-cuda"),
     pytest.param(["resume", "{run}", "--epochs", "2", "--num-workers", "-2"], 2, "--num-workers must be 0 or more",

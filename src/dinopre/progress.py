@@ -32,6 +32,7 @@ from dinopre.base.events import (
     StepLogged,
     Stopped,
 )
+from dinopre.base.hints import export_command, resume_command
 from dinopre.config.settings import SECTIONS, config_to_dict
 from dinopre.model.regularisers.registry import REGULARISERS
 
@@ -123,13 +124,12 @@ def summary_lines(event: RunFinished) -> list[str]:
         lines.append(f"backbone        {event.export_path}")
         lines.append(f'load it with    load_dinov2_backbone("file::{event.export_path}:slt_vitsmall_patch16")')
     else:
-        lines.append(f"export with     dinopre export {event.best_checkpoint} {event.run_dir / 'backbone.pt'}")
+        lines.append(f"export with     {export_command(event.best_checkpoint, event.run_dir / 'backbone.pt')}")
     if event.bad_files:
         lines.append(f"skipped files   {event.bad_files} could not be decoded; listed in {event.bad_files_report}")
     if event.blank_files:
-        lines.append(f"blank crops     {event.blank_files} left out (one flat colour); listed in "
-                     f"{event.blank_files_report}")
-    lines.append(f"continue with   dinopre resume {event.run_dir} --epochs N")
+        lines.append(f"blank crops     {event.blank_files} left out (one colour); listed in {event.blank_files_report}")
+    lines.append(f"continue with   {resume_command(event.run_dir, '--epochs N')}")
     return lines
 
 

@@ -321,7 +321,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(resumable, tmp_path
 
 
 def test_resume_refuses_other_settings_and_lists_them(resumable, tmp_path: Path) -> None:
-    from dinopre.base.errors import ConfigError
+    from dinopre.base.errors import ConfigError, RunComplete
 
     run_dir = tmp_path / "run"
     fit(resumable(run_dir, epochs=1), Recorder())
@@ -329,7 +329,7 @@ def test_resume_refuses_other_settings_and_lists_them(resumable, tmp_path: Path)
         fit(resumable(run_dir, epochs=2, learning_rate=0.01, out_dim=32), Recorder(), resume_from=run_dir)
     assert "out_dim: checkpoint 64, requested 32; learning_rate: checkpoint " in str(info.value)
     assert ", requested 0.01" in str(info.value)  # the lr the auto recipe chose differs from the one asked for
-    with pytest.raises(ConfigError, match="already done 1 of 1 epochs; pass --epochs N with N > 1"):
+    with pytest.raises(RunComplete, match="is complete: it has done all its 1 epochs"):
         fit(resumable(run_dir, epochs=1), Recorder(), resume_from=run_dir)
     result = fit(resumable(run_dir, epochs=2, num_workers=1, log_interval=3), Recorder(), resume_from=run_dir)
     assert len(result.epoch_losses) == 2  # more epochs, other workers and log interval are fine

@@ -25,6 +25,12 @@ class RunDirError(UserError):
     """The output folder cannot be used as asked (it holds a run already, or it is not writable)."""
 
 
+class RunComplete(Exception):
+    """A resume of a run that has done all its epochs: nothing is left to train, which is not a failure (exit code
+    0, so that a requeued job or a "resume until done" loop ends well). The message says how to export the run and
+    how to train it longer."""
+
+
 class TrainingStopped(Exception):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept. The message says why."""
 

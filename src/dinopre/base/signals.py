@@ -16,9 +16,11 @@ class StopSignals:
 
     While `deferring` (the training loop runs), a signal only sets `received`: the loop finishes its current step,
     writes a checkpoint and exits with 128 + the signal number; a second Ctrl-C then raises KeyboardInterrupt at
-    once (the previous checkpoint stays intact: writes are atomic). Outside the loop (scanning, building,
-    exporting) the signal raises `Interrupted` at once. Outside the main thread (where Python cannot install
-    handlers) it does nothing.
+    once (the previous checkpoint stays intact: writes are atomic). Before the loop (scanning, building) the
+    signal raises `Interrupted` at once. After the last step (`finish`) the run is complete: a signal is noted in
+    `ignored` and the run writes its last files and ends as usual, so that a scheduler that sent it does not
+    requeue a finished job; a second Ctrl-C still quits at once. Outside the main thread (where Python cannot
+    install handlers) it does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -26,7 +28,15 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self.deferring = False
+        self.finished = False
+        self.ignored: int | None = None
         self._previous: dict[int, object] = {}
+
+    def finish(self) -> None:
+        """The last step is done: from now a signal is ignored (one that came during the last step too)."""
+        self.finished, self.deferring = True, False
+        if self.received is not None:
+            self.ignored, self.received = self.received, None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -39,6 +49,11 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.finished:
+            if self.ignored is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.ignored = signum
+            return
         if not self.deferring:
             raise Interrupted(f"Stopped by {signal.Signals(signum).name} outside the training loop; checkpoints "
                               "already in the run directory are intact.", 128 + signum)
@@ -49,6 +64,11 @@ class StopSignals:
     @property
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else ""
+
+    @property
+    def ignored_name(self) -> str | None:
+        """The signal that arrived after the last step, if any (`SIGTERM`, `SIGINT`)."""
+        return signal.Signals(self.ignored).name if self.ignored is not None else None
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dinopre.base.errors import Interrupted, TrainingStopped
+from dinopre.base.errors import Interrupted, RunComplete, TrainingStopped
 from dinopre.cli.common import (
     DATA,
     EVAL,
@@ -336,15 +336,25 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool, inputs: tuple[Path,
     watch = None
     try:
         config, resume_from = resolve()
+        from dinopre.base.distributed import launched_rank
         from dinopre.train.engine import fit  # torch is imported only now: --help and bad flags stay instant
         from dinopre.viz.run_pictures import run_pictures
 
         reporter = _make_reporter(quiet)
         watch = _SaveWatch(reporter)
         try:
-            fit(config, watch, overwrite=overwrite, resume_from=resume_from, inputs=inputs, hooks=run_pictures())
+            result = fit(config, watch, overwrite=overwrite, resume_from=resume_from, inputs=inputs,
+                         hooks=run_pictures())
         finally:
             reporter.close()
+        if result.ignored_signal and not quiet and launched_rank() == 0:  # one process reports
+            typer.secho(f"{result.ignored_signal} arrived after the last step and was ignored: the run is complete "
+                        "(exit code 0).", fg=typer.colors.YELLOW, err=True)
+    except RunComplete as exc:  # every process found it so: one says it, and all exit 0
+        from dinopre.base.distributed import launched_rank
+
+        if not quiet and launched_rank() == 0:
+            typer.echo(str(exc))
     except TrainingStopped as exc:
         fail(_here(exc), code=1)
     except Interrupted as exc:
@@ -352,10 +362,12 @@ def _call_fit(resolve: Any, *, overwrite: bool, quiet: bool, inputs: tuple[Path,
             typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
+        from dinopre.base.hints import resume_command
+
         saved = watch.saved if watch is not None else None
         if saved is not None:
             fail(f"Interrupted before the next checkpoint; the last one (step {saved.global_step}) is in "
-                 f"'{saved.path}'. Continue with: dinopre resume {saved.path.parent}", code=130)
+                 f"'{saved.path}'. Continue with: {resume_command(saved.path.parent)}", code=130)
         fail("Interrupted before a new checkpoint could be written; nothing was saved by this command, and an "
              "earlier checkpoint_last.pt, if any, is intact.", code=130)
 

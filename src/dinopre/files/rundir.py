@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dinopre.base.errors import RunDirError
+from dinopre.base.hints import resume_command
 from dinopre.data.blank import BLANK_FILES, DECODED, is_blank_reason
 from dinopre.files.checkpoint import TMP_MARK, atomic_save, atomic_write_text, sha256_file
 from dinopre.files.outputs import write_error
@@ -123,7 +124,7 @@ class RunDirectory:
         if existing and not (overwrite or resuming):
             self.unlock()
             raise RunDirError(
-                f"'{self.path}' already holds a run ({existing[0]}); continue it with `dinopre resume {self.path}`, "
+                f"'{self.path}' already holds a run ({existing[0]}); continue it with `{resume_command(self.path)}`, "
                 "start over with --overwrite, or choose another --output-dir."
             )
         for stale in self.path.glob(f".*{TMP_MARK}*"):  # left by a process killed in the middle of a write
@@ -187,6 +188,16 @@ class RunDirectory:
     def blank_report(self) -> tuple[int, Path | None]:
         """How many blank crops blank_files.json lists, and its path (None when there are none)."""
         return self._blanks_written, self.path / BLANK_FILES if self._blanks_written else None
+
+    def read_params(self) -> dict[str, Any] | None:
+        """params.json as the folder holds it: None when there is none, {} when it is not a JSON object."""
+        try:
+            params = json.loads((self.path / PARAMS).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        return params if isinstance(params, dict) else {}
 
     def write_params(self, params: dict[str, Any]) -> None:
         atomic_write_text(json.dumps(params, indent=2) + "\n", self.path / PARAMS)
@@ -288,6 +299,9 @@ class NullRunDirectory(RunDirectory):
         return self.path / BAD_FILES
 
     def write_blank_files(self, scanned: Iterable[tuple[str, str]]) -> Path | None:
+        return None
+
+    def read_params(self) -> dict[str, Any] | None:
         return None
 
     def write_params(self, params: dict[str, Any]) -> None:

@@ -45,8 +45,35 @@ def _number_list(value: Any) -> bool:
     return isinstance(value, list) and all(_is_number(v) for v in value)
 
 
-def _dict_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+def _finite_number(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _str_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(x, str) for x in (*value, *value.values()))
+
+
+def _number_dict_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()) for v in value)
+
+
+def _evaluation(value: Any) -> bool:
+    """One epoch's record: its 1-based epoch, and a k-NN accuracy (a number or nothing) when it has one."""
+    return (isinstance(value, dict) and all(isinstance(k, str) for k in value)
+            and _is_int(value.get("epoch")) and value["epoch"] >= 1
+            and (value.get("knn") is None or _finite_number(value["knn"])))
+
+
+def _data(value: Any) -> bool:
+    """The training images' fingerprint (`DataFingerprint.to_state`): version 2, or dinopre 0.1's single hash."""
+    if not isinstance(value, dict):
+        return False
+    if "version" not in value:
+        return value.get("fingerprint") is None or isinstance(value["fingerprint"], str)
+    return (value["version"] == 2 and _is_int(value.get("count")) and value["count"] >= 0
+            and all(isinstance(value.get(k), str) for k in ("names", "sizes", "mtimes"))
+            and isinstance(value.get("roots"), list) and all(isinstance(r, str) for r in value["roots"]))
 
 
 def _rank_share(value: Any) -> bool:
@@ -54,27 +81,9 @@ def _rank_share(value: Any) -> bool:
             and _tensor_dict(value.get("loss_sums")))
 
 
-def _str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-# What a checkpoint's `data` (`pipeline.DataFingerprint.to_state`; dinopre 0.1 wrote only `fingerprint`) may hold.
-_DATA_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "version": _is_int, "count": lambda v: _is_int(v) and v >= 0, "names": lambda v: isinstance(v, str),
-    "sizes": lambda v: isinstance(v, str), "mtimes": lambda v: isinstance(v, str), "roots": _str_list,
-    "fingerprint": lambda v: isinstance(v, str),
-}
-
-
-def _data_description(value: Any) -> bool:
-    """The fingerprint of the training images a resume compares (a file count, hashes, the folders), each part of
-    its type: a resume reads them before anything else of the run is checked."""
-    return isinstance(value, dict) and all(check(value[key]) for key, check in _DATA_FIELDS.items() if key in value)
-
-
 # (key, check, what it must be); optional keys (written by later versions) may be absent.
 _TRAINING_KEYS: tuple[tuple[str, Callable[[Any], bool], str, bool], ...] = (
-    ("format_version", _is_int, "an integer format_version", True),
+    ("format_version", lambda v: _is_int(v) and v >= 1, "an integer format_version of 1 or more", True),
     ("config", lambda v: isinstance(v, dict), "its configuration", True),
     ("epoch", lambda v: _is_int(v) and v >= 0, "a completed-epoch count of 0 or more", True),
     ("step_in_epoch", lambda v: _is_int(v) and v >= 0, "a step_in_epoch of 0 or more", True),
@@ -84,21 +93,21 @@ _TRAINING_KEYS: tuple[tuple[str, Callable[[Any], bool], str, bool], ...] = (
     ("loss", _tensor_dict, "the loss centers", True),
     ("loss_sums", _tensor_dict, "the epoch's loss sums", True),
     ("optimizer", lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
-     and isinstance(v.get("param_groups"), list), "the optimizer state", True),
+     and isinstance(v.get("param_groups"), list) and all(isinstance(g, dict) for g in v["param_groups"]),
+     "the optimizer state", True),
     ("rng", lambda v: _tensor_dict(v) and "torch" in v, "the random generator states", True),
-    ("best_loss", _is_number, "a number as best_loss", True),
-    ("best_epoch", _is_int, "an integer best_epoch", True),
+    ("best_loss", lambda v: _is_number(v) and not math.isnan(v), "a number as best_loss", True),
+    ("best_epoch", lambda v: _is_int(v) and v >= 0, "an integer best_epoch of 0 or more", True),
     ("epoch_losses", _number_list, "a list of epoch losses", True),
-    ("epoch_parts", _dict_list, "a list of epoch loss parts", True),
-    ("data", _data_description, "the fingerprint of its training images (a file count, hashes and folders)", False),
-    ("evaluations", _dict_list, "a list of evaluations", False),
-    ("recipe", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
-     "the recipe's reasons", False),
-    ("best_knn", lambda v: v is None or _is_number(v), "a number (or nothing) as best_knn", False),
+    ("epoch_parts", _number_dict_list, "a list of epoch loss parts (names and numbers)", True),
+    ("data", _data, "the fingerprint of its training images (a file count, hashes and folders)", False),
+    ("evaluations", lambda v: isinstance(v, list) and all(_evaluation(x) for x in v),
+     "a list of evaluations, each with its epoch and a k-NN accuracy that is a number or nothing", False),
+    ("recipe", _str_dict, "the recipe's reasons", False),
+    ("best_knn", lambda v: v is None or _finite_number(v), "a number (or nothing) as best_knn", False),
     ("dinopre_version", lambda v: isinstance(v, str), "a version string", False),
     ("world_size", lambda v: _is_int(v) and v >= 1, "a process count of 1 or more", False),
-    ("trackers", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in (*v, *v.values())),
-     "a mapping of tracker names to run ids", False),
+    ("trackers", _str_dict, "a mapping of tracker names to run ids", False),
     ("ranks", lambda v: isinstance(v, list) and all(_rank_share(x) for x in v),
      "a list of each process's generator states and loss sums", False),
 )
@@ -118,19 +127,70 @@ def check_training_state(state: dict[str, Any], path: Any) -> None:
             continue
         if not check(state[key]):
             raise _fail(path, f"its {key} is not {what}")
-    if state["step_in_epoch"] > state["global_step"]:
-        raise _fail(path, f"its step_in_epoch {state['step_in_epoch']} exceeds its global_step {state['global_step']}")
-    rng = state["rng"]["torch"]
-    if rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
-        raise _fail(path, f"its generator state has the wrong shape {tuple(rng.shape)} or type")
+    _check_progress(state, path)
+    _check_generator(state["rng"], path, "its generator state")
     centers = state["loss"]
     if "center" not in centers:
         raise _fail(path, "it has no loss center")
     for name, center in centers.items():
-        if center.ndim != 2 or center.shape[0] != 1:
-            raise _fail(path, f"its loss center '{name}' has the shape {tuple(center.shape)} instead of (1, K)")
-    if any(t.numel() != 1 for t in state["loss_sums"].values()):
-        raise _fail(path, "its loss sums are not single numbers")
+        if center.ndim != 2 or center.shape[0] != 1 or not center.is_floating_point():
+            raise _fail(path, f"its loss center '{name}' has the shape {tuple(center.shape)} or type {center.dtype} "
+                              "instead of (1, K) floating-point numbers")
+    _check_sums(state["loss_sums"], path, "its loss sums")
+    if "ranks" in state:
+        _check_ranks(state["ranks"], state.get("world_size", 1), path)
+
+
+def _check_progress(state: dict[str, Any], path: Any) -> None:
+    """The counters and the per-epoch histories tell one story (a completed epoch took at least one step)."""
+    if state["step_in_epoch"] > state["global_step"]:
+        raise _fail(path, f"its step_in_epoch {state['step_in_epoch']} exceeds its global_step {state['global_step']}")
+    if state["epoch"] > state["global_step"]:
+        raise _fail(path, f"its {state['epoch']} completed epochs took fewer steps ({state['global_step']})")
+    if state["best_epoch"] > state["epoch"]:
+        raise _fail(path, f"its best_epoch {state['best_epoch']} is after its last completed epoch {state['epoch']}")
+    for key in ("epoch_losses", "epoch_parts"):
+        if len(state[key]) != state["epoch"]:
+            raise _fail(path, f"its {key} has {len(state[key])} entries for {state['epoch']} completed epochs")
+
+
+def _check_generator(rng: dict[str, torch.Tensor], path: Any, what: str) -> None:
+    torch_state = rng["torch"]
+    if torch_state.dtype != torch.uint8 or torch_state.shape != torch.get_rng_state().shape:
+        raise _fail(path, f"{what} has the wrong shape {tuple(torch_state.shape)} or type")
+    cuda = rng.get("cuda")
+    if cuda is not None and (cuda.dtype != torch.uint8 or cuda.ndim != 1):
+        raise _fail(path, f"{what} for CUDA has the wrong shape {tuple(cuda.shape)} or type")
+
+
+def _check_sums(sums: dict[str, torch.Tensor], path: Any, what: str) -> None:
+    if any(t.numel() != 1 or not t.is_floating_point() for t in sums.values()):
+        raise _fail(path, f"{what} are not single floating-point numbers")
+
+
+def _check_ranks(ranks: list[dict[str, Any]], world_size: Any, path: Any) -> None:
+    """Each process's share: one per process that wrote the file (only several write them), each checked as the
+    main process's states are."""
+    if len(ranks) < 2 or len(ranks) != world_size:
+        raise _fail(path, f"it holds {len(ranks)} processes' shares for a world_size of {world_size}")
+    for index, share in enumerate(ranks):
+        _check_generator(share["rng"], path, f"the generator state of its process {index}")
+        _check_sums(share["loss_sums"], path, f"the loss sums of its process {index}")
+
+
+def check_loss_sums(sums: dict[str, torch.Tensor], names: tuple[str, ...] | list[str], path: Any, *,
+                    in_epoch: bool) -> None:
+    """Check that a checkpoint's partial loss sums are the ones the model that continues it adds up (there are
+    some once an epoch is under way, and there may be none at its start).
+
+    Raises:
+        SchemaError: other names, or none in an epoch under way.
+    """
+    if in_epoch and not sums:
+        raise _fail(path, "its epoch in progress has no loss sums")
+    if sums and sorted(sums) != sorted(names):
+        raise _fail(path, f"its loss sums are of {', '.join(sorted(sums))}, not of {', '.join(sorted(names))} as "
+                          "its configuration computes")
 
 
 def check_centers(centers: dict[str, torch.Tensor], path: Any, out_dim: int, patch_out_dim: int | None) -> None:

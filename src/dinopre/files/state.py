@@ -19,7 +19,7 @@ from dinopre import __version__
 from dinopre.base.errors import CheckpointError, UserError
 from dinopre.config.loading import config_from_dict
 from dinopre.files.checkpoint import FORMAT_VERSION, KIND_TRAINING, load_file
-from dinopre.files.schema import check_centers, check_training_state
+from dinopre.files.schema import check_centers, check_loss_sums, check_training_state
 
 Tensors = dict[str, torch.Tensor]
 
@@ -147,6 +147,16 @@ class TrainingState:
             share = self.ranks[rank]
             return share.rng, share.loss_sums
         return (self.rng if rank == 0 else None), self.loss_sums
+
+    def check_loss_sums(self, path: Any, names: tuple[str, ...] | list[str]) -> None:
+        """Check that the partial loss sums (the main process's and each process's own) are of the losses the
+        configuration that continues them computes.
+
+        Raises:
+            SchemaError: sums of other losses, or none in an epoch under way.
+        """
+        for sums in (self.loss_sums, *(share.loss_sums for share in self.ranks or ())):
+            check_loss_sums(sums, names, path, in_epoch=self.step_in_epoch > 0)
 
     def check_centers(self, path: Any, out_dim: int, patch_out_dim: int | None) -> None:
         """Check that the loss centers have the prototype counts of the configuration that continues them.

@@ -101,18 +101,20 @@ def _mean_sums(shares: list[dict[str, Any]], device: torch.device) -> dict[str, 
             for name in shares[0]["loss_sums"]}
 
 
-def load_weights(method: StudentTeacher, optimizer: torch.optim.Optimizer, state: TrainingState) -> None:
+def load_weights(method: StudentTeacher, optimizer: torch.optim.Optimizer, state: TrainingState, path: Path) -> None:
     """Put a checkpoint's weights and optimizer state in place (before anything in the run folder is touched, so
     a checkpoint of another architecture is refused without a trace).
 
     Raises:
-        CheckpointError: the weights or the optimizer state do not fit the model the configuration builds.
+        CheckpointError: the weights, the optimizer state or the partial loss sums do not fit the model the
+            configuration builds.
     """
+    state.check_loss_sums(path, method.loss_names)
     try:
         method.student.load_state_dict(state.student)
         method.teacher.load_state_dict(state.teacher)
         optimizer.load_state_dict(state.optimizer)
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         detail = " ".join(str(exc).split())
         detail = detail if len(detail) <= 300 else detail[:detail.rfind(" ", 0, 297)] + " ..."
         raise CheckpointError(f"The checkpoint does not fit the model of its own configuration ({detail}).") from None

@@ -21,6 +21,7 @@ import torch
 from dinopre.base import distributed
 from dinopre.base.errors import Interrupted, UserError
 from dinopre.base.events import Notice, NullReporter, Reporter, RunFinished, Stopped
+from dinopre.base.hints import resume_command
 from dinopre.base.signals import StopSignals
 from dinopre.config.settings import PretrainConfig
 from dinopre.data.blank import is_blank_reason
@@ -44,6 +45,7 @@ class FitResult:
     export_path: Path | None = None
     epoch_parts: list[dict[str, float]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # per epoch: signals, k-NN, collapse
+    ignored_signal: str | None = None  # a SIGTERM / SIGINT that arrived after the last step (the run completed)
 
 
 def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
@@ -74,7 +76,9 @@ def fit(config: PretrainConfig, reporter: Reporter, *, overwrite: bool = False,
                                                     rendezvous_timeout=config.run.rendezvous_timeout,
                                                     notify=lambda message: reporter.emit(Notice(message))):
         main = distributed.is_main()
-        return _fit(config, reporter if main else NullReporter(), request, stop, tuple(hooks) if main else ())
+        result = _fit(config, reporter if main else NullReporter(), request, stop, tuple(hooks) if main else ())
+    result.ignored_signal = stop.ignored_name  # noted until the run let go of its folder, its trackers and peers
+    return result
 
 
 def _fit(config: PretrainConfig, reporter: Reporter, request: RunRequest, stop: StopSignals,
@@ -102,11 +106,11 @@ def _start(prepared: Prepared) -> FitResult:
     run = prepared.run
     if prepared.state is not None:
         restore(run, prepared.state)
-    write_params(run)
+    notes = write_params(run, prepared.state)
     context = run.context()
     for hook in run.hooks:
         hook.on_run_start(context)
-    run.reporter.emit(run_started(run, prepared.state))
+    run.reporter.emit(run_started(run, prepared.state, notes))
     if run.parts.init is not None and run.config.eval.eval_dir:  # the source's own features, as epoch 0
         run.reporter.emit(evaluate_source(run))
         save(run, best=run.config.resolved_best_by == "knn", mid_epoch=True)
@@ -119,7 +123,10 @@ def _train(run: Run) -> FitResult:
     with open_batches(run) as batches:
         run.stop.deferring = True  # from here a signal lets the current step finish and saves a checkpoint
         _loop(run, batches)
-        run.stop.deferring = False
+        # The last step is done: the run is complete, so a signal now (a scheduler's SIGTERM at the time limit)
+        # must not turn it into a stopped one with 143, which SLURM scripts requeue. It is noted and the last files
+        # are written as usual.
+        run.stop.finish()
     export_path = export(run) if config.run.export_backbone and distributed.is_main() else None
     report = files.write_bad_files(run.bad_files) if run.bad_files else None
     blank_files, blank_report = files.blank_report()
@@ -195,5 +202,5 @@ def _stop(run: Run, signum: int) -> None:
     distributed.barrier()  # no process leaves (and makes torchrun stop the others) before the checkpoint is written
     raise distributed.mark_collective(Interrupted(
         f"Stopped by {run.stop.name} at step {run.global_step}; checkpoint saved in '{run.files.last}'. "
-        f"Continue with: dinopre resume {run.files.path}", 128 + signum
+        f"Continue with: {resume_command(run.files.path)}", 128 + signum
     ))

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dinopre.base.errors import CheckpointError, ConfigError
+from dinopre.base.errors import CheckpointError, ConfigError, RunComplete
+from dinopre.base.hints import export_command, resume_command
 from dinopre.config.loading import config_from_dict
 from dinopre.config.recipe import NEW_RUN_SCOPES
 from dinopre.config.settings import RECIPE_SETTINGS, SECTIONS, PretrainConfig, config_to_dict, setting, with_settings
@@ -109,7 +110,8 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> TrainingState
 
     Raises:
         CheckpointError: unreadable or not a training checkpoint.
-        ConfigError: settings differ beyond what a resume may change, or the epochs are already done.
+        ConfigError: settings differ beyond what a resume may change, or more epochs are done than asked for.
+        RunComplete: the run has done the epochs asked for (all it planned, unless --epochs asks for more).
     """
     path = find_checkpoint(path)
     state = load_training_checkpoint(path)
@@ -135,7 +137,19 @@ def load_resume_state(path: str | Path, config: PretrainConfig) -> TrainingState
         raise ConfigError(f"Cannot resume '{path}' with different settings ({'; '.join(differences)}); only "
                           f"{may_change} may change.{started}")
     done, in_epoch = state.epoch, state.step_in_epoch
-    if config.optim.epochs < done or (config.optim.epochs == done and in_epoch == 0):
+    if config.optim.epochs == done and in_epoch == 0:
+        raise RunComplete(_complete(path, done))
+    if config.optim.epochs < done:
         raise ConfigError(f"'{path}' has already done {done} of {saved.optim.epochs} epochs; pass --epochs N with "
                           f"N > {done} to train longer.")
     return state
+
+
+def _complete(checkpoint: Path, done: int) -> str:
+    """What to do with a run that has done all its epochs: export its best checkpoint, or train it longer."""
+    run_dir = checkpoint.parent
+    best = run_dir / RunDirectory(run_dir).best.name
+    source = best if best.is_file() else checkpoint
+    return (f"'{run_dir}' is complete: it has done all its {done} epochs. Export its backbone with: "
+            f"{export_command(source, run_dir / 'backbone.pt')}; or train it longer with: "
+            f"{resume_command(run_dir, '--epochs N')} (N > {done}).")

@@ -8,6 +8,7 @@ resume) come before anything in the run folder is touched.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from dinopre.base.errors import ConfigError, DataError
 from dinopre.base.events import Reporter, RunStarted
 from dinopre.base.signals import StopSignals
 from dinopre.config.recipe import ResolvedRecipe
-from dinopre.config.settings import PretrainConfig, config_to_dict, setting
+from dinopre.config.settings import PretrainConfig, config_to_dict, setting, with_settings
 from dinopre.config.validation import advisories
 from dinopre.data.dataset import EpochBatchSampler, ImageSource
 from dinopre.data.pipeline import augments_on_device, build_data_loader, device_batches, worker_processes
@@ -34,7 +35,7 @@ from dinopre.train.build import build_run
 from dinopre.train.checkpointing import check_export_path, load_weights
 from dinopre.train.evaluation import Evaluator, check_decoded_classes, monitor_indices, scan_labelled
 from dinopre.train.hooks import RunHooks
-from dinopre.train.resume import continued_config, load_resume_state
+from dinopre.train.resume import continued_config, find_checkpoint, load_resume_state
 from dinopre.train.run import Run, RunRequest
 from dinopre.train.runtime import Runtime, share_cpus
 from dinopre.train.trackers import Trackers, check_installed
@@ -81,18 +82,20 @@ def open_run(config: PretrainConfig, reporter: Reporter, request: RunRequest, st
     Raises:
         UserError: bad data, an unusable output folder, device or checkpoint, or an incompatible resume.
     """
+    # A run that is complete ends here on every process alike (`RunComplete`), before any other check.
+    state = load_resume_state(request.resume_from, config) if request.resume_from is not None else None
     if distributed.is_main():
         check_installed(config.run.logger)  # before anything is trained
-    state = load_resume_state(request.resume_from, config) if request.resume_from is not None else None
     if state is not None:
         config = continued_config(config, state)
     parts = build_run(config, reporter, state.recipe if state is not None else None, rescan=state is not None,
                       new=state is None)
+    parts.config = absolute_outputs(parts.config)  # after the processes compared settings: their folders may differ
     if state is not None:  # refusals before anything in the run folder is touched
         refusal, _ = parts.data.fingerprint.change(state.data)
         if refusal is not None:
             raise ConfigError(refusal)
-        load_weights(parts.method, parts.optimizer, state)
+        load_weights(parts.method, parts.optimizer, state, find_checkpoint(request.resume_from))
     evaluator = build_evaluator(parts.config, parts.data.source, parts.num_workers) if distributed.is_main() \
         else None
     if parts.config.run.export_backbone and distributed.is_main():  # at the start, not after hours of training
@@ -108,6 +111,16 @@ def open_run(config: PretrainConfig, reporter: Reporter, request: RunRequest, st
     run = Run(parts=parts, files=files, reporter=reporter, stop=stop, request=request, evaluator=evaluator,
               trackers=opened.trackers, hooks=hooks)
     return Prepared(run=run, state=state)
+
+
+def absolute_outputs(config: PretrainConfig) -> PretrainConfig:
+    """`config` with its output paths (--output-dir, --export-backbone) made absolute against the working directory
+    of the process that starts the run, once: params.json and the checkpoints keep them so, and a resume from
+    another directory writes where the run said it would, not a second export beside a stale first one."""
+    values = {"output_dir": os.path.abspath(config.run.output_dir)}
+    if config.run.export_backbone:
+        values["export_backbone"] = os.path.abspath(config.run.export_backbone)
+    return with_settings(config, values)
 
 
 def build_evaluator(config: PretrainConfig, source: ImageSource, num_workers: int) -> Evaluator:
@@ -143,16 +156,48 @@ def check_same_data(run: Run) -> None:
 # ============ params.json and the announcement ============
 
 
-def write_params(run: Run) -> None:
-    """Give the trainer its share of the CPUs and write params.json (the configuration, the recipe's choices and
-    the environment) and blank_files.json (the blank crops the scan left out)."""
+def write_params(run: Run, state: TrainingState | None) -> tuple[str, ...]:
+    """Give the trainer its share of the CPUs and write params.json (the configuration, the recipe's choices
+    and the environment) and blank_files.json (the blank crops the scan left out).
+
+    Returns:
+        A warning when a resumed run's params.json no longer says what its checkpoint does (edited by hand): the
+        checkpoint wins, and params.json is written again from it.
+    """
     parts = run.parts
+    warnings = _edited_params(run.files.read_params(), state) if state is not None else ()
     share_cpus(parts.runtime, distributed.local_world_size())
     run.files.write_params({"config": config_to_dict(parts.config), "recipe": recipe_record(parts.recipe),
                             "environment": environment_info(parts.runtime, parts.num_workers,
                                                             augments_on_device(parts.config), parts.world_size,
                                                             parts.batch_per_rank)})
     run.files.write_blank_files(parts.data.blank)
+    return warnings
+
+
+def _edited_params(params: dict[str, Any] | None, state: TrainingState) -> tuple[str, ...]:
+    """The warning about a params.json whose settings differ from the checkpoint's (none when it agrees or is
+    missing)."""
+    if params is None:
+        return ()
+    written = params.get("config")
+    if not isinstance(written, dict):
+        return ("params.json could not be read as the run wrote it; it is written again from the checkpoint.",)
+    saved, found = _flat(state.config), _flat(written)
+    differing = [key for key in (*saved, *(k for k in found if k not in saved)) if found.get(key) != saved.get(key)]
+    if not differing:
+        return ()
+    return (f"params.json differs from the checkpoint in {', '.join(differing)} (edited by hand?); the run continues "
+            "with the checkpoint's settings and params.json is written again from them (a resume changes settings "
+            "with its options, see dinopre resume --help).",)
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """{setting: value} of a configuration as `config_to_dict` writes it (sections merged)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
 
 
 def recipe_record(recipe: ResolvedRecipe) -> dict[str, Any]:
@@ -186,11 +231,12 @@ def environment_info(runtime: Runtime, num_workers: int, augment_on_device: bool
     return info
 
 
-def run_started(run: Run, state: TrainingState | None) -> RunStarted:
-    """The event that announces the run: what it trains, on what, and what the user should know first."""
+def run_started(run: Run, state: TrainingState | None, notes: tuple[str, ...] = ()) -> RunStarted:
+    """The event that announces the run: what it trains, on what, and what the user should know first (with
+    `notes` of the start, e.g. `write_params`'s)."""
     parts, config = run.parts, run.config
     data, recipe = parts.data, parts.recipe
-    warnings = (tuple(advisories(config, len(data.source), set(recipe.derived))) + data.warnings
+    warnings = (tuple(advisories(config, len(data.source), set(recipe.derived))) + data.warnings + notes
                 + _evaluation_notes(run.evaluator) + _data_notes(run, state) + _process_notes(run))
     return RunStarted(
         config=config, run_dir=run.files.path, num_images=len(data.source), data_description=data.description,
