@@ -107,6 +107,11 @@ def test_crop_sizes_move_to_multiples_of_a_patch_14_source(face_folder: Path, tm
     with pytest.raises(ConfigError, match="--local-crop-size 48 is not a multiple of --init-from's patch size 14; "
                                           "use 42"):
         plan_init(face_config({**settings, "init_from": str(path), "local_crop_size": 48}, face_folder))
+    # Sizes given for the source's patch are not checked against the preset's patch 16 before it is known.
+    given = plan_init(face_config({**settings, "init_from": str(path), "image_size": 56, "local_crop_size": 28},
+                                  face_folder))
+    assert (given.config.model.image_size, given.config.data.local_crop_size, given.config.model.patch_size) == \
+        (56, 28, 14)
 
 
 def test_auto_derives_a_head_warmup_layer_decay_and_a_smaller_lr_and_reference_none(face_folder: Path,

@@ -48,9 +48,15 @@ def _check_fields(config: PretrainConfig, section: str) -> None:
 # ============ checks across settings ============
 
 
+def _patch_from_source(config: PretrainConfig) -> bool:
+    """Whether the patch size is not known yet: an --init-from run takes it from its source, which then checks the
+    crop sizes against it (dinopre.train.init_from), and the configuration is validated again."""
+    return bool(config.model.init_from) and "patch_size" not in config.given
+
+
 def _across_model(config: PretrainConfig) -> None:
     m = config.model
-    _require(m.image_size % m.patch_size == 0,
+    _require(_patch_from_source(config) or m.image_size % m.patch_size == 0,
              f"--patch-size {m.patch_size} does not divide --image-size {m.image_size}; "
              f"choose sizes so that the image is a whole number of patches (e.g. --image-size "
              f"{max(1, round(m.image_size / m.patch_size)) * m.patch_size}).")
@@ -66,7 +72,7 @@ def _across_data(config: PretrainConfig) -> None:
     d, p = config.data, config.model.patch_size
     _require(bool(d.train_dir) or d.demo,
              "No training data: pass --train-dir DIR (repeat it for several folders) or --demo for built-in data.")
-    _require(d.local_crop_size >= 1 and d.local_crop_size % p == 0,
+    _require(d.local_crop_size >= 1 and (_patch_from_source(config) or d.local_crop_size % p == 0),
              f"--patch-size {p} does not divide --local-crop-size {d.local_crop_size}; "
              f"use a multiple of {p} (e.g. {max(1, round(d.local_crop_size / p)) * p}).")
 
