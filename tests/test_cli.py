@@ -85,12 +85,20 @@ def test_a_collapse_is_recorded_even_with_quiet(tmp_path: Path) -> None:
     assert warning["collapse"] == "uniform" and "lower --teacher-temp" in warning["message"]
 
 
+def _keeps_config(seen: dict):
+    """A stand-in for `engine.fit` that keeps the configuration it is given and trains nothing."""
+    def fit(config, reporter, overwrite=False, resume_from=None, inputs=(), hooks=()):
+        from dinopre.train.engine import FitResult
+
+        seen.setdefault("c", config)
+        return FitResult(Path("x"), 0.0, 0, [])
+    return fit
+
+
 def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
-    monkeypatch.setattr("dinopre.train.engine.fit",
-                        lambda config, reporter, overwrite=False, resume_from=None, inputs=(), hooks=():
-                        seen.setdefault("c", config))
+    monkeypatch.setattr("dinopre.train.engine.fit", _keeps_config(seen))
     config_file = tmp_path / "c.toml"
     config_file.write_text("epochs = 9\nbatch_size = 12\n[data]\nnum_local_crops = 3\n")
     result = invoke("train", "hands", "--train-dir", "a", "--train-dir", "b", "--config", str(config_file),
@@ -178,9 +186,7 @@ def test_an_existing_run_is_refused_with_what_to_do(tmp_path: Path) -> None:
 
 def test_ibot_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
-    monkeypatch.setattr("dinopre.train.engine.fit",
-                        lambda config, reporter, overwrite=False, resume_from=None, inputs=(), hooks=():
-                        seen.setdefault("c", config))
+    monkeypatch.setattr("dinopre.train.engine.fit", _keeps_config(seen))
     result = invoke("train", "face", "--train-dir", "d", "--algorithm", "ibot", "--no-shared-head",
                     "--patch-out-dim", "4096", "--patch-mask-ratio", "0.2", "0.4", "--mask-probability", "0.7",
                     "--mask-shape", "rand", "--patch-loss-weight", "0.5", "--teacher-patch-temp", "0.06")

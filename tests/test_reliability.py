@@ -1017,7 +1017,7 @@ INVOCATIONS = [
                          ("ck_bad_config", "holds a configuration this dinopre cannot use"),
                          ("ck_center_shape", "loss center 'center' has the shape (3,)"),
                          ("ck_rng_shape", "generator state has the wrong shape"),
-                         ("ck_data_list", "its data is not a description"),
+                         ("ck_data_list", "its data is not the fingerprint of its training images"),
                          ("ck_best_string", "best_loss is not a number"),
                          ("ck_negative_step", "step_in_epoch of 0 or more"),
                          ("ck_student_list", "student is not the student's weights"))

@@ -69,8 +69,8 @@ def _data(value: Any) -> bool:
     """The training images' fingerprint (`DataFingerprint.to_state`): version 2, or dinopre 0.1's single hash."""
     if not isinstance(value, dict):
         return False
-    if "version" not in value:
-        return value.get("fingerprint") is None or isinstance(value["fingerprint"], str)
+    if "version" not in value:  # dinopre 0.1: one hash, when it had one
+        return "fingerprint" not in value or isinstance(value["fingerprint"], str)
     return (value["version"] == 2 and _is_int(value.get("count")) and value["count"] >= 0
             and all(isinstance(value.get(k), str) for k in ("names", "sizes", "mtimes"))
             and isinstance(value.get("roots"), list) and all(isinstance(r, str) for r in value["roots"]))
