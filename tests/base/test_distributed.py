@@ -13,13 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from processes import finish
+from processes import finish, wait_for_step
 
 from dinopre.base.distributed import detect, first_host
 from dinopre.base.errors import ConfigError
@@ -259,19 +258,6 @@ with distributed.session("cpu"):
 # ============ stop, resume, one writer ============
 
 
-def _wait_for_step(run_dir: Path, step: int, processes: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + LIMIT
-    metrics = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.exists() and any(json.loads(line).get("step", 0) >= step
-                                    for line in metrics.read_text().splitlines() if line.endswith("}")):
-            return
-        if any(p.poll() is not None for p in processes):
-            raise AssertionError(f"a process ended early: {[p.communicate()[1][-2000:] for p in processes]}")
-        time.sleep(0.05)
-    raise AssertionError("the run did not reach step {step}")
-
-
 def _one_run_directory(run_dir: Path) -> None:
     names = {p.name for p in run_dir.iterdir()}
     assert names == {"checkpoint_last.pt", "checkpoint_best.pt", "params.json", "metrics.jsonl", "artifacts.json",
@@ -285,7 +271,7 @@ def stopped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The straight run's settings, stopped by a SIGTERM to process 1 alone, mid-epoch."""
     out = tmp_path_factory.mktemp("stopped") / "run"
     processes = _start(["train", "face", *TINY, "--output-dir", str(out), "--checkpoint-every", "8"], 2)
-    _wait_for_step(out, 11, processes)
+    wait_for_step(out, 11, processes)
     processes[1].send_signal(signal.SIGTERM)
     results = finish(processes)
     assert [code for code, _ in results] == [143, 143], results
@@ -323,7 +309,7 @@ def test_a_two_process_run_continues_on_one_process(straight: Path, stopped: Pat
 def test_kill_9_of_one_process_leaves_a_checkpoint_that_resumes(straight: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     processes = _start(["train", "face", *TINY, "--output-dir", str(out), "--checkpoint-every", "8"], 2)
-    _wait_for_step(out, 19, processes)
+    wait_for_step(out, 19, processes)
     processes[1].kill()
     results = finish(processes)
     assert results[1][0] == -signal.SIGKILL and results[0][0] != 0  # the survivor does not hang

@@ -117,7 +117,7 @@ def _connect(found: Launch, wait: _Wait, agent_store: bool) -> dist.Store:
                               "MASTER_PORT.") from None
     while True:
         # A plain socket first: the store's own connect logs a screenful per refused try, and retries in C++.
-        if _reachable(found.master_addr, found.master_port):
+        if reachable(found.master_addr, found.master_port):
             try:
                 return dist.TCPStore(found.master_addr, found.master_port, None, is_master=False, timeout=ATTEMPT,
                                      wait_for_workers=False)
@@ -127,10 +127,11 @@ def _connect(found: Launch, wait: _Wait, agent_store: bool) -> dist.Store:
         time.sleep(POLL)
 
 
-def _reachable(host: str, port: int) -> bool:
-    """Whether something listens at host:port (tried for at most a second)."""
+def reachable(host: str, port: int, timeout: datetime.timedelta = ATTEMPT) -> bool:
+    """Whether something listens at host:port (tried for at most `timeout`; the rendezvous and the watchdog ask
+    before they call the store, whose own failed tries log screenfuls and cannot be interrupted)."""
     try:
-        with socket.create_connection((host, port), timeout=ATTEMPT.total_seconds()):
+        with socket.create_connection((host, port), timeout=timeout.total_seconds()):
             return True
     except OSError:
         return False

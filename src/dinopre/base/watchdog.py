@@ -20,13 +20,13 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from dinopre.base.environment import seconds_from_env
+from dinopre.base.rendezvous import reachable
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -159,7 +159,7 @@ class Watchdogs:
     def _leave(self, store: dist.Store | None) -> None:
         # A store that is gone (its host left first, or went with the launcher) has no peer left to miss this
         # process; its client would log a screenful for the failed try, so look with a plain socket first.
-        if self._launcher_gone() or not _reachable(self.found.master_addr, self.found.master_port):
+        if self._launcher_gone() or not reachable(self.found.master_addr, self.found.master_port, STORE_WAIT):
             return
         try:
             (store or self._connect()).add(self._key(self.found.rank), _LEFT)
@@ -172,18 +172,12 @@ class Watchdogs:
     def _connect(self) -> dist.Store:
         import torch.distributed as dist
 
-        if not _reachable(self.found.master_addr, self.found.master_port):  # the store's own tries log screenfuls
+        if not reachable(self.found.master_addr, self.found.master_port, STORE_WAIT):  # else the store logs screenfuls
             raise OSError("the store does not answer")
         return dist.TCPStore(self.found.master_addr, self.found.master_port, None, is_master=False,
                              timeout=STORE_WAIT, wait_for_workers=False)
 
 
-def _reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=STORE_WAIT.total_seconds()):
-            return True
-    except OSError:
-        return False
 
 
 def _say(line: str) -> None:
