@@ -20,6 +20,7 @@ from dinopre.base.errors import CheckpointError, ConfigError
 from dinopre.base.events import CheckpointSaved, Notice
 from dinopre.cli import app
 from dinopre.config.recipe import resolve
+from dinopre.config.settings import with_settings
 from dinopre.files.checkpoint import sha256_file
 from dinopre.model.heads import DINOHead
 from dinopre.model.vit import VisionTransformer
@@ -156,6 +157,29 @@ def test_a_source_that_changed_since_the_configuration_recorded_it_is_refused(fa
 
 
 # ============ training: the start, the warm-up, the switch ============
+
+
+def test_a_source_trained_with_zero_mean_filters_keeps_the_constraint_bit_for_bit(face_folder: Path,
+                                                                                 tmp_path: Path) -> None:
+    # A dinopre `auto` run leaves its patch filters at zero mean per channel; continuing it without the constraint
+    # would let colour back into its features, and with it nothing may move before training starts.
+    vit = _vit(seed=5)
+    with torch.no_grad():
+        weight = vit.patch_embed.proj.weight
+        weight.sub_(weight.mean(dim=(2, 3), keepdim=True))
+    path = tmp_path / "zero_mean.pth"
+    torch.save(vit.state_dict(), path)
+    plan = plan_init(_config(face_folder, path))
+    resolved = resolve(plan.config, 48, plan.reasons)
+    assert resolved.config.model.zero_mean_patches is True
+    assert "zero-mean already" in resolved.derived["zero_mean_patches"]
+    out = tmp_path / "run"
+    fit(with_settings(plan.config, {"epochs": 1, "head_warmup_epochs": 1, "output_dir": str(out)}), Recorder())
+    state = _state(out / "checkpoint_last.pt")
+    for network in ("student", "teacher"):  # the warm-up leaves the filters as they were, not re-centred
+        assert torch.equal(_backbone(state, network)["patch_embed.proj.weight"], vit.patch_embed.proj.weight)
+    reference = resolve(plan_init(_config(face_folder, path, recipe="reference")).config, 48).config.model
+    assert reference.zero_mean_patches is False
 
 
 def test_the_run_starts_with_the_sources_function_and_scores_it_as_epoch_0(face_folder: Path, source: Path,

@@ -132,6 +132,10 @@ def _drop_path_rate(shape: RunShape, config: PretrainConfig) -> tuple[Any, str]:
 
 
 def _zero_mean_patches(shape: RunShape, config: PretrainConfig) -> tuple[Any, str]:
+    if config.model.init_from and config.model.init_zero_mean:
+        # A source trained under the constraint (a dinopre `auto` run) continues under it: the projection leaves its
+        # filters as they are, and dropping it lets colour back into features that were trained without it.
+        return True, "--init-from's patch filters are zero-mean already: it was trained under this constraint"
     if config.model.init_from:  # the projection would change the source's function at the first step
         return False, "--init-from: projecting its patch filters would change what it computes"
     # The largest single gain measured by benchmarks/learn.py: a plain ViT's CLS features sort images by colour.

@@ -82,8 +82,8 @@ class ModelConfig:
     drop_path_scope: str | None = setting_field(None, choices=DROP_PATH_SCOPES,
                                                 says="{name} must be one of {choices}, got '{value}'.")
     # Continued pretraining (dinopre.train.init_from): the backbone file the run started from, stored absolute, and
-    # its sha256, which a resume does not need the file to know. The sha256 and `init_heads` are file only: set for
-    # you.
+    # its sha256, which a resume does not need the file to know. The sha256, `init_heads` and `init_zero_mean` (the
+    # source's patch filters are zero-mean already, as a dinopre `auto` run leaves them) are file only: set for you.
     init_from: str | None = setting_field(
         None, help="Start the student and teacher backbones from this checkpoint instead of random weights: an "
                    "official DINO or DINOv2 file, a timm or Hugging Face ViT, a dinopre export or training "
@@ -92,6 +92,7 @@ class ModelConfig:
                    "first with the backbone frozen, then the backbone joins with layer-wise lr decay.")
     init_from_sha256: str | None = setting_field(None)
     init_heads: bool = setting_field(False)
+    init_zero_mean: bool = setting_field(False)
 
 
 @dataclass(frozen=True)

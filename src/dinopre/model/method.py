@@ -255,7 +255,9 @@ class StudentTeacher(nn.Module):
             model["backbone"].load_state_dict({**model["backbone"].state_dict(), **backbone})
             if head:
                 model["head"].load_state_dict(head)
-        if self.zero_mean_patches:  # asked for explicitly: the constraint holds from the first step, in both
+        # The constraint holds from the first step, in both. Filters that already satisfy it (a source trained under
+        # it) are left bit for bit as they are: re-centring would only move them by rounding.
+        if self.zero_mean_patches and not zero_mean_filters(self.student["backbone"].patch_embed.proj.weight):
             _center_filters(self.student["backbone"].patch_embed.proj.weight)
             _center_filters(self.teacher["backbone"].patch_embed.proj.weight)
 
@@ -293,6 +295,13 @@ def _center_filters(weight: torch.Tensor) -> None:
     # texture and shape pass unchanged. The first conv of fast CIFAR trainers is fixed in the same spirit
     # (patch whitening).
     weight.sub_(weight.mean(dim=(2, 3), keepdim=True))
+
+
+def zero_mean_filters(weight: torch.Tensor) -> bool:
+    """Whether patch filters (D, C, p, p) already have zero mean over each filter's taps, per input channel, to
+    rounding (what `zero_mean_patches` keeps them at: any dinopre `auto` run's are)."""
+    weight = weight.detach().double()
+    return bool(weight.mean(dim=(2, 3)).abs().max() <= 1e-5 * weight.abs().mean().clamp_min(1e-30))
 
 
 def build_method(config: PretrainConfig) -> StudentTeacher:

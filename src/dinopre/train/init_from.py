@@ -29,7 +29,7 @@ from dinopre.base.errors import CheckpointError, ConfigError
 from dinopre.config.settings import PretrainConfig, setting, with_settings
 from dinopre.files.convert import pipeline_tensors
 from dinopre.files.sources import Source, read_source
-from dinopre.model.method import StudentTeacher
+from dinopre.model.method import StudentTeacher, zero_mean_filters
 
 # The run's shape settings and the source's backbone keys they come from.
 SHAPE = {"vit_embed_dim": "embed_dim", "vit_depth": "depth", "vit_num_heads": "num_heads", "patch_size": "patch_size",
@@ -86,8 +86,9 @@ def plan_init(config: PretrainConfig) -> InitPlan:
     values.update(head_values)
     reasons.update({name: "the shape of --init-from's DINO head" for name in head_values})
     values.update(init_from=str(path.resolve()), init_from_sha256=source.sha256, init_heads=bool(heads))
+    tensors, _, converted = pipeline_tensors(source, values.get("image_size", config.model.image_size))
+    values["init_zero_mean"] = zero_mean_filters(tensors["patch_embed.proj.weight"])
     planned = with_settings(config, values)
-    tensors, _, converted = pipeline_tensors(source, planned.model.image_size)
     b = source.backbone
     start = (f"Starts from '{path}' ({source.description}, sha256 {source.sha256[:12]}...): ViT {b['embed_dim']} wide, "
              f"{b['depth']} blocks, {b['num_heads']} heads, patch {b['patch_size']}, trained at {b['image_size']} px.")

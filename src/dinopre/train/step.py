@@ -63,7 +63,8 @@ def train_step(
         # moments start at the first step it trains.
         cancel_gradients(method.backbone_parameters())
     optimizer.step()
-    method.constrain()
+    if backbone_scale != 0.0:  # a frozen backbone has no constraint to restore (and keeps the source's bits)
+        method.constrain()
     mark("optimizer")
     # teacher EMA
     method.update_teacher(values["momentum"], backbone=backbone_scale != 0.0)
