@@ -143,6 +143,7 @@ EDITS: list[tuple[str, Callable[[dict[str, Any]], None], str, bool]] = [
     ("evaluations-number", _set("evaluations", 5), "its evaluations is not", True),
     ("evaluations-no-epoch", _set("evaluations", [{"knn": 50.0}]), "its evaluations is not", True),
     ("evaluations-knn-text", _set("evaluations", [{"epoch": 1, "knn": "x"}]), "its evaluations is not", True),
+    ("evaluations-negative-epoch", _set("evaluations", [{"epoch": -1, "knn": 1.0}]), "its evaluations is not", True),
     ("data-list", _set("data", [1, 2]), "its data is not", True),
     ("data-version", _inner("data", "version", 3), "its data is not", True),
     ("data-count", _inner("data", "count", "48"), "its data is not", True),

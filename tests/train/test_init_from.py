@@ -218,12 +218,14 @@ def test_the_backbone_stays_the_source_bit_for_bit_while_the_heads_warm_up(face_
 
 
 def test_resume_is_bit_for_bit_through_the_switch_and_needs_no_source(face_folder: Path, source: Path,
-                                                                      tmp_path: Path) -> None:
+                                                                      labelled_folder: Path, tmp_path: Path) -> None:
     copy = tmp_path / "source.pth"
     copy.write_bytes(source.read_bytes())
 
     def config(out: Path):  # the switch after step 6 of 18; checkpoints every 4 steps
-        return _config(face_folder, copy, epochs=3, head_warmup_epochs=1, checkpoint_every=4, output_dir=str(out))
+        # with --eval-dir: the source's score (epoch 0) travels in the checkpoint and must not block the resume
+        return _config(face_folder, copy, epochs=3, head_warmup_epochs=1, checkpoint_every=4, output_dir=str(out),
+                       eval_dir=str(labelled_folder))
 
     fit(config(tmp_path / "straight"), Recorder())
     with pytest.raises(KeyboardInterrupt):
@@ -235,6 +237,8 @@ def test_resume_is_bit_for_bit_through_the_switch_and_needs_no_source(face_folde
         _state(tmp_path / "stopped" / "checkpoint_last.pt")
     for network in ("student", "teacher"):
         assert all(torch.equal(straight[network][k], resumed[network][k]) for k in straight[network]), network
+    assert [r["epoch"] for r in resumed["evaluations"]] == [0, 1, 2, 3]
+    assert [r["knn"] for r in resumed["evaluations"]] == [r["knn"] for r in straight["evaluations"]]
     original = torch.load(source, weights_only=True)
     assert not torch.equal(_backbone(straight, "student")["blocks.0.attn.qkv.weight"],
                            original["blocks.0.attn.qkv.weight"])  # after the switch the backbone trains

@@ -59,9 +59,10 @@ def _number_dict_list(value: Any) -> bool:
 
 
 def _evaluation(value: Any) -> bool:
-    """One epoch's record: its 1-based epoch, and a k-NN accuracy (a number or nothing) when it has one."""
+    """One epoch's record: its 1-based epoch (0: an --init-from source scored before the first step), and a k-NN
+    accuracy (a number or nothing) when it has one."""
     return (isinstance(value, dict) and all(isinstance(k, str) for k in value)
-            and _is_int(value.get("epoch")) and value["epoch"] >= 1
+            and _is_int(value.get("epoch")) and value["epoch"] >= 0
             and (value.get("knn") is None or _finite_number(value["knn"])))
 
 
