@@ -18,10 +18,13 @@ backbone trained on the 1,000 labels (the ceiling, as the recipe issue measured 
 Continued pretraining (`train --init-from`): public weights cannot be downloaded here, so `build_source` makes a
 stand-in, `auto` pretrained at 4x the budget on the texture and count families mixed; on the other families it is
 off-domain. `source` scores it as it is, `init` continues it under `auto` (head warm-up, layer decay, a smaller
-lr), `naive` continues it with a random start's lr and neither (the dinov2#204 setting):
+lr, DINO's slow teacher), `naive` continues it with a random start's lr and teacher and neither (the dinov2#204
+setting):
 
-    python benchmarks/learn.py --families shapes faces hands --recipes source init auto naive The table gives top-1
-accuracy (chance 20 %) and the wall time of each pretraining. `--budget N` multiplies the epochs.
+    python benchmarks/learn.py --families shapes faces hands --recipes source init auto naive
+
+The table gives top-1 accuracy (chance 20 %) and the wall time of each pretraining. `--budget N` multiplies the
+epochs.
 
 Results are cached per (family, command) in `benchmarks/results/learn/`, so a table can be printed again or
 extended without training twice; `--fresh` ignores the cache.
@@ -50,6 +53,7 @@ BASE_FLAGS = ("--epochs 10 --batch-size 64 --image-size 64 --patch-size 8 --vit-
               "--vit-num-heads 4 --num-local-crops 4 --local-crop-size 32 --num-workers 2")
 # Continued pretraining from the stand-in for public weights (`build_source`): `{source}` is its export.
 AUTO_LR = 5e-4 * 64 / 256 * (384 / 128) ** 0.5 * 4  # what `auto` derives for a random start at this shape
+AUTO_MOMENTUM = 0.99  # and its teacher momentum at 310 steps (a half-life of 31 steps, kept at 0.99 or above)
 RECIPES: dict[str, str | None] = {
     "random": None,  # the untrained backbone
     "pixels": None,  # raw pixels
@@ -58,8 +62,9 @@ RECIPES: dict[str, str | None] = {
     "reference": "--recipe reference",
     "auto": "",  # (c) from random weights
     "init": "--init-from {source}",  # (b) continued under auto: head warm-up, layer decay, a smaller lr
-    # (d) naive continuation: a random start's lr, no head warm-up, no layer decay (dinov2#204)
-    "naive": f"--init-from {{source}} --head-warmup-epochs 0 --layer-decay 1 --learning-rate {AUTO_LR:.4g}",
+    # (d) naive continuation: a random start's lr and teacher, no head warm-up, no layer decay (dinov2#204)
+    "naive": f"--init-from {{source}} --head-warmup-epochs 0 --layer-decay 1 --learning-rate {AUTO_LR:.4g} "
+             f"--teacher-momentum-base {AUTO_MOMENTUM}",
 }
 MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 DATA_DIR = Path(__file__).resolve().parent / ".data" / "learn"

@@ -124,6 +124,8 @@ def test_auto_derives_a_head_warmup_layer_decay_and_a_smaller_lr_and_reference_n
     assert o.head_warmup_epochs * 6 == pytest.approx(2)  # a fifth of the 12 steps
     assert o.layer_decay == 0.75 and auto.config.model.zero_mean_patches is False
     assert o.learning_rate == pytest.approx(scratch.config.optim.learning_rate / 4)
+    # the teacher starts trained, so it moves at DINO's pace, not at a random start's
+    assert (auto.config.method.teacher_momentum_base, scratch.config.method.teacher_momentum_base) == (0.996, 0.99)
     assert (scratch.config.optim.head_warmup_epochs, scratch.config.optim.layer_decay) == (0.0, 1.0)
     assert not any(n.startswith(("head_warmup", "layer_decay")) for n in scratch.notes())  # nothing new to read
     reference = resolve(plan_init(_config(face_folder, source, recipe="reference")).config, 48).config.optim
